@@ -1,0 +1,41 @@
+"""Tiny models and batches for unit tests (no data folder needed)."""
+
+from __future__ import annotations
+
+import torch
+
+from vlds.config import build_config
+from vlds.model.build import build_model, build_tower
+
+
+def byte_tokenizer():
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer()
+
+
+def tiny(arch="t5", method="single_adapter", seed=0, **overrides):
+    """(cfg, tokenizer, tower, model) for a tiny random CLIP-T5/BART."""
+    cfg = build_config("tiny", {"model.arch": arch, "peft.method": method,
+                                "model.dropout": "0.0", **overrides})
+    tok = byte_tokenizer()
+    torch.manual_seed(seed)
+    tower = build_tower(cfg)
+    model = build_model(cfg, tok, tower)
+    return cfg, tok, tower, model
+
+
+def image_batch(tok, tower, b=3, n_img=1, seed=0, task_ids=None, cfg=None):
+    g = torch.Generator().manual_seed(seed)
+    enc = tok(["vqa: what color is the circle?", "gqa: what is left of it?", "nlvr: two"][:b]
+              + ["caption: "] * max(0, b - 3), return_tensors="pt", padding=True)
+    lab = tok(["red", "square", "true"][:b] + ["a red circle"] * max(0, b - 3),
+              return_tensors="pt", padding=True)
+    batch = {
+        "input_ids": enc.input_ids,
+        "attention_mask": enc.attention_mask,
+        "labels": lab.input_ids.masked_fill(lab.attention_mask == 0, -100),
+        "images": torch.randn(b, n_img, 3, tower.image_size, tower.image_size, generator=g),
+        "task_ids": torch.zeros(b, dtype=torch.long) if task_ids is None else task_ids,
+    }
+    return tower.visual_inputs(batch, 8)

@@ -1,0 +1,118 @@
+import json
+
+import pytest
+
+from vlds.config import (
+    PRESETS,
+    ConfigError,
+    build_config,
+    check_reduction_factor,
+    config_from_dict,
+    global_batch,
+    parse_cli,
+    validate,
+)
+
+
+def test_default_is_tiny_and_valid():
+    cfg = build_config()
+    assert cfg.preset == "tiny" and cfg.model.lm == "random"
+    validate(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds_and_validates(name):
+    validate(build_config(name))
+
+
+def test_real_presets_follow_the_reference_recipe():
+    bart = build_config("bart-base")
+    assert bart.model.lm == "facebook/bart-base" and bart.model.extra_tokens == 200
+    assert bart.model.vision == "RN101" and bart.model.vision_pretrained == "openai"
+    assert (bart.train.lr, bart.train.epochs, bart.data.batch_size) == (1e-3, 20, 500)
+    assert (bart.train.adam_eps, bart.train.weight_decay, bart.train.grad_clip) == (1e-6, 0.01, 5.0)
+    assert build_config("t5-base").data.batch_size == 300
+    video = build_config("bart-base-video")
+    assert (video.train.epochs, video.train.lr, video.model.vision) == (7, 3e-4, "ViT-B-32")
+
+
+def test_overrides_are_typed():
+    cfg = build_config("tiny", {"train.lr": "3e-4", "data.batch_size": "8",
+                                "peft.train_layernorms": "false", "model.arch": "bart"})
+    assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.data.batch_size == 8 and cfg.peft.train_layernorms is False
+    assert build_config("tiny", {"peft.train_layernorms": "none"}).peft.train_layernorms is None
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"data.batch_size": "eight"}, "data.batch_size='eight' is not a valid int"),
+        ({"data.batch_size": "2.5"}, "not a valid int"),
+        ({"train.lr": "fast"}, "not a valid float"),
+        ({"peft.train_layernorms": "maybe"}, "not a valid bool"),
+        ({"train.learning_rate": "1"}, "valid keys in [train]: adam_beta1"),
+        ({"optim.lr": "1"}, "section one of model, peft, data, train, eval"),
+    ],
+)
+def test_bad_overrides_name_the_problem(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        build_config("tiny", overrides)
+    assert needle in str(e.value)
+
+
+def test_unknown_preset_lists_valid_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; valid presets: tiny, "):
+        build_config("huge")
+
+
+def test_cli_parsing_keeps_launcher_flags(tmp_path):
+    f = tmp_path / "best.json"
+    f.write_text(json.dumps({"train": {"lr": 5e-4}, "peft.reduction_factor": 4}))
+    cfg, rest = parse_cli(["--local_rank=0", "--config", str(f), "--train.epochs=3",
+                           "--deepspeed", "ds.json"])
+    assert rest == ["--local_rank=0", "--deepspeed", "ds.json"]
+    assert (cfg.train.lr, cfg.peft.reduction_factor, cfg.train.epochs) == (5e-4, 4, 3)
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_cli(["--train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_cli(["--config", str(tmp_path / "nope.json")])
+
+
+def test_round_trip_through_json():
+    cfg = build_config("tiny", {"train.lr": "2e-3", "peft.train_layernorms": "true"})
+    assert config_from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_reduction_factor_must_divide_d_model():
+    check_reduction_factor(8, 768)
+    with pytest.raises(ConfigError, match=r"reduction_factor=7 does not divide d_model=768.*one of"):
+        check_reduction_factor(7, 768)
+    with pytest.raises(ConfigError, match="does not divide"):
+        validate(build_config("tiny", {"peft.reduction_factor": "3"}))
+
+
+def test_global_batch_identity_and_divisibility():
+    cfg = build_config("tiny", {"data.batch_size": "4", "train.grad_accum": "3"})
+    assert global_batch(cfg, 2) == (24, 3)
+    cfg = build_config("tiny", {"data.batch_size": "4", "train.global_batch_size": "32"})
+    assert global_batch(cfg, 2) == (32, 4)
+    cfg = build_config("tiny", {"data.batch_size": "4", "train.global_batch_size": "30"})
+    with pytest.raises(ConfigError, match="not divisible by data.batch_size x world size = 4 x 2"):
+        global_batch(cfg, 2)
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        ({"data.tasks": "vqa,tvqa"}, "mixes image and video tasks"),
+        ({"data.tasks": "vqa,okvqa"}, "unknown task(s) ['okvqa']"),
+        ({"peft.method": "magic"}, "unknown PEFT method 'magic'; valid methods: single_adapter"),
+        ({"model.arch": "gpt"}, "model.arch='gpt'; valid: t5, bart"),
+        ({"train.precision": "fp16"}, "valid: auto, bf16, fp32"),
+    ],
+)
+def test_validate_rejects_bad_runs(overrides, needle):
+    with pytest.raises(ConfigError) as e:
+        validate(build_config("tiny", overrides))
+    assert needle in str(e.value)

@@ -1,0 +1,117 @@
+"""Task registry: how a shard sample of each task becomes (encoder text, target text).
+
+Every shard sample, from the synthetic shapes world or from a converter of a public release,
+carries a ``json`` record with the fields below plus its visual payload. The registry owns the
+text prompt, the target and the metric name, so converters write raw fields only.
+
+| task    | kind  | visual payload              | json fields                                              |
+|---------|-------|-----------------------------|----------------------------------------------------------|
+| vqa     | image | jpg/png                     | question, answers[10], answer_type, question_type, image_id |
+| gqa     | image | jpg/png                     | question, answer, image_id                               |
+| nlvr    | pair  | img0.(jpg/png), img1.(...)  | sentence, label (bool), identifier                       |
+| caption | image | jpg/png                     | captions[>=1], image_id                                  |
+| tvqa    | video | frames.npy (T,H,W,3) uint8  | question, choices[5], answer_idx, subtitles, ts[2], vid_name |
+| how2qa  | video | frames.npy                  | same as tvqa                                             |
+| tvc     | video | frames.npy                  | captions[>=1], subtitles, ts[2], vid_name                |
+| yc2c    | video | frames.npy                  | captions[>=1], subtitles, vid_name                       |
+
+Every record also has ``task`` and ``id`` (question id, NLVR2 identifier, image or clip id):
+``id`` is unique within a task split and is what predictions are keyed by.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
+VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
+ALL_TASKS = IMAGE_TASKS + VIDEO_TASKS
+
+
+def majority_answer(answers: list[str]) -> str:
+    """Most frequent human answer; ties go to the one given first (deterministic)."""
+    counts = Counter(answers)
+    best = max(counts.values())
+    return next(a for a in answers if counts[a] == best)
+
+
+def _ts(rec: dict) -> str:
+    start, end = rec["ts"]
+    return f"({start:.1f}-{end:.1f})"
+
+
+def _choices(rec: dict) -> str:
+    return " ".join(f"a{i}: {c}" for i, c in enumerate(rec["choices"]))
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # "image" | "pair" | "video"
+    prompt: str
+    source: Callable[[dict], str]  # text after the prompt
+    target: Callable[[dict, random.Random], str]  # training target
+    references: Callable[[dict], list[str]]  # what the metric compares a prediction with
+    generative_caption: bool = False  # beam search + caption metrics
+
+    def encoder_text(self, rec: dict) -> str:
+        return self.prompt + self.source(rec)
+
+
+def _qa_source(rec: dict) -> str:
+    return (
+        f"[Subs] {rec['subtitles']} [Q] {rec['question']} [TS] {_ts(rec)} "
+        f"[Choices] {_choices(rec)}"
+    )
+
+
+TASKS: dict[str, Task] = {
+    "vqa": Task(
+        "vqa", "image", "vqa: ", lambda r: r["question"],
+        lambda r, rng: majority_answer(r["answers"]), lambda r: list(r["answers"]),
+    ),
+    # The reference code's prompt for GQA has the typo "gpa: "; we use the intended one.
+    "gqa": Task(
+        "gqa", "image", "gqa: ", lambda r: r["question"],
+        lambda r, rng: r["answer"], lambda r: [r["answer"]],
+    ),
+    "nlvr": Task(
+        "nlvr", "pair", "nlvr: ", lambda r: r["sentence"],
+        lambda r, rng: "true" if r["label"] else "false",
+        lambda r: ["true" if r["label"] else "false"],
+    ),
+    # A caption sample is one image with all its references; each visit trains on one of
+    # them, drawn with a per-sample seeded rng so a resumed run sees the same choice.
+    "caption": Task(
+        "caption", "image", "caption: ", lambda r: "",
+        lambda r, rng: rng.choice(r["captions"]), lambda r: list(r["captions"]),
+        generative_caption=True,
+    ),
+    "tvqa": Task(
+        "tvqa", "video", "tvqa: ", _qa_source,
+        lambda r, rng: f"a{r['answer_idx']}", lambda r: [f"a{r['answer_idx']}"],
+    ),
+    "how2qa": Task(
+        "how2qa", "video", "how2qa: ", _qa_source,
+        lambda r, rng: f"a{r['answer_idx']}", lambda r: [f"a{r['answer_idx']}"],
+    ),
+    "tvc": Task(
+        "tvc", "video", "tvc: ", lambda r: f"[Subs] {r['subtitles']} [TS] {_ts(r)}",
+        lambda r, rng: rng.choice(r["captions"]), lambda r: list(r["captions"]),
+        generative_caption=True,
+    ),
+    "yc2c": Task(
+        "yc2c", "video", "yc2c: ", lambda r: f"[Subs] {r['subtitles']}",
+        lambda r, rng: rng.choice(r["captions"]), lambda r: list(r["captions"]),
+        generative_caption=True,
+    ),
+}
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(TASKS)}")
+    return TASKS[name]

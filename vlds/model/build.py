@@ -1,0 +1,109 @@
+"""Build the tokenizer, the frozen vision tower and the VL model from a Config.
+
+Real weights load by hub name ("t5-base", "facebook/bart-base", open_clip "RN101"/"openai") or
+from a local directory (`save_pretrained` output / an open_clip checkpoint file); `lm="random"`
+builds a randomly initialised model of the configured sizes without touching the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlds.config import Config, ConfigError, check_reduction_factor
+from vlds.data.tasks import VIDEO_TASKS
+from vlds.model.vision import VisionTower
+from vlds.model.vl import VLModel
+
+
+def build_tokenizer(cfg: Config, data_root: Path | None = None):
+    from transformers import AutoTokenizer, T5Tokenizer
+
+    name = cfg.model.tokenizer
+    if name == "synthetic":
+        if data_root is None:
+            raise ConfigError("model.tokenizer=synthetic needs the shapes-world data folder")
+        tok = T5Tokenizer.from_pretrained(str(Path(data_root) / "tokenizer"), extra_ids=0)
+    elif name == "" and cfg.model.lm == "random":
+        raise ConfigError(
+            "model.lm=random has no tokenizer of its own; set model.tokenizer to 'synthetic' or "
+            "to a tokenizer directory"
+        )
+    elif name and (Path(name) / "spiece.model").is_file():
+        tok = T5Tokenizer.from_pretrained(name, extra_ids=0)
+    else:
+        tok = AutoTokenizer.from_pretrained(name or cfg.model.lm)
+    if cfg.model.extra_tokens:
+        # The reference extends the vocabulary with <vis_extra_id_k> tokens (200 for bart-base).
+        tok.add_tokens([f"<vis_extra_id_{i}>" for i in range(cfg.model.extra_tokens)])
+    return tok
+
+
+def build_lm(cfg: Config, tokenizer):
+    """The encoder-decoder: random of the configured size, or pretrained by name/path."""
+    m = cfg.model
+    vocab = len(tokenizer)
+    pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    if m.lm == "random":
+        if m.d_model % m.num_heads:
+            raise ConfigError(f"model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}")
+        if m.arch == "t5":
+            from transformers import T5Config, T5ForConditionalGeneration
+
+            config = T5Config(
+                vocab_size=vocab, d_model=m.d_model, d_ff=m.d_ff, d_kv=m.d_model // m.num_heads,
+                num_layers=m.num_layers, num_decoder_layers=m.num_layers, num_heads=m.num_heads,
+                dropout_rate=m.dropout, feed_forward_proj="relu", tie_word_embeddings=True,
+                pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad,
+            )
+            return T5ForConditionalGeneration(config)
+        from transformers import BartConfig, BartForConditionalGeneration
+
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad
+        config = BartConfig(
+            vocab_size=vocab, d_model=m.d_model, encoder_layers=m.num_layers,
+            decoder_layers=m.num_layers, encoder_attention_heads=m.num_heads,
+            decoder_attention_heads=m.num_heads, encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff,
+            max_position_embeddings=1024, dropout=m.dropout, pad_token_id=pad, eos_token_id=eos,
+            bos_token_id=bos, decoder_start_token_id=eos, forced_bos_token_id=None,
+            forced_eos_token_id=None, tie_word_embeddings=True,
+        )
+        return BartForConditionalGeneration(config)
+
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    hf_config = AutoConfig.from_pretrained(m.lm)
+    if hf_config.model_type != m.arch:
+        raise ConfigError(
+            f"model.lm={m.lm!r} is a {hf_config.model_type} model but model.arch={m.arch!r}; "
+            f"set --model.arch={hf_config.model_type}"
+        )
+    check_reduction_factor(cfg.peft.reduction_factor, hf_config.d_model)
+    drop = {"dropout_rate": m.dropout} if m.arch == "t5" else {"dropout": m.dropout}
+    lm = AutoModelForSeq2SeqLM.from_pretrained(m.lm, **drop)
+    if vocab > lm.get_input_embeddings().num_embeddings:
+        lm.resize_token_embeddings(vocab)
+    # Pretrained BART ships generation defaults (no_repeat_ngram_size, forced BOS) meant for
+    # summarisation; decoding here is set explicitly per task.
+    lm.generation_config.no_repeat_ngram_size = 0
+    lm.generation_config.forced_bos_token_id = None
+    return lm
+
+
+def build_tower(cfg: Config) -> VisionTower:
+    return VisionTower(cfg.model.vision, cfg.model.vision_pretrained, cfg.model.grid_pool)
+
+
+def feat_dim_for(cfg: Config, tower: VisionTower) -> int:
+    """Grid-token width for image tasks, pooled frame-embedding width for video tasks."""
+    return tower.pooled_dim if cfg.task_list[0] in VIDEO_TASKS else tower.grid_dim
+
+
+def build_model(cfg: Config, tokenizer, tower: VisionTower) -> VLModel:
+    """VL model with the configured PEFT method injected and everything else frozen."""
+    from vlds.peft import apply_peft
+
+    lm = build_lm(cfg, tokenizer)
+    model = VLModel(lm, cfg.model.arch, feat_dim_for(cfg, tower))
+    apply_peft(model, cfg.peft, cfg.task_list)
+    return model

@@ -1,0 +1,154 @@
+"""The frozen CLIP vision tower (open_clip) and how its outputs become visual tokens.
+
+Images: a ResNet tower gives its layer4 grid before attention pooling (7x7x2048 for RN101 at
+224 px), adaptively max-pooled to `grid_pool` x `grid_pool` tokens; a ViT tower gives its
+patch tokens (after ln_post). Video: each frame's pooled CLIP embedding (512-d for ViT-B/32),
+resampled in time to `max_frames` (max-pool when longer, zero-pad + mask when shorter).
+
+Every visual token carries a 5-d box (x1, y1, x2, y2, area) in [0, 1] for the position code of
+the visual embedding: its grid cell for images, its time slice (t/T, 0, (t+1)/T, 1) for frames.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CONFIG_DIR = Path(__file__).parent / "configs"  # the tiny towers used by tests and the default
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_registered = False
+
+
+def register_embedded_configs() -> None:
+    """Make the embedded tiny tower configs (vlds-tiny-rn, vlds-tiny-vit) known to open_clip."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+def tower_image_size(name: str) -> int:
+    """Input resolution of an open_clip model, read from its config (no weights built)."""
+    import open_clip
+
+    register_embedded_configs()
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        raise ValueError(
+            f"unknown open_clip model {name!r}; valid names include RN101, ViT-B-32, "
+            f"vlds-tiny-rn (see open_clip.list_models())"
+        )
+    size = cfg["vision_cfg"]["image_size"]
+    return size if isinstance(size, int) else size[0]
+
+
+def grid_boxes(g: int) -> torch.Tensor:
+    """(g*g, 5) boxes of a g x g grid, row-major, as (x1, y1, x2, y2, area)."""
+    idx = torch.arange(g, dtype=torch.float32)
+    y1, x1 = torch.meshgrid(idx / g, idx / g, indexing="ij")
+    x1, y1 = x1.reshape(-1), y1.reshape(-1)
+    area = torch.full_like(x1, 1.0 / (g * g))
+    return torch.stack([x1, y1, x1 + 1.0 / g, y1 + 1.0 / g, area], dim=-1)
+
+
+def time_boxes(t: int) -> torch.Tensor:
+    """(t, 5) boxes of t time slices: (i/t, 0, (i+1)/t, 1, 1/t)."""
+    i = torch.arange(t, dtype=torch.float32)
+    return torch.stack([i / t, torch.zeros(t), (i + 1) / t, torch.ones(t), torch.full((t,), 1 / t)], -1)
+
+
+def resample_frames(x: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T, D) -> (B, max_frames, D) and a (B, max_frames) mask: max-pool down, pad up."""
+    b, t, d = x.shape
+    if t > max_frames:
+        # (B, D, T) -> adaptive max over time -> (B, D, max_frames)
+        x = F.adaptive_max_pool1d(x.transpose(1, 2), max_frames).transpose(1, 2)
+        return x, torch.ones(b, max_frames, dtype=torch.long, device=x.device)
+    mask = torch.zeros(b, max_frames, dtype=torch.long, device=x.device)
+    mask[:, :t] = 1
+    return F.pad(x, (0, 0, 0, max_frames - t)), mask
+
+
+class VisionTower(nn.Module):
+    """A frozen open_clip image tower. Always in eval mode (BatchNorm statistics fixed)."""
+
+    def __init__(self, name: str, pretrained: str = "", grid_pool: int = 6):
+        super().__init__()
+        import open_clip
+        from open_clip.modified_resnet import ModifiedResNet
+
+        register_embedded_configs()
+        # pretrained: "" -> random (tests), "openai" -> hub weights, or a local checkpoint file
+        clip = open_clip.create_model(name, pretrained=pretrained or None)
+        self.visual = clip.visual
+        del clip  # the text tower is never used
+        self.is_resnet = isinstance(self.visual, ModifiedResNet)
+        self.grid_pool = grid_pool
+        self.image_size = tower_image_size(name)
+        if self.is_resnet:
+            self.grid_dim = self.visual.layer4[-1].conv3.out_channels  # 2048 for RN101
+        else:
+            self.grid_dim = self.visual.transformer.width  # 768 for ViT-B/32
+            self.visual.output_tokens = True
+        self.pooled_dim = self.visual.output_dim  # 512 for RN101 and ViT-B/32
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # frozen: BatchNorm and dropout stay in eval mode
+
+    @torch.no_grad()
+    def grid_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) normalised pixels -> tokens (N, n_tok, grid_dim), boxes (n_tok, 5)."""
+        v = self.visual
+        if self.is_resnet:
+            x = v.stem(images.to(v.conv1.weight.dtype))
+            x = v.layer4(v.layer3(v.layer2(v.layer1(x))))  # (N, C, h, w): 7x7 at 224 px
+            x = F.adaptive_max_pool2d(x, self.grid_pool)  # (N, C, g, g)
+            tokens = x.flatten(2).transpose(1, 2)  # (N, g*g, C)
+            return tokens, grid_boxes(self.grid_pool).to(tokens.device)
+        _, tokens = v(images.to(v.conv1.weight.dtype))  # (N, n_patches, width)
+        g = int(round(tokens.shape[1] ** 0.5))
+        return tokens, grid_boxes(g).to(tokens.device)
+
+    @torch.no_grad()
+    def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, 3, H, W) -> (B, T, pooled_dim) pooled CLIP embeddings, one per frame."""
+        b, t = frames.shape[:2]
+        out = self.visual(frames.flatten(0, 1).to(self.visual.conv1.weight.dtype))
+        pooled = out[0] if isinstance(out, tuple) else out
+        return pooled.view(b, t, -1)
+
+    @torch.no_grad()
+    def visual_inputs(self, batch: dict, max_frames: int) -> dict:
+        """Fill vis_feats / vis_boxes / vis_order / vis_mask from the batch's pixels.
+
+        images: (B, n_img, 3, H, W) -> n_img x n_tok tokens per sample, image-order ids 0..n-1
+        (NLVR2's two images differ only by that id); frames: (B, T, 3, H, W) -> max_frames tokens.
+        A batch that already holds `vis_feats` (cached CLIP features) passes through.
+        """
+        if "vis_feats" in batch:
+            return batch
+        if "images" in batch:
+            imgs = batch["images"]
+            b, n = imgs.shape[:2]
+            tokens, boxes = self.grid_tokens(imgs.flatten(0, 1))  # (B*n, t, C), (t, 5)
+            t = tokens.shape[1]
+            feats = tokens.reshape(b, n * t, -1)  # (B, n*t, C)
+            order = torch.arange(n, device=feats.device).repeat_interleave(t).expand(b, -1)
+            boxes = boxes.repeat(n, 1).expand(b, -1, -1)  # (B, n*t, 5)
+            mask = torch.ones(b, n * t, dtype=torch.long, device=feats.device)
+        else:
+            emb = self.frame_embeddings(batch["frames"])  # (B, T, D)
+            feats, mask = resample_frames(emb, max_frames)  # (B, max_frames, D)
+            b = feats.shape[0]
+            boxes = time_boxes(max_frames).to(feats.device).expand(b, -1, -1)
+            order = torch.zeros(b, max_frames, dtype=torch.long, device=feats.device)
+        return {**batch, "vis_feats": feats, "vis_boxes": boxes, "vis_order": order, "vis_mask": mask}

@@ -1,0 +1,106 @@
+"""CLIP-T5 / CLIP-BART: a T5 or BART encoder-decoder whose encoder reads [text ; visual tokens].
+
+The vision tower is not part of this module: it is frozen and runs outside the DeepSpeed engine
+(see `visual_inputs`), so the engine holds the language model, the visual embedding and the PEFT
+modules only.
+
+Encoder input: `[embed(text) ; VisualEmbedding(v)]` along the sequence with one attention mask.
+We feed it to the unmodified transformers model through `inputs_embeds`, so T5's relative
+position bias spans all pairs (text-text, text-visual, visual-visual) and BART adds its learned
+positions to visual tokens too. The reference restricts T5's bias to text-text pairs; using the
+stock model keeps PEFT injection and generation standard, and the visual tokens still carry their
+own position code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def norm_layer(arch: str, d: int) -> nn.Module:
+    """T5 uses RMSNorm (T5LayerNorm), BART nn.LayerNorm, in the visual embedding as in the LM."""
+    if arch == "t5":
+        from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+        return T5LayerNorm(d)
+    return nn.LayerNorm(d)
+
+
+class VisualEmbedding(nn.Module):
+    """Norm(Linear(feat)) + Norm(Linear(box)) + image-order embedding; always trainable."""
+
+    def __init__(self, feat_dim: int, d_model: int, arch: str, n_images: int = 2):
+        super().__init__()
+        self.feat = nn.Sequential(nn.Linear(feat_dim, d_model), norm_layer(arch, d_model))
+        self.pos = nn.Sequential(nn.Linear(5, d_model), norm_layer(arch, d_model))
+        self.img_order = nn.Embedding(n_images, d_model)
+
+    def forward(self, feats: torch.Tensor, boxes: torch.Tensor, order: torch.Tensor):
+        # feats (B, Tv, F), boxes (B, Tv, 5), order (B, Tv) -> (B, Tv, d_model)
+        feats = feats.to(self.feat[0].weight.dtype)
+        boxes = boxes.to(self.feat[0].weight.dtype)
+        return self.feat(feats) + self.pos(boxes) + self.img_order(order)
+
+
+class VLModel(nn.Module):
+    """Language model + visual embedding (+ PEFT modules, attached by vlds.peft.inject)."""
+
+    def __init__(self, lm: nn.Module, arch: str, feat_dim: int):
+        super().__init__()
+        self.lm = lm
+        self.arch = arch
+        self.feat_dim = feat_dim
+        self.visual_embed = VisualEmbedding(feat_dim, lm.config.d_model, arch)
+        self.peft = nn.ModuleDict()  # filled by vlds.peft.inject
+        self.router = None  # per-sample task routing, set by vlds.peft.inject
+
+    @property
+    def d_model(self) -> int:
+        return self.lm.config.d_model
+
+    def encoder_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.lm.get_input_embeddings()(batch["input_ids"])  # (B, Tt, d), scaled for BART
+        vis = self.visual_embed(batch["vis_feats"], batch["vis_boxes"], batch["vis_order"])
+        embeds = torch.cat([text, vis.to(text.dtype)], dim=1)  # (B, Tt + Tv, d)
+        mask = torch.cat([batch["attention_mask"], batch["vis_mask"]], dim=1)  # (B, Tt + Tv)
+        return embeds, mask
+
+    def _route(self, batch: dict) -> None:
+        if self.router is not None:
+            self.router.set(batch["task_ids"])
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Mean token cross-entropy of `labels` (-100 = ignored)."""
+        self._route(batch)
+        embeds, mask = self.encoder_inputs(batch)
+        return self.lm(inputs_embeds=embeds, attention_mask=mask, labels=batch["labels"]).loss
+
+    @torch.no_grad()
+    def generate(self, batch: dict, num_beams: int = 1, max_new_tokens: int = 20, **kw):
+        """Greedy (num_beams=1) or beam search from [text ; visual] -> (B, L) token ids."""
+        self._route(batch)
+        embeds, mask = self.encoder_inputs(batch)
+        enc = self.lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        return self.lm.generate(
+            encoder_outputs=enc,
+            attention_mask=mask,
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            **kw,
+        )
+
+    @torch.no_grad()
+    def score_choices(self, batch: dict, choices: list[torch.Tensor]) -> torch.Tensor:
+        """(B, n_choices) summed log-probabilities of each candidate target (NLVR2: true/false)."""
+        self._route(batch)
+        embeds, mask = self.encoder_inputs(batch)
+        enc = self.lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        scores = []
+        for ids in choices:  # ids: (L,) target tokens incl. eos
+            labels = ids.to(embeds.device).expand(embeds.shape[0], -1).contiguous()
+            logits = self.lm(encoder_outputs=enc, attention_mask=mask, labels=labels).logits
+            logp = logits.float().log_softmax(-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+            scores.append(logp.sum(-1))
+        return torch.stack(scores, dim=1)

@@ -1,0 +1,20 @@
+"""Parameter-efficient fine-tuning methods: a registry, one file per method, one injector."""
+
+from vlds.peft import adapter as _adapter  # noqa: F401  (registers its methods)
+from vlds.peft.inject import (
+    apply_peft,
+    count_parameters,
+    summary_line,
+    trainable_state_dict,
+)
+from vlds.peft.registry import METHODS, Method, register
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "apply_peft",
+    "count_parameters",
+    "register",
+    "summary_line",
+    "trainable_state_dict",
+]

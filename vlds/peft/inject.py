@@ -1,0 +1,139 @@
+"""One injection and freezing mechanism for every PEFT method.
+
+Sites: the sub-layer outputs an adapter-like module transforms, before the LM's own dropout and
+residual add: encoder self-attention and FFN (2 per layer), decoder self-attention,
+cross-attention and FFN (3 per layer): 60 sites for t5-base, 30 for bart-base. Modules attach
+with forward hooks, so the language model's own state-dict keys never change (pretrained
+weights load before or after injection) and the added weights live under `model.peft`.
+
+Freezing is by module type (LayerNorm / T5LayerNorm), never by name matching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from vlds.config import ConfigError, PeftConfig
+from vlds.peft.registry import METHODS
+
+
+@dataclass
+class Site:
+    key: str  # unique, usable as a ModuleDict key: "enc-0-self"
+    module: nn.Module  # the sub-layer whose (first) output is transformed
+    kind: str  # "enc_self" | "enc_ffn" | "dec_self" | "dec_cross" | "dec_ffn"
+    layer: int
+
+
+def sublayer_sites(lm: nn.Module, arch: str) -> list[Site]:
+    sites = []
+    if arch == "t5":
+        for i, block in enumerate(lm.encoder.block):
+            sites.append(Site(f"enc-{i}-self", block.layer[0].SelfAttention, "enc_self", i))
+            sites.append(Site(f"enc-{i}-ffn", block.layer[1].DenseReluDense, "enc_ffn", i))
+        for i, block in enumerate(lm.decoder.block):
+            sites.append(Site(f"dec-{i}-self", block.layer[0].SelfAttention, "dec_self", i))
+            sites.append(Site(f"dec-{i}-cross", block.layer[1].EncDecAttention, "dec_cross", i))
+            sites.append(Site(f"dec-{i}-ffn", block.layer[2].DenseReluDense, "dec_ffn", i))
+    else:  # bart: fc2 is the FFN's last op before dropout + residual
+        enc, dec = lm.model.encoder, lm.model.decoder
+        for i, layer in enumerate(enc.layers):
+            sites.append(Site(f"enc-{i}-self", layer.self_attn, "enc_self", i))
+            sites.append(Site(f"enc-{i}-ffn", layer.fc2, "enc_ffn", i))
+        for i, layer in enumerate(dec.layers):
+            sites.append(Site(f"dec-{i}-self", layer.self_attn, "dec_self", i))
+            sites.append(Site(f"dec-{i}-cross", layer.encoder_attn, "dec_cross", i))
+            sites.append(Site(f"dec-{i}-ffn", layer.fc2, "dec_ffn", i))
+    return sites
+
+
+def transform_output(module: nn.Module, fn) -> torch.utils.hooks.RemovableHandle:
+    """Hook `module` so its output (or the first element of a tuple output) becomes fn(output)."""
+
+    def hook(_mod, _args, out):
+        if isinstance(out, tuple):
+            return (fn(out[0]),) + out[1:]
+        return fn(out)
+
+    return module.register_forward_hook(hook)
+
+
+class TaskRouter:
+    """Per-sample task ids for methods with per-task modules, set once per forward.
+
+    Beam search repeats each sample num_beams times along the batch; `ids_for(rows)` expands the
+    ids to match (samples stay contiguous: repeat_interleave).
+    """
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = list(tasks)
+        self.task_ids: torch.Tensor | None = None
+
+    def set(self, task_ids: torch.Tensor) -> None:
+        self.task_ids = task_ids
+
+    def ids_for(self, rows: int) -> torch.Tensor:
+        ids = self.task_ids
+        if ids is None:
+            raise RuntimeError("no task ids routed: call the VL model with a batch holding task_ids")
+        if rows != ids.shape[0]:
+            if rows % ids.shape[0]:
+                raise RuntimeError(f"cannot route {ids.shape[0]} task ids to {rows} rows")
+            ids = ids.repeat_interleave(rows // ids.shape[0])
+        return ids
+
+
+def norm_types() -> tuple[type, ...]:
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+    return (nn.LayerNorm, T5LayerNorm)
+
+
+def apply_peft(model: nn.Module, cfg: PeftConfig, tasks: list[str]):
+    """Freeze `model` (a VLModel), inject the configured method, unfreeze what it trains."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown PEFT method {cfg.method!r}; valid methods: {', '.join(METHODS)}")
+    method = METHODS[cfg.method](cfg, tasks)
+    if model.arch not in method.supported_archs:
+        raise ConfigError(
+            f"PEFT method {cfg.method!r} does not support model.arch={model.arch!r}; "
+            f"supported: {', '.join(method.supported_archs)}"
+        )
+    model.requires_grad_(False)
+    method.inject(model)  # new modules are created trainable
+    model.visual_embed.requires_grad_(True)
+    train_norms = method.train_layernorms if cfg.train_layernorms is None else cfg.train_layernorms
+    if train_norms:
+        for m in model.lm.modules():
+            if isinstance(m, norm_types()):
+                m.requires_grad_(True)
+    model.peft_method = method
+    return method
+
+
+def _numel(p: torch.Tensor) -> int:
+    return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions: count the full tensor
+
+
+def count_parameters(model: nn.Module) -> dict:
+    """Trainable and all parameters of the VL model (tied weights once, buffers not counted)."""
+    params = list(model.parameters())  # nn.Module.parameters() yields a shared tensor once
+    trainable = sum(_numel(p) for p in params if p.requires_grad)
+    total = sum(_numel(p) for p in params)
+    return {"trainable": trainable, "total": total, "percent": round(100.0 * trainable / total, 4)}
+
+
+def summary_line(model: nn.Module, method: str) -> str:
+    c = count_parameters(model)
+    return (
+        f"[{method}] trainable {c['trainable']:,} / all {c['total']:,} parameters "
+        f"= {c['percent']:.2f}% updated"
+    )
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Exactly the trainable tensors, by their names in the VL model."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

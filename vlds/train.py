@@ -1,0 +1,305 @@
+"""Train CLIP-T5 / CLIP-BART with a PEFT method on a mix of vision-and-language tasks.
+
+    deepspeed vlds/train.py --deepspeed ds_configs/zero2.json            # embedded default (tiny)
+    deepspeed --num_gpus 8 vlds/train.py --deepspeed ds_configs/zero2.json \
+        --preset bart-base --data.root /data/vl-shards                  # the paper's setting
+    torchrun --nproc_per_node 2 vlds/train.py --preset tiny --train.max_steps=20
+    python vlds/train.py --preset tiny --peft.method=full_finetune       # one process, CPU ok
+
+Options: `--preset NAME`, `--config FILE.json`, any `--section.key=value` from vlds/config.py,
+`--deepspeed FILE` (default ds_configs/zero2.json). `--train.resume=latest` continues a run.
+
+One DeepSpeed engine holds the VL model (language model + visual embedding + PEFT modules); its
+optimizer sees only the trainable parameters, and checkpoints exclude the frozen ones. The
+frozen CLIP tower runs outside the engine under no_grad. Everything a run produces lands in
+train.out_dir: config.json, metrics.jsonl, tb/ (TensorBoard), curves.png, metrics.json,
+predictions_*.json and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from vlds.config import ConfigError, global_batch, parse_cli, validate
+
+REPO = Path(__file__).resolve().parent.parent
+log = logging.getLogger("vlds")
+
+
+def parse_launcher_args(rest: list[str]) -> str:
+    """The launcher's own flags: --deepspeed FILE and --local_rank N (ignored: env has it)."""
+    ds_config, it = str(REPO / "ds_configs" / "zero2.json"), iter(rest)
+    for arg in it:
+        if arg.startswith("--deepspeed_config") or arg.startswith("--deepspeed"):
+            ds_config = arg.split("=", 1)[1] if "=" in arg else next(it, "")
+        elif arg.startswith("--local_rank"):
+            if "=" not in arg:
+                next(it, None)
+        else:
+            raise ConfigError(
+                f"unrecognised argument {arg!r}; overrides look like --section.key=value "
+                f"(see vlds/config.py), plus --preset, --config and --deepspeed"
+            )
+    return ds_config
+
+
+def deepspeed_config(path: str, cfg, world: int, bf16: bool) -> dict:
+    """Read the JSON and fill its "auto" entries; a number that contradicts the run fails."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config {p} does not exist; pass --deepspeed "
+                          f"ds_configs/zero2.json or ds_configs/zero3.json")
+    ds = json.loads(p.read_text())
+    train_batch, accum = global_batch(cfg, world)
+    want = {
+        "train_batch_size": train_batch,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for key, value in want.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(f"{p}: {key}={ds[key]} but the run needs {value} (from data."
+                              f"batch_size, train.grad_accum and {world} rank(s)); set it to "
+                              f'"auto" in the JSON')
+        ds[key] = value
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds.pop("fp16", None)  # T5 overflows in fp16 (reference); bf16 or fp32 only
+    return ds
+
+
+def lr_lambda(total: int, warmup: int):
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and norm weights (every 1-D tensor)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run training; returns the final metrics (used by tests and the tuner)."""
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    # ---- everything that can be checked without work is checked first ------------------
+    cfg, rest = parse_cli(argv)
+    ds_path = parse_launcher_args(rest)
+    validate(cfg)
+    from vlds.distributed import init_distributed, world_info_from_env
+
+    info = world_info_from_env()
+    use_cuda = torch.cuda.is_available()
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
+    ds_config = deepspeed_config(ds_path, cfg, info.world_size, bf16)
+    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    if cfg.data.root:
+        from vlds.data.stream import load_index
+
+        for t in cfg.task_list:  # a missing shard folder fails here, before any model is built
+            for split in (cfg.data.train_split, cfg.data.val_split):
+                load_index(cfg.data.root, t, split)
+    device = init_distributed(info)
+    import deepspeed
+    import torch.distributed as dist
+
+    from vlds.checkpoint import resolve_resume, save_adapter, save_checkpoint
+    from vlds.data import build
+    from vlds.eval.loop import evaluate
+    from vlds.model.build import build_model, build_tokenizer, build_tower
+    from vlds.peft import summary_line
+
+    out_dir = Path(cfg.train.out_dir)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.json")
+    torch.manual_seed(cfg.train.seed)  # frozen random weights are a function of the seed
+
+    # ---- data, model, engine ------------------------------------------------------------
+    data_root = build.data_root(cfg, info.is_main)
+    tokenizer = build_tokenizer(cfg, data_root)
+    tower = build_tower(cfg).to(device)
+    model = build_model(cfg, tokenizer, tower)
+    if info.is_main:
+        log.info(summary_line(model, cfg.peft.method))
+    data = build.DataBuilder(cfg, data_root, tokenizer, tower.image_size, info)
+    steps_per_epoch = data.steps_per_epoch()
+    total_steps = cfg.train.epochs * steps_per_epoch
+    if cfg.train.max_steps > 0:
+        total_steps = min(total_steps, cfg.train.max_steps)
+    # the LR schedule counts optimizer steps, one per grad_accum micro-steps
+    opt_steps = math.ceil(total_steps / ds_config["gradient_accumulation_steps"])
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(opt_steps, int(cfg.train.warmup_ratio * opt_steps)))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    if bf16:
+        tower.to(torch.bfloat16)
+
+    # ---- resume -------------------------------------------------------------------------
+    step, epoch, step_in_epoch = 0, 0, 0
+    resume = resolve_resume(cfg.train.resume, out_dir)
+    if resume is not None:
+        root, tag = resume
+        _, state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        if info.is_main:
+            log.info("resumed from %s/%s at step %d (epoch %d, step %d of it)", root, tag, step,
+                     epoch, step_in_epoch)
+    elif cfg.train.resume == "latest" and info.is_main:
+        log.info("train.resume=latest: no checkpoint in %s yet, starting fresh", out_dir)
+
+    runlog = RunLog(out_dir, info.is_main)
+    cfg_dict = cfg.to_dict()
+    ckpt_dir = out_dir / "checkpoints"
+
+    saved_at, evaluated = -1, None  # last checkpoint step; (step, metrics, predictions)
+
+    def run_eval():
+        nonlocal evaluated
+        if evaluated is not None and evaluated[0] == step:
+            return evaluated[1], evaluated[2]
+        metrics, preds = evaluate(engine.module, tower, data.eval_loaders(), tokenizer, cfg,
+                                  device, zero3)
+        runlog.write(step, "eval", {f"{t}/score" if t != "average" else t:
+                                    (m["score"] if isinstance(m, dict) else m)
+                                    for t, m in metrics.items()})
+        if info.is_main:
+            log.info("step %d eval: %s", step, ", ".join(
+                f"{t} {m['score']:.1f}" if isinstance(m, dict) else f"{t} {m:.1f}"
+                for t, m in metrics.items()))
+        evaluated = (step, metrics, preds)
+        return metrics, preds
+
+    def checkpoint() -> None:
+        nonlocal saved_at
+        if saved_at == step:
+            return
+        saved_at = step
+        state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                 "world_size": info.world_size, "config": cfg_dict}
+        save_checkpoint(engine, ckpt_dir, f"step{step}", state, cfg_dict, info.is_main,
+                        cfg.train.keep_last)
+
+    # ---- loop ---------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    engine.train()
+    t0 = time.time()
+    bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc="train",
+               dynamic_ncols=True)
+    while step < total_steps:
+        loader = data.train_loader(epoch, skip_steps=step_in_epoch)
+        for batch in loader:
+            b = tower.visual_inputs(_to(batch, device), cfg.model.max_frames)
+            loss = engine(b)
+            engine.backward(loss)
+            engine.step()
+            step += 1
+            step_in_epoch += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == total_steps:
+                lval = loss.item()
+                bar.set_postfix(loss=f"{lval:.3f}", task=batch["task"])
+                runlog.write(step, "train", {"loss": lval, "lr": scheduler.get_last_lr()[0],
+                                             f"loss/{batch['task']}": lval,
+                                             "elapsed_s": time.time() - t0})
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                run_eval()
+            if cfg.train.save_every and step % cfg.train.save_every == 0:
+                checkpoint()
+            if step >= total_steps:
+                break
+        else:  # the epoch ran to its end
+            epoch, step_in_epoch = epoch + 1, 0
+            if not cfg.eval.every:
+                run_eval()
+            if not cfg.train.save_every:
+                checkpoint()
+            continue
+        break
+    bar.close()
+
+    # ---- final evaluation and artefacts -------------------------------------------------
+    metrics, preds = run_eval()
+    checkpoint()
+    save_adapter(engine.module, cfg_dict, out_dir / "adapter", info.is_main)
+    result = {"step": step, "train_time_s": round(time.time() - t0, 1), "metrics": metrics,
+              "majority_baseline": data.majority_baselines()}
+    if info.is_main:
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        for t, rows in preds.items():
+            (out_dir / f"predictions_{t}.json").write_text(json.dumps(rows, indent=1) + "\n")
+        from vlds.report import plot_run
+
+        plot_run(out_dir / "metrics.jsonl", out_dir / "curves.png")
+        for t, base in result["majority_baseline"].items():
+            log.info("%s: score %.1f vs majority-answer baseline %.1f", t,
+                     metrics[t]["score"], base)
+        log.info("done: %d steps in %.0f s; outputs in %s", step, result["train_time_s"], out_dir)
+    runlog.close()
+    if dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
