@@ -16,8 +16,14 @@ def shapes_root(tmp_path_factory):
     """A small embedded dataset (all eight tasks) + its tokenizer."""
     from vlds.data.synthetic import SyntheticSpec, ensure_synthetic
 
-    spec = SyntheticSpec(seed=0, train_per_task=192, val_per_task=48, video_train_per_task=96,
-                         video_val_per_task=32, samples_per_shard=64)
+    spec = SyntheticSpec(
+        seed=0,
+        train_per_task=192,
+        val_per_task=48,
+        video_train_per_task=96,
+        video_val_per_task=32,
+        samples_per_shard=64,
+    )
     return ensure_synthetic(tmp_path_factory.mktemp("shapes"), spec)
 
 

@@ -16,8 +16,9 @@ def byte_tokenizer():
 
 def tiny(arch="t5", method="single_adapter", seed=0, **overrides):
     """(cfg, tokenizer, tower, model) for a tiny random CLIP-T5/BART."""
-    cfg = build_config("tiny", {"model.arch": arch, "peft.method": method,
-                                "model.dropout": "0.0", **overrides})
+    cfg = build_config(
+        "tiny", {"model.arch": arch, "peft.method": method, "model.dropout": "0.0", **overrides}
+    )
     tok = byte_tokenizer()
     torch.manual_seed(seed)
     tower = build_tower(cfg)
@@ -27,10 +28,17 @@ def tiny(arch="t5", method="single_adapter", seed=0, **overrides):
 
 def image_batch(tok, tower, b=3, n_img=1, seed=0, task_ids=None, cfg=None):
     g = torch.Generator().manual_seed(seed)
-    enc = tok(["vqa: what color is the circle?", "gqa: what is left of it?", "nlvr: two"][:b]
-              + ["caption: "] * max(0, b - 3), return_tensors="pt", padding=True)
-    lab = tok(["red", "square", "true"][:b] + ["a red circle"] * max(0, b - 3),
-              return_tensors="pt", padding=True)
+    enc = tok(
+        ["vqa: what color is the circle?", "gqa: what is left of it?", "nlvr: two"][:b]
+        + ["caption: "] * max(0, b - 3),
+        return_tensors="pt",
+        padding=True,
+    )
+    lab = tok(
+        ["red", "square", "true"][:b] + ["a red circle"] * max(0, b - 3),
+        return_tensors="pt",
+        padding=True,
+    )
     batch = {
         "input_ids": enc.input_ids,
         "attention_mask": enc.attention_mask,

@@ -37,8 +37,15 @@ def test_real_presets_follow_the_reference_recipe():
 
 
 def test_overrides_are_typed():
-    cfg = build_config("tiny", {"train.lr": "3e-4", "data.batch_size": "8",
-                                "peft.train_layernorms": "false", "model.arch": "bart"})
+    cfg = build_config(
+        "tiny",
+        {
+            "train.lr": "3e-4",
+            "data.batch_size": "8",
+            "peft.train_layernorms": "false",
+            "model.arch": "bart",
+        },
+    )
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
     assert cfg.data.batch_size == 8 and cfg.peft.train_layernorms is False
     assert build_config("tiny", {"peft.train_layernorms": "none"}).peft.train_layernorms is None
@@ -69,8 +76,9 @@ def test_unknown_preset_lists_valid_ones():
 def test_cli_parsing_keeps_launcher_flags(tmp_path):
     f = tmp_path / "best.json"
     f.write_text(json.dumps({"train": {"lr": 5e-4}, "peft.reduction_factor": 4}))
-    cfg, rest = parse_cli(["--local_rank=0", "--config", str(f), "--train.epochs=3",
-                           "--deepspeed", "ds.json"])
+    cfg, rest = parse_cli(
+        ["--local_rank=0", "--config", str(f), "--train.epochs=3", "--deepspeed", "ds.json"]
+    )
     assert rest == ["--local_rank=0", "--deepspeed", "ds.json"]
     assert (cfg.train.lr, cfg.peft.reduction_factor, cfg.train.epochs) == (5e-4, 4, 3)
     with pytest.raises(ConfigError, match="needs a value"):
@@ -86,7 +94,9 @@ def test_round_trip_through_json():
 
 def test_reduction_factor_must_divide_d_model():
     check_reduction_factor(8, 768)
-    with pytest.raises(ConfigError, match=r"reduction_factor=7 does not divide d_model=768.*one of"):
+    with pytest.raises(
+        ConfigError, match=r"reduction_factor=7 does not divide d_model=768.*one of"
+    ):
         check_reduction_factor(7, 768)
     with pytest.raises(ConfigError, match="does not divide"):
         validate(build_config("tiny", {"peft.reduction_factor": "3"}))

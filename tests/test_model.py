@@ -25,8 +25,9 @@ def test_shapes_through_the_model(arch):
     greedy = model.generate(b, num_beams=1, max_new_tokens=5)
     beam = model.generate(b, num_beams=3, max_new_tokens=5)
     assert greedy.shape[0] == 3 and beam.shape[0] == 3
-    scores = model.score_choices(b, [torch.tensor(tok("true").input_ids),
-                                     torch.tensor(tok("false").input_ids)])
+    scores = model.score_choices(
+        b, [torch.tensor(tok("true").input_ids), torch.tensor(tok("false").input_ids)]
+    )
     assert scores.shape == (3, 2) and (scores < 0).all()
 
 
@@ -51,8 +52,12 @@ def test_resample_frames_max_pools_longer_clips():
 
 def test_boxes_are_hand_computed():
     b = grid_boxes(2)
-    assert b.tolist() == [[0, 0, 0.5, 0.5, 0.25], [0.5, 0, 1, 0.5, 0.25],
-                          [0, 0.5, 0.5, 1, 0.25], [0.5, 0.5, 1, 1, 0.25]]
+    assert b.tolist() == [
+        [0, 0, 0.5, 0.5, 0.25],
+        [0.5, 0, 1, 0.5, 0.25],
+        [0, 0.5, 0.5, 1, 0.25],
+        [0.5, 0.5, 1, 1, 0.25],
+    ]
     assert time_boxes(2).tolist() == [[0, 0, 0.5, 1, 0.5], [0.5, 0, 1, 1, 0.5]]
 
 
@@ -113,8 +118,10 @@ def test_language_model_loads_from_a_local_directory(tmp_path, arch):
     lm2 = build_lm(cfg2, tok2).eval()
     ids = torch.tensor([tok("caption: a red circle").input_ids])
     dec = torch.tensor([[0, 5, 6]])
-    torch.testing.assert_close(lm(input_ids=ids, decoder_input_ids=dec).logits,
-                               lm2(input_ids=ids, decoder_input_ids=dec).logits)
+    torch.testing.assert_close(
+        lm(input_ids=ids, decoder_input_ids=dec).logits,
+        lm2(input_ids=ids, decoder_input_ids=dec).logits,
+    )
 
 
 def test_arch_mismatch_with_a_pretrained_model_is_explained(tmp_path):

@@ -30,8 +30,9 @@ def test_exactly_the_intended_parameters_train(arch, method):
         layers = cfg.model.num_layers
         assert len(model.peft) == 2 * layers + 3 * layers  # enc: self+ffn, dec: self+cross+ffn
         bottleneck = cfg.model.d_model // cfg.peft.reduction_factor
-        assert all(a.down.weight.shape == (bottleneck, cfg.model.d_model)
-                   for a in model.peft.values())
+        assert all(
+            a.down.weight.shape == (bottleneck, cfg.model.d_model) for a in model.peft.values()
+        )
 
 
 @pytest.mark.parametrize("method", ["single_adapter", "full_finetune"])
@@ -90,8 +91,10 @@ def test_adapter_export_loads_onto_a_fresh_backbone(tmp_path, arch):
     meta = load_adapter(fresh, tmp_path / "adapter")
     assert meta["method"] == "single_adapter"
     assert torch.equal(model(b), fresh(b))
-    assert torch.equal(model.generate(b, num_beams=2, max_new_tokens=4),
-                       fresh.generate(b, num_beams=2, max_new_tokens=4))
+    assert torch.equal(
+        model.generate(b, num_beams=2, max_new_tokens=4),
+        fresh.generate(b, num_beams=2, max_new_tokens=4),
+    )
 
 
 def test_adapter_export_of_another_shape_is_refused(tmp_path):
@@ -112,20 +115,35 @@ def test_unknown_method_is_a_config_error():
 
 
 def _real_size_model(arch):
-    from transformers import BartConfig, BartForConditionalGeneration, T5Config
-    from transformers import T5ForConditionalGeneration
+    from transformers import (
+        BartConfig,
+        BartForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     from vlds.model.vl import VLModel
 
     with torch.device("meta"):  # sizes only, no memory
         if arch == "bart":  # bart-base, vocabulary + the reference's 200 added tokens
-            lm = BartForConditionalGeneration(BartConfig(
-                vocab_size=50265 + 200, d_model=768, encoder_layers=6, decoder_layers=6,
-                encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
-                decoder_ffn_dim=3072))
+            lm = BartForConditionalGeneration(
+                BartConfig(
+                    vocab_size=50265 + 200,
+                    d_model=768,
+                    encoder_layers=6,
+                    decoder_layers=6,
+                    encoder_attention_heads=12,
+                    decoder_attention_heads=12,
+                    encoder_ffn_dim=3072,
+                    decoder_ffn_dim=3072,
+                )
+            )
         else:
-            lm = T5ForConditionalGeneration(T5Config(
-                vocab_size=32128, d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64))
+            lm = T5ForConditionalGeneration(
+                T5Config(
+                    vocab_size=32128, d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64
+                )
+            )
         model = VLModel(lm, arch, 2048)  # CLIP RN101 grid features
     return model
 

@@ -42,8 +42,11 @@ def save_adapter(model, cfg_dict: dict, out: Path, is_main: bool) -> None:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS))
-        meta = {"method": cfg_dict["peft"]["method"], "config": cfg_dict,
-                "tensors": {k: list(v.shape) for k, v in tensors.items()}}
+        meta = {
+            "method": cfg_dict["peft"]["method"],
+            "config": cfg_dict,
+            "tensors": {k: list(v.shape) for k, v in tensors.items()},
+        }
         (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -74,22 +77,43 @@ def load_adapter(model, path: str | Path) -> dict:
     with torch.no_grad():
         for n, p in params.items():
             if tuple(tensors[n].shape) != tuple(p.shape):
-                raise ValueError(f"{n}: shape {tuple(tensors[n].shape)} in {path}, "
-                                 f"{tuple(p.shape)} in the model")
+                raise ValueError(
+                    f"{n}: shape {tuple(tensors[n].shape)} in {path}, {tuple(p.shape)} in the model"
+                )
             p.copy_(tensors[n].to(p.dtype))
     return meta
 
 
-def save_checkpoint(engine, ckpt_dir: Path, tag: str, state: dict, cfg_dict: dict,
-                    is_main: bool, keep_last: int) -> Path:
+def save_checkpoint(
+    engine, ckpt_dir: Path, tag: str, state: dict, cfg_dict: dict, is_main: bool, keep_last: int
+) -> Path:
     """DeepSpeed state (frozen parameters excluded) + adapter export + trainer state."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=state,
-                           exclude_frozen_parameters=True)
+    # DeepSpeed's exclude_frozen_parameters drops frozen names from named_parameters(), which
+    # lists a tied tensor once: the aliases (T5/BART embed_tokens, lm_head) would still be saved,
+    # three copies of the frozen vocabulary matrix. Drop every alias of a frozen tensor.
+    frozen = {
+        n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad
+    }
+    full_state_dict = engine.module_state_dict
+
+    def trainable_state_dict(*args, **kwargs):
+        sd = full_state_dict(*args, **kwargs)
+        return type(sd)((k, v) for k, v in sd.items() if k not in frozen)
+
+    engine.module_state_dict = trainable_state_dict
+    try:
+        engine.save_checkpoint(
+            str(ckpt_dir), tag=tag, client_state=state, exclude_frozen_parameters=True
+        )
+    finally:
+        del engine.module_state_dict  # back to the class's method
     save_adapter(engine.module, cfg_dict, ckpt_dir / tag / "adapter", is_main)
     if is_main:
         (ckpt_dir / tag / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()),
-                      key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
+        tags = sorted(
+            (p for p in ckpt_dir.glob("step*") if p.is_dir()),
+            key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1,
+        )
         for old in tags[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():

@@ -64,8 +64,10 @@ def world_info_from_env() -> WorldInfo:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
         if env["WORLD_SIZE"] != "1":
-            raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is unset; launch with torchrun, "
-                               "deepspeed or srun, or export MASTER_ADDR/MASTER_PORT")
+            raise RuntimeError(
+                "WORLD_SIZE > 1 but MASTER_PORT is unset; launch with torchrun, "
+                "deepspeed or srun, or export MASTER_ADDR/MASTER_PORT"
+            )
         env["MASTER_PORT"] = str(free_port())
     return WorldInfo(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]))
 

@@ -1,4 +1,4 @@
-"""Plots of a run: training loss and validation scores over steps (PNG)."""
+"""Plots of a run: training loss per task and validation scores over steps (PNG)."""
 
 from __future__ import annotations
 
@@ -7,31 +7,43 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def _ema(values: list[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average: each step trains one task, so raw losses jump between tasks."""
+    out, m = [], None
+    for v in values:
+        m = v if m is None else (1 - alpha) * m + alpha * v
+        out.append(m)
+    return out
+
+
 def plot_run(jsonl: Path, out_png: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evals = [], defaultdict(list)
+    losses, evals = defaultdict(list), defaultdict(list)
     for line in Path(jsonl).read_text().splitlines():
         r = json.loads(line)
-        if r["kind"] == "train":
-            train.append((r["step"], r["loss"]))
-        elif r["kind"] == "eval":
-            for k, v in r.items():
-                if k not in ("step", "kind"):
-                    evals[k].append((r["step"], v))
+        kind = r.pop("kind")
+        step = r.pop("step")
+        for k, v in r.items():
+            if kind == "train" and k.startswith("loss/"):
+                losses[k.removeprefix("loss/")].append((step, v))
+            elif kind == "eval":
+                evals[k.removesuffix("/score")].append((step, v))
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    if train:
-        a.plot(*zip(*train), lw=1)
-    a.set(xlabel="step", ylabel="training loss", title="loss", yscale="log")
-    for k, pts in sorted(evals.items()):
-        b.plot(*zip(*pts), marker="o", label=k.removesuffix("/score"),
-               lw=2.5 if k == "average" else 1.2)
+    for task, pts in sorted(losses.items()):
+        steps, vals = zip(*pts, strict=True)
+        a.plot(steps, _ema(list(vals)), label=task, lw=1.2)
+    a.set(xlabel="step", ylabel="training loss (EMA)", title="loss per task", yscale="log")
+    for task, pts in sorted(evals.items()):
+        steps, vals = zip(*pts, strict=True)
+        b.plot(steps, vals, marker="o", label=task, lw=2.5 if task == "average" else 1.2)
     b.set(xlabel="step", ylabel="score (0-100)", title="validation")
-    if evals:
-        b.legend(fontsize=8)
+    for ax, data in ((a, losses), (b, evals)):
+        if data:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
     plt.close(fig)

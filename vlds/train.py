@@ -54,8 +54,10 @@ def deepspeed_config(path: str, cfg, world: int, bf16: bool) -> dict:
     """Read the JSON and fill its "auto" entries; a number that contradicts the run fails."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"DeepSpeed config {p} does not exist; pass --deepspeed "
-                          f"ds_configs/zero2.json or ds_configs/zero3.json")
+        raise ConfigError(
+            f"DeepSpeed config {p} does not exist; pass --deepspeed "
+            f"ds_configs/zero2.json or ds_configs/zero3.json"
+        )
     ds = json.loads(p.read_text())
     train_batch, accum = global_batch(cfg, world)
     want = {
@@ -66,9 +68,11 @@ def deepspeed_config(path: str, cfg, world: int, bf16: bool) -> dict:
     }
     for key, value in want.items():
         if ds.get(key, "auto") not in ("auto", value):
-            raise ConfigError(f"{p}: {key}={ds[key]} but the run needs {value} (from data."
-                              f"batch_size, train.grad_accum and {world} rank(s)); set it to "
-                              f'"auto" in the JSON')
+            raise ConfigError(
+                f"{p}: {key}={ds[key]} but the run needs {value} (from data."
+                f"batch_size, train.grad_accum and {world} rank(s)); set it to "
+                f'"auto" in the JSON'
+            )
         ds[key] = value
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)  # T5 overflows in fp16 (reference); bf16 or fp32 only
@@ -92,13 +96,16 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 class RunLog:
@@ -180,13 +187,17 @@ def main(argv: list[str] | None = None) -> dict:
     # the LR schedule counts optimizer steps, one per grad_accum micro-steps
     opt_steps = math.ceil(total_steps / ds_config["gradient_accumulation_steps"])
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+        param_groups(model, cfg.train.weight_decay),
+        lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+        eps=cfg.train.adam_eps,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(opt_steps, int(cfg.train.warmup_ratio * opt_steps)))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config)
+        optimizer, lr_lambda(opt_steps, int(cfg.train.warmup_ratio * opt_steps))
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
     if bf16:
         tower.to(torch.bfloat16)
 
@@ -198,8 +209,14 @@ def main(argv: list[str] | None = None) -> dict:
         _, state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
         step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         if info.is_main:
-            log.info("resumed from %s/%s at step %d (epoch %d, step %d of it)", root, tag, step,
-                     epoch, step_in_epoch)
+            log.info(
+                "resumed from %s/%s at step %d (epoch %d, step %d of it)",
+                root,
+                tag,
+                step,
+                epoch,
+                step_in_epoch,
+            )
     elif cfg.train.resume == "latest" and info.is_main:
         log.info("train.resume=latest: no checkpoint in %s yet, starting fresh", out_dir)
 
@@ -213,15 +230,26 @@ def main(argv: list[str] | None = None) -> dict:
         nonlocal evaluated
         if evaluated is not None and evaluated[0] == step:
             return evaluated[1], evaluated[2]
-        metrics, preds = evaluate(engine.module, tower, data.eval_loaders(), tokenizer, cfg,
-                                  device, zero3)
-        runlog.write(step, "eval", {f"{t}/score" if t != "average" else t:
-                                    (m["score"] if isinstance(m, dict) else m)
-                                    for t, m in metrics.items()})
+        metrics, preds = evaluate(
+            engine.module, tower, data.eval_loaders(), tokenizer, cfg, device, zero3
+        )
+        runlog.write(
+            step,
+            "eval",
+            {
+                f"{t}/score" if t != "average" else t: (m["score"] if isinstance(m, dict) else m)
+                for t, m in metrics.items()
+            },
+        )
         if info.is_main:
-            log.info("step %d eval: %s", step, ", ".join(
-                f"{t} {m['score']:.1f}" if isinstance(m, dict) else f"{t} {m:.1f}"
-                for t, m in metrics.items()))
+            log.info(
+                "step %d eval: %s",
+                step,
+                ", ".join(
+                    f"{t} {m['score']:.1f}" if isinstance(m, dict) else f"{t} {m:.1f}"
+                    for t, m in metrics.items()
+                ),
+            )
         evaluated = (step, metrics, preds)
         return metrics, preds
 
@@ -230,18 +258,25 @@ def main(argv: list[str] | None = None) -> dict:
         if saved_at == step:
             return
         saved_at = step
-        state = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                 "world_size": info.world_size, "config": cfg_dict}
-        save_checkpoint(engine, ckpt_dir, f"step{step}", state, cfg_dict, info.is_main,
-                        cfg.train.keep_last)
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "world_size": info.world_size,
+            "config": cfg_dict,
+        }
+        save_checkpoint(
+            engine, ckpt_dir, f"step{step}", state, cfg_dict, info.is_main, cfg.train.keep_last
+        )
 
     # ---- loop ---------------------------------------------------------------------------
     from tqdm import tqdm
 
     engine.train()
     t0 = time.time()
-    bar = tqdm(total=total_steps, initial=step, disable=not info.is_main, desc="train",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True
+    )
     while step < total_steps:
         loader = data.train_loader(epoch, skip_steps=step_in_epoch)
         for batch in loader:
@@ -255,9 +290,16 @@ def main(argv: list[str] | None = None) -> dict:
             if step % cfg.train.log_every == 0 or step == total_steps:
                 lval = loss.item()
                 bar.set_postfix(loss=f"{lval:.3f}", task=batch["task"])
-                runlog.write(step, "train", {"loss": lval, "lr": scheduler.get_last_lr()[0],
-                                             f"loss/{batch['task']}": lval,
-                                             "elapsed_s": time.time() - t0})
+                runlog.write(
+                    step,
+                    "train",
+                    {
+                        "loss": lval,
+                        "lr": scheduler.get_last_lr()[0],
+                        f"loss/{batch['task']}": lval,
+                        "elapsed_s": time.time() - t0,
+                    },
+                )
             if cfg.eval.every and step % cfg.eval.every == 0:
                 run_eval()
             if cfg.train.save_every and step % cfg.train.save_every == 0:
@@ -278,8 +320,12 @@ def main(argv: list[str] | None = None) -> dict:
     metrics, preds = run_eval()
     checkpoint()
     save_adapter(engine.module, cfg_dict, out_dir / "adapter", info.is_main)
-    result = {"step": step, "train_time_s": round(time.time() - t0, 1), "metrics": metrics,
-              "majority_baseline": data.majority_baselines()}
+    result = {
+        "step": step,
+        "train_time_s": round(time.time() - t0, 1),
+        "metrics": metrics,
+        "majority_baseline": data.majority_baselines(),
+    }
     if info.is_main:
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
         for t, rows in preds.items():
@@ -288,8 +334,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         plot_run(out_dir / "metrics.jsonl", out_dir / "curves.png")
         for t, base in result["majority_baseline"].items():
-            log.info("%s: score %.1f vs majority-answer baseline %.1f", t,
-                     metrics[t]["score"], base)
+            log.info(
+                "%s: score %.1f vs majority-answer baseline %.1f", t, metrics[t]["score"], base
+            )
         log.info("done: %d steps in %.0f s; outputs in %s", step, result["train_time_s"], out_dir)
     runlog.close()
     if dist.is_initialized():
@@ -298,8 +345,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from vlds.data.stream import DataError
+
     try:
         main()
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

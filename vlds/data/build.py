@@ -49,9 +49,16 @@ class DataBuilder:
 
     def _stream(self, epoch: int, skip_steps: int = 0) -> TrainStream:
         return TrainStream(
-            self.train_idx, self.sizes, self.preprocess, self.collate,
-            rank=self.info.rank, world=self.info.world_size, seed=self.cfg.train.seed,
-            epoch=epoch, shuffle_buffer=self.cfg.data.shuffle_buffer, skip_steps=skip_steps,
+            self.train_idx,
+            self.sizes,
+            self.preprocess,
+            self.collate,
+            rank=self.info.rank,
+            world=self.info.world_size,
+            seed=self.cfg.train.seed,
+            epoch=epoch,
+            shuffle_buffer=self.cfg.data.shuffle_buffer,
+            skip_steps=skip_steps,
         )
 
     def steps_per_epoch(self) -> int:
@@ -60,18 +67,28 @@ class DataBuilder:
     def train_loader(self, epoch: int, skip_steps: int = 0):
         nw = self.cfg.data.num_workers
         return torch.utils.data.DataLoader(
-            self._stream(epoch, skip_steps), batch_size=None, num_workers=nw,
-            persistent_workers=False, prefetch_factor=4 if nw else None,
+            self._stream(epoch, skip_steps),
+            batch_size=None,
+            num_workers=nw,
+            persistent_workers=False,
+            prefetch_factor=4 if nw else None,
         )
 
     def eval_loaders(self) -> dict:
         cfg = self.cfg
         return {
             t: torch.utils.data.DataLoader(
-                EvalStream(idx, self.preprocess, self.collate, rank=self.info.rank,
-                           world=self.info.world_size, batch_size=cfg.eval.batch_size,
-                           max_samples=cfg.eval.max_samples),
-                batch_size=None, num_workers=0,
+                EvalStream(
+                    idx,
+                    self.preprocess,
+                    self.collate,
+                    rank=self.info.rank,
+                    world=self.info.world_size,
+                    batch_size=cfg.eval.batch_size,
+                    max_samples=cfg.eval.max_samples,
+                ),
+                batch_size=None,
+                num_workers=0,
             )
             for t, idx in self.val_idx.items()
         }

@@ -19,6 +19,7 @@ Resuming at step k of an epoch replays the raw (undecoded) samples of the first 
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -34,8 +35,19 @@ from vlds.data.tasks import get_task
 log = logging.getLogger(__name__)
 
 # Shard members we decode; anything else (e.g. .pyd/.pickle) is never read, let alone unpickled.
-ALLOWED_EXTS = {"json", "jpg", "jpeg", "png", "img0.jpg", "img1.jpg", "img0.png", "img1.png",
-                "frames.npy", "feats.npy"}
+ALLOWED_EXTS = {
+    "json",
+    "jpg",
+    "jpeg",
+    "png",
+    "img0.jpg",
+    "img1.jpg",
+    "img0.png",
+    "img1.png",
+    "frames.npy",
+    "frames.npy.gz",
+    "feats.npy",
+}
 
 
 class DataError(ValueError):
@@ -100,21 +112,25 @@ class Preprocess:
         w, h = img.size
         scale = self.size / min(w, h)  # shorter side -> size (bicubic), then centre crop
         if (w, h) != (self.size, self.size):
-            img = img.resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                             Image.BICUBIC)
+            img = img.resize(
+                (max(self.size, round(w * scale)), max(self.size, round(h * scale))), Image.BICUBIC
+            )
             w, h = img.size
             left, top = (w - self.size) // 2, (h - self.size) // 2
             img = img.crop((left, top, left + self.size, top + self.size))
         return self._to_tensor(np.array(img))  # a writable copy
 
-    def frames(self, data: bytes) -> torch.Tensor:
+    def frames(self, data: bytes, gzipped: bool = False) -> torch.Tensor:
+        if gzipped:
+            data = gzip.decompress(data)
         arr = np.load(io.BytesIO(data), allow_pickle=False)  # (T, H, W, 3) uint8
         if arr.ndim != 4 or arr.shape[-1] != 3:
             raise DataError(f"frames.npy has shape {arr.shape}, expected (T, H, W, 3)")
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255.0  # (T, 3, H, W)
         if x.shape[-2:] != (self.size, self.size):
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic",
-                                                align_corners=False).clamp(0, 1)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.size, self.size), mode="bicubic", align_corners=False
+            ).clamp(0, 1)
         return (x - self.mean) / self.std  # (T, 3, S, S)
 
     def __call__(self, sample: dict) -> dict:
@@ -127,9 +143,15 @@ class Preprocess:
             imgs = [sample.get(f"img{i}.jpg") or sample.get(f"img{i}.png") for i in (0, 1)]
             visual = torch.stack([self.image(b) for b in imgs])  # (2, 3, S, S)
         else:
-            visual = self.frames(sample["frames.npy"])  # (T, 3, S, S)
-        return {"task": task.name, "id": str(rec["id"]), "rec": rec, "visual": visual,
-                "key": sample["__key__"]}
+            gz = "frames.npy.gz" in sample
+            visual = self.frames(sample["frames.npy.gz" if gz else "frames.npy"], gz)
+        return {
+            "task": task.name,
+            "id": str(rec["id"]),
+            "rec": rec,
+            "visual": visual,
+            "key": sample["__key__"],
+        }
 
 
 class SkipCounter:
@@ -159,8 +181,15 @@ def _raw_samples(path: str, on_error: SkipCounter):
             on_error(DataError(f"{path}: sample {s.get('__key__')} has no json record"))
 
 
-def slot_stream(index: TaskIndex, seed: int, epoch: int, slot: int, slots: int,
-                on_error: SkipCounter, repeat: bool = True):
+def slot_stream(
+    index: TaskIndex,
+    seed: int,
+    epoch: int,
+    slot: int,
+    slots: int,
+    on_error: SkipCounter,
+    repeat: bool = True,
+):
     """Raw samples of one (rank, worker) slot, as described in the module docstring."""
     rnd = 0
     while True:
@@ -208,10 +237,12 @@ class Collator:
         texts = [task.encoder_text(s["rec"]) for s in samples]
         # The caption reference trained on is drawn per (sample, epoch): reproducible on resume.
         targets = [task.target(s["rec"], random.Random(f"{s['key']}-{epoch}")) for s in samples]
-        enc = self.tok(texts, max_length=self.max_text, truncation=True, padding=True,
-                       return_tensors="pt")
-        lab = self.tok(targets, max_length=self.max_target, truncation=True, padding=True,
-                       return_tensors="pt")
+        enc = self.tok(
+            texts, max_length=self.max_text, truncation=True, padding=True, return_tensors="pt"
+        )
+        lab = self.tok(
+            targets, max_length=self.max_target, truncation=True, padding=True, return_tensors="pt"
+        )
         labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
         visual = torch.stack([s["visual"] for s in samples])
         key = "frames" if task.kind == "video" else "images"
@@ -237,8 +268,9 @@ def task_batch_sizes(tasks: list[str], batch_size: int, scale: str) -> dict[str,
     return sizes
 
 
-def epoch_schedule(indexes: dict[str, TaskIndex], sizes: dict[str, int], world: int,
-                   seed: int, epoch: int) -> list[str]:
+def epoch_schedule(
+    indexes: dict[str, TaskIndex], sizes: dict[str, int], world: int, seed: int, epoch: int
+) -> list[str]:
     """The task of every step of an epoch, identical on every rank."""
     sched = []
     for t, idx in indexes.items():
@@ -256,8 +288,20 @@ def epoch_schedule(indexes: dict[str, TaskIndex], sizes: dict[str, int], world: 
 class TrainStream(torch.utils.data.IterableDataset):
     """Mixed single-task batches of one epoch for one rank (see the module docstring)."""
 
-    def __init__(self, indexes, sizes, preprocess, collate, *, rank, world, seed, epoch,
-                 shuffle_buffer, skip_steps=0):
+    def __init__(
+        self,
+        indexes,
+        sizes,
+        preprocess,
+        collate,
+        *,
+        rank,
+        world,
+        seed,
+        epoch,
+        shuffle_buffer,
+        skip_steps=0,
+    ):
         super().__init__()
         self.indexes, self.sizes = indexes, sizes
         self.preprocess, self.collate = preprocess, collate
@@ -301,8 +345,9 @@ class TrainStream(torch.utils.data.IterableDataset):
 class EvalStream(torch.utils.data.IterableDataset):
     """One task's validation samples; sample i goes to slot i % slots, so each counts once."""
 
-    def __init__(self, index: TaskIndex, preprocess, collate, *, rank, world, batch_size,
-                 max_samples=0):
+    def __init__(
+        self, index: TaskIndex, preprocess, collate, *, rank, world, batch_size, max_samples=0
+    ):
         super().__init__()
         self.index, self.preprocess, self.collate = index, preprocess, collate
         self.rank, self.world, self.bs, self.max_samples = rank, world, batch_size, max_samples

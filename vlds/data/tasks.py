@@ -4,16 +4,17 @@ Every shard sample, from the synthetic shapes world or from a converter of a pub
 carries a ``json`` record with the fields below plus its visual payload. The registry owns the
 text prompt, the target and the metric name, so converters write raw fields only.
 
-| task    | kind  | visual payload              | json fields                                              |
-|---------|-------|-----------------------------|----------------------------------------------------------|
-| vqa     | image | jpg/png                     | question, answers[10], answer_type, question_type, image_id |
-| gqa     | image | jpg/png                     | question, answer, image_id                               |
-| nlvr    | pair  | img0.(jpg/png), img1.(...)  | sentence, label (bool), identifier                       |
-| caption | image | jpg/png                     | captions[>=1], image_id                                  |
-| tvqa    | video | frames.npy (T,H,W,3) uint8  | question, choices[5], answer_idx, subtitles, ts[2], vid_name |
-| how2qa  | video | frames.npy                  | same as tvqa                                             |
-| tvc     | video | frames.npy                  | captions[>=1], subtitles, ts[2], vid_name                |
-| yc2c    | video | frames.npy                  | captions[>=1], subtitles, vid_name                       |
+| task    | kind  | visual payload            | json fields                                  |
+|---------|-------|---------------------------|----------------------------------------------|
+| vqa     | image | jpg/png                   | question, answers[10], answer_type,          |
+|         |       |                           | question_type, image_id                      |
+| gqa     | image | jpg/png                   | question, answer, image_id                   |
+| nlvr    | pair  | img0.(jpg/png), img1.(..) | sentence, label (bool), identifier           |
+| caption | image | jpg/png                   | captions[>=1], image_id                      |
+| tvqa    | video | frames.npy[.gz]           | question, choices[5], answer_idx, subtitles, |
+| how2qa  | video | (T, H, W, 3) uint8        | ts[2], vid_name                              |
+| tvc     | video | frames.npy[.gz]           | captions[>=1], subtitles, ts[2], vid_name    |
+| yc2c    | video | frames.npy[.gz]           | captions[>=1], subtitles, vid_name           |
 
 Every record also has ``task`` and ``id`` (question id, NLVR2 identifier, image or clip id):
 ``id`` is unique within a task split and is what predictions are keyed by.
@@ -23,8 +24,8 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
 VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
@@ -63,49 +64,79 @@ class Task:
 
 def _qa_source(rec: dict) -> str:
     return (
-        f"[Subs] {rec['subtitles']} [Q] {rec['question']} [TS] {_ts(rec)} "
-        f"[Choices] {_choices(rec)}"
+        f"[Subs] {rec['subtitles']} [Q] {rec['question']} [TS] {_ts(rec)} [Choices] {_choices(rec)}"
     )
 
 
 TASKS: dict[str, Task] = {
     "vqa": Task(
-        "vqa", "image", "vqa: ", lambda r: r["question"],
-        lambda r, rng: majority_answer(r["answers"]), lambda r: list(r["answers"]),
+        "vqa",
+        "image",
+        "vqa: ",
+        lambda r: r["question"],
+        lambda r, rng: majority_answer(r["answers"]),
+        lambda r: list(r["answers"]),
     ),
     # The reference code's prompt for GQA has the typo "gpa: "; we use the intended one.
     "gqa": Task(
-        "gqa", "image", "gqa: ", lambda r: r["question"],
-        lambda r, rng: r["answer"], lambda r: [r["answer"]],
+        "gqa",
+        "image",
+        "gqa: ",
+        lambda r: r["question"],
+        lambda r, rng: r["answer"],
+        lambda r: [r["answer"]],
     ),
     "nlvr": Task(
-        "nlvr", "pair", "nlvr: ", lambda r: r["sentence"],
+        "nlvr",
+        "pair",
+        "nlvr: ",
+        lambda r: r["sentence"],
         lambda r, rng: "true" if r["label"] else "false",
         lambda r: ["true" if r["label"] else "false"],
     ),
     # A caption sample is one image with all its references; each visit trains on one of
     # them, drawn with a per-sample seeded rng so a resumed run sees the same choice.
     "caption": Task(
-        "caption", "image", "caption: ", lambda r: "",
-        lambda r, rng: rng.choice(r["captions"]), lambda r: list(r["captions"]),
+        "caption",
+        "image",
+        "caption: ",
+        lambda r: "",
+        lambda r, rng: rng.choice(r["captions"]),
+        lambda r: list(r["captions"]),
         generative_caption=True,
     ),
     "tvqa": Task(
-        "tvqa", "video", "tvqa: ", _qa_source,
-        lambda r, rng: f"a{r['answer_idx']}", lambda r: [f"a{r['answer_idx']}"],
+        "tvqa",
+        "video",
+        "tvqa: ",
+        _qa_source,
+        lambda r, rng: f"a{r['answer_idx']}",
+        lambda r: [f"a{r['answer_idx']}"],
     ),
     "how2qa": Task(
-        "how2qa", "video", "how2qa: ", _qa_source,
-        lambda r, rng: f"a{r['answer_idx']}", lambda r: [f"a{r['answer_idx']}"],
+        "how2qa",
+        "video",
+        "how2qa: ",
+        _qa_source,
+        lambda r, rng: f"a{r['answer_idx']}",
+        lambda r: [f"a{r['answer_idx']}"],
     ),
     "tvc": Task(
-        "tvc", "video", "tvc: ", lambda r: f"[Subs] {r['subtitles']} [TS] {_ts(r)}",
-        lambda r, rng: rng.choice(r["captions"]), lambda r: list(r["captions"]),
+        "tvc",
+        "video",
+        "tvc: ",
+        lambda r: f"[Subs] {r['subtitles']} [TS] {_ts(r)}",
+        lambda r, rng: rng.choice(r["captions"]),
+        lambda r: list(r["captions"]),
         generative_caption=True,
     ),
     "yc2c": Task(
-        "yc2c", "video", "yc2c: ", lambda r: f"[Subs] {r['subtitles']}",
-        lambda r, rng: rng.choice(r["captions"]), lambda r: list(r["captions"]),
+        "yc2c",
+        "video",
+        "yc2c: ",
+        lambda r: f"[Subs] {r['subtitles']}",
+        lambda r, rng: rng.choice(r["captions"]),
+        lambda r: list(r["captions"]),
         generative_caption=True,
     ),
 }

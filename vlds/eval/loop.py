@@ -51,8 +51,12 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
             preds = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
         else:
             beams = cfg.eval.caption_beams if task.generative_caption else cfg.eval.qa_beams
-            ids = model.generate(b, num_beams=beams, max_new_tokens=cfg.eval.max_new_tokens,
-                                 synced_gpus=zero3 and dist.is_initialized())
+            ids = model.generate(
+                b,
+                num_beams=beams,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                synced_gpus=zero3 and dist.is_initialized(),
+            )
             preds = [p.strip() for p in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         if real:
             out += list(zip(batch["ids"], preds, batch["refs"], strict=True))
@@ -79,8 +83,9 @@ def evaluate(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False):
     model.eval()
     results, predictions = {}, {}
     for task_name, loader in loaders.items():
-        rows = gather_predictions(predict(model, tower, loader, task_name, tokenizer, cfg,
-                                          device, zero3))
+        rows = gather_predictions(
+            predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3)
+        )
         rows.sort(key=lambda r: r[0])
         preds = [r[1] for r in rows]
         refs = [r[2] for r in rows]

@@ -16,8 +16,10 @@ def _clean(s: str) -> str:
 
 
 def vqa_accuracy(preds: list[str], answers: list[list[str]]) -> dict:
-    scores = [min(1.0, sum(_clean(a) == _clean(p) for a in ans) / 3.0)
-              for p, ans in zip(preds, answers, strict=True)]
+    scores = [
+        min(1.0, sum(_clean(a) == _clean(p) for a in ans) / 3.0)
+        for p, ans in zip(preds, answers, strict=True)
+    ]
     return {"score": 100.0 * sum(scores) / max(1, len(scores)), "n": len(scores)}
 
 

@@ -46,27 +46,49 @@ def build_lm(cfg: Config, tokenizer):
     eos = tokenizer.eos_token_id
     if m.lm == "random":
         if m.d_model % m.num_heads:
-            raise ConfigError(f"model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}")
+            raise ConfigError(
+                f"model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}"
+            )
         if m.arch == "t5":
             from transformers import T5Config, T5ForConditionalGeneration
 
             config = T5Config(
-                vocab_size=vocab, d_model=m.d_model, d_ff=m.d_ff, d_kv=m.d_model // m.num_heads,
-                num_layers=m.num_layers, num_decoder_layers=m.num_layers, num_heads=m.num_heads,
-                dropout_rate=m.dropout, feed_forward_proj="relu", tie_word_embeddings=True,
-                pad_token_id=pad, eos_token_id=eos, decoder_start_token_id=pad,
+                vocab_size=vocab,
+                d_model=m.d_model,
+                d_ff=m.d_ff,
+                d_kv=m.d_model // m.num_heads,
+                num_layers=m.num_layers,
+                num_decoder_layers=m.num_layers,
+                num_heads=m.num_heads,
+                dropout_rate=m.dropout,
+                feed_forward_proj="relu",
+                tie_word_embeddings=True,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                decoder_start_token_id=pad,
             )
             return T5ForConditionalGeneration(config)
         from transformers import BartConfig, BartForConditionalGeneration
 
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad
         config = BartConfig(
-            vocab_size=vocab, d_model=m.d_model, encoder_layers=m.num_layers,
-            decoder_layers=m.num_layers, encoder_attention_heads=m.num_heads,
-            decoder_attention_heads=m.num_heads, encoder_ffn_dim=m.d_ff, decoder_ffn_dim=m.d_ff,
-            max_position_embeddings=1024, dropout=m.dropout, pad_token_id=pad, eos_token_id=eos,
-            bos_token_id=bos, decoder_start_token_id=eos, forced_bos_token_id=None,
-            forced_eos_token_id=None, tie_word_embeddings=True,
+            vocab_size=vocab,
+            d_model=m.d_model,
+            encoder_layers=m.num_layers,
+            decoder_layers=m.num_layers,
+            encoder_attention_heads=m.num_heads,
+            decoder_attention_heads=m.num_heads,
+            encoder_ffn_dim=m.d_ff,
+            decoder_ffn_dim=m.d_ff,
+            max_position_embeddings=1024,
+            dropout=m.dropout,
+            pad_token_id=pad,
+            eos_token_id=eos,
+            bos_token_id=bos,
+            decoder_start_token_id=eos,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            tie_word_embeddings=True,
         )
         return BartForConditionalGeneration(config)
 

@@ -61,7 +61,9 @@ def grid_boxes(g: int) -> torch.Tensor:
 def time_boxes(t: int) -> torch.Tensor:
     """(t, 5) boxes of t time slices: (i/t, 0, (i+1)/t, 1, 1/t)."""
     i = torch.arange(t, dtype=torch.float32)
-    return torch.stack([i / t, torch.zeros(t), (i + 1) / t, torch.ones(t), torch.full((t,), 1 / t)], -1)
+    return torch.stack(
+        [i / t, torch.zeros(t), (i + 1) / t, torch.ones(t), torch.full((t,), 1 / t)], -1
+    )
 
 
 def resample_frames(x: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,4 +153,10 @@ class VisionTower(nn.Module):
             b = feats.shape[0]
             boxes = time_boxes(max_frames).to(feats.device).expand(b, -1, -1)
             order = torch.zeros(b, max_frames, dtype=torch.long, device=feats.device)
-        return {**batch, "vis_feats": feats, "vis_boxes": boxes, "vis_order": order, "vis_mask": mask}
+        return {
+            **batch,
+            "vis_feats": feats,
+            "vis_boxes": boxes,
+            "vis_order": order,
+            "vis_mask": mask,
+        }

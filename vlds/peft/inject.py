@@ -78,7 +78,9 @@ class TaskRouter:
     def ids_for(self, rows: int) -> torch.Tensor:
         ids = self.task_ids
         if ids is None:
-            raise RuntimeError("no task ids routed: call the VL model with a batch holding task_ids")
+            raise RuntimeError(
+                "no task ids routed: call the VL model with a batch holding task_ids"
+            )
         if rows != ids.shape[0]:
             if rows % ids.shape[0]:
                 raise RuntimeError(f"cannot route {ids.shape[0]} task ids to {rows} rows")
@@ -95,7 +97,9 @@ def norm_types() -> tuple[type, ...]:
 def apply_peft(model: nn.Module, cfg: PeftConfig, tasks: list[str]):
     """Freeze `model` (a VLModel), inject the configured method, unfreeze what it trains."""
     if cfg.method not in METHODS:
-        raise ConfigError(f"unknown PEFT method {cfg.method!r}; valid methods: {', '.join(METHODS)}")
+        raise ConfigError(
+            f"unknown PEFT method {cfg.method!r}; valid methods: {', '.join(METHODS)}"
+        )
     method = METHODS[cfg.method](cfg, tasks)
     if model.arch not in method.supported_archs:
         raise ConfigError(

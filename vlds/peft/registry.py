@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from vlds.config import PeftConfig
 
-METHODS: dict[str, type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):

@@ -1,0 +1,147 @@
+"""The streaming pipeline: schedules, rank/worker splits, resume, eval partitioning."""
+
+import io
+import json
+import tarfile
+
+import pytest
+import torch
+
+from vlds.data.stream import (
+    Collator,
+    DataError,
+    EvalStream,
+    Preprocess,
+    TrainStream,
+    epoch_schedule,
+    load_index,
+    task_batch_sizes,
+)
+from vlds.data.synthetic import SyntheticSpec, write_task_split
+from vlds.model.vision import CLIP_MEAN, CLIP_STD
+
+
+@pytest.fixture(scope="module")
+def uneven_root(tmp_path_factory):
+    """vqa: 3 shards of 20, 20 and 10 samples; gqa: 1 shard of 30."""
+    root = tmp_path_factory.mktemp("uneven")
+    write_task_split(root, "vqa", "train", 50, SyntheticSpec(samples_per_shard=20))
+    write_task_split(root, "gqa", "train", 30, SyntheticSpec(samples_per_shard=30))
+    return root
+
+
+def _stream(root, tokenizer, rank=0, world=1, epoch=0, skip=0, bs=4, tasks=("vqa", "gqa")):
+    idx = {t: load_index(root, t, "train") for t in tasks}
+    return TrainStream(
+        idx,
+        {t: bs for t in tasks},
+        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Collator(tokenizer, list(tasks), 40, 20),
+        rank=rank,
+        world=world,
+        seed=0,
+        epoch=epoch,
+        shuffle_buffer=8,
+        skip_steps=skip,
+    )
+
+
+def _ids(loader):
+    return [(b["task"], tuple(b["ids"])) for b in loader]
+
+
+def test_schedule_is_proportional_and_shared_by_all_ranks(uneven_root, tokenizer):
+    idx = {t: load_index(uneven_root, t, "train") for t in ("vqa", "gqa")}
+    s0 = epoch_schedule(idx, {"vqa": 4, "gqa": 4}, world=2, seed=0, epoch=0)
+    assert sorted(s0) == ["gqa"] * (30 // 8) + ["vqa"] * (50 // 8)
+    assert s0 == epoch_schedule(idx, {"vqa": 4, "gqa": 4}, world=2, seed=0, epoch=0)
+    assert any(epoch_schedule(idx, {"vqa": 4, "gqa": 4}, 2, 0, e) != s0 for e in range(1, 5))
+    with pytest.raises(DataError, match="fewer than one global batch"):
+        epoch_schedule(idx, {"vqa": 4, "gqa": 40}, world=1, seed=0, epoch=0)
+
+
+def test_uneven_shards_give_every_rank_the_same_steps(uneven_root, tokenizer):
+    """3 vqa shards over 2 ranks: rank 0 reads 2 shards, rank 1 one; same batch count."""
+    per_rank = [_ids(_stream(uneven_root, tokenizer, rank=r, world=2)) for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]) == len(_stream(uneven_root, tokenizer, 0, 2))
+    assert [t for t, _ in per_rank[0]] == [t for t, _ in per_rank[1]]  # same task each step
+    assert all(len(ids) == 4 for _, ids in per_rank[0] + per_rank[1])
+    # gqa has one shard < 2 slots: samples are split by index, disjoint between ranks
+    g0 = {i for t, ids in per_rank[0] if t == "gqa" for i in ids}
+    g1 = {i for t, ids in per_rank[1] if t == "gqa" for i in ids}
+    assert g0 and g1 and not g0 & g1
+
+
+def test_workers_keep_the_schedule_order(uneven_root, tokenizer):
+    ds = _stream(uneven_root, tokenizer)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    assert [t for t, _ in _ids(loader)] == ds.schedule
+
+
+def test_resume_skips_exactly_the_consumed_steps(uneven_root, tokenizer):
+    full = _ids(_stream(uneven_root, tokenizer, epoch=1))
+    resumed = _ids(_stream(uneven_root, tokenizer, epoch=1, skip=5))
+    assert resumed == full[5:]
+    assert _ids(_stream(uneven_root, tokenizer, epoch=1)) == full  # deterministic
+    assert _ids(_stream(uneven_root, tokenizer, epoch=2)) != full  # reshuffled per epoch
+
+
+def test_collator_prompts_and_masks(uneven_root, tokenizer):
+    batch = next(iter(_stream(uneven_root, tokenizer, tasks=("vqa",))))
+    assert batch["images"].shape == (4, 1, 3, 96, 96)
+    text = tokenizer.decode(batch["input_ids"][0], skip_special_tokens=True)
+    assert text.startswith("vqa: ")
+    labels = batch["labels"]
+    pad = batch["labels"] == -100
+    assert (labels[~pad] >= 0).all() and (batch["task_ids"] == 0).all()
+    assert len(batch["refs"][0]) == 10  # the 10 human answers for the metric
+
+
+def test_eval_stream_counts_every_sample_once(shapes_root, tokenizer):
+    idx = load_index(shapes_root, "nlvr", "val")
+    pre, col = Preprocess(96, CLIP_MEAN, CLIP_STD), Collator(tokenizer, ["nlvr"], 40, 20)
+    seen = []
+    for rank in range(3):
+        for b in EvalStream(idx, pre, col, rank=rank, world=3, batch_size=5):
+            assert b["images"].shape[1:] == (2, 3, 96, 96)
+            seen += b["ids"]
+    assert len(seen) == len(set(seen)) == idx.total
+
+
+def test_undecodable_samples_are_skipped_and_the_batch_refilled(tmp_path, tokenizer):
+    root = tmp_path
+    write_task_split(root, "vqa", "train", 12, SyntheticSpec(samples_per_shard=12))
+    shard = root / "vqa" / "train-00000.tar"
+    members = []
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            members.append((m.name, tar.extractfile(m).read()))
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            if name.startswith("vqa-train-0000003."):
+                data = b"not a png" if name.endswith(".png") else data
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    batches = _ids(_stream(root, tokenizer, bs=4, tasks=("vqa",)))
+    assert len(batches) == 3 and all(len(ids) == 4 for _, ids in batches)
+    assert "3" not in {i for _, ids in batches for i in ids}
+
+
+def test_missing_data_is_explained(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_index(tmp_path / "nope", "vqa", "train")
+    with pytest.raises(DataError, match="no shard index .*vqa/train.index.json"):
+        load_index(tmp_path, "vqa", "train")
+    (tmp_path / "gqa").mkdir()
+    (tmp_path / "gqa" / "train.index.json").write_text(
+        json.dumps({"shards": [{"url": "../../etc/passwd", "samples": 1}]})
+    )
+    with pytest.raises(DataError, match="outside the task folder"):
+        load_index(tmp_path, "gqa", "train")
+
+
+def test_task_batch_scale():
+    assert task_batch_sizes(["vqa", "gqa"], 60, "gqa=1.67") == {"vqa": 60, "gqa": 100}
+    with pytest.raises(DataError, match="names 'nlvr'"):
+        task_batch_sizes(["vqa"], 60, "nlvr=0.5")

@@ -1,0 +1,162 @@
+"""The real entry point, launched the way users launch it: `deepspeed vlds/train.py ...`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlds.distributed import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+def launch(args, ranks=1, zero=2, timeout=600):
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "vlds/train.py",
+        "--deepspeed",
+        f"ds_configs/zero{zero}.json",
+        *args,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
+
+
+def tiny_args(root, out, *extra):
+    return [
+        f"--data.root={root}",
+        f"--train.out_dir={out}",
+        "--data.batch_size=16",
+        "--eval.max_samples=16",
+        "--eval.batch_size=8",
+        "--eval.caption_beams=2",
+        "--data.num_workers=1",
+        "--train.log_every=1",
+        *extra,
+    ]
+
+
+def trainable_names(out: Path) -> set[str]:
+    return set(json.loads((out / "adapter" / "adapter_config.json").read_text())["tensors"])
+
+
+def test_one_rank_trains_checkpoints_and_resumes(shapes_root, tmp_path):
+    out = tmp_path / "run"
+    launch(tiny_args(shapes_root, out, "--train.max_steps=6", "--train.save_every=3"))
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["step"] == 6
+    assert set(result["metrics"]) == {"vqa", "gqa", "nlvr", "caption", "average"}
+    assert all(result["metrics"][t]["n"] == 16 for t in ("vqa", "gqa", "nlvr", "caption"))
+    assert (out / "curves.png").stat().st_size > 10_000
+    assert any((out / "tb").iterdir())
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train"]["max_steps"] == 6 and cfg["peft"]["method"] == "single_adapter"
+    losses = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in losses if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step6"
+    state = json.loads((ckpt / "step6" / "trainer_state.json").read_text())
+    assert (state["step"], state["config"]["train"]["max_steps"]) == (6, 6)
+    # DeepSpeed's module state holds the trainable tensors only (frozen weights excluded)
+    module = torch.load(ckpt / "step6" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert set(module["module"]) == trainable_names(out)
+    adapter = load_file(ckpt / "step6" / "adapter" / "adapter_model.safetensors")
+    assert set(adapter) == trainable_names(out)
+    assert any(k.startswith("peft.") for k in adapter)
+    first = load_file(ckpt / "step3" / "adapter" / "adapter_model.safetensors")
+    assert any(not torch.equal(first[k], adapter[k]) for k in adapter)  # training moved them
+
+    log = launch(
+        tiny_args(
+            shapes_root, out, "--train.max_steps=9", "--train.save_every=3", "--train.resume=latest"
+        )
+    )
+    assert "resumed from" in log and "at step 6" in log
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["step"] == 9
+    assert (ckpt / "latest").read_text().strip() == "step9"
+    assert not (ckpt / "step3").exists()  # keep_last=2
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_with_gloo(shapes_root, tmp_path, zero):
+    out = tmp_path / f"zero{zero}"
+    launch(
+        tiny_args(shapes_root, out, "--train.max_steps=4", "--eval.max_samples=15"),
+        ranks=2,
+        zero=zero,
+    )
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["step"] == 4
+    # 15 validation samples split over 2 ranks (8 + 7): each counted exactly once
+    assert all(result["metrics"][t]["n"] == 15 for t in ("vqa", "gqa", "nlvr", "caption"))
+    # the adapter export holds whole tensors, also when ZeRO-3 partitions them
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert {k: list(v.shape) for k, v in tensors.items()} == meta["tensors"]
+    d = meta["config"]["model"]["d_model"]
+    assert list(tensors["peft.enc-0-self.down.weight"].shape) == [d // 2, d]
+    assert all(v.numel() > 0 for v in tensors.values())
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--preset", "huge"], "unknown preset 'huge'; valid presets: tiny"),
+        (["--data.root=/nonexistent/shards"], "data folder /nonexistent/shards does not exist"),
+        (["--peft.reduction_factor=3"], "peft.reduction_factor=3 does not divide d_model=64"),
+        (
+            ["--data.batch_size=4", "--train.global_batch_size=10"],
+            "train.global_batch_size=10 is not divisible by data.batch_size x world size = 4 x 1",
+        ),
+        (["--train.lrate=1"], "unknown key 'train.lrate'"),
+        (["--deepspeed", "nope.json"], "DeepSpeed config nope.json does not exist"),
+    ],
+)
+def test_bad_input_fails_before_any_work(tmp_path, args, needle):
+    out = tmp_path / "never"
+    p = subprocess.run(
+        [sys.executable, "vlds/train.py", f"--train.out_dir={out}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert needle in p.stderr
+    assert not out.exists()
+
+
+def test_missing_task_split_names_the_fix(shapes_root, tmp_path):
+    p = subprocess.run(
+        [
+            sys.executable,
+            "vlds/train.py",
+            f"--data.root={shapes_root}",
+            "--data.val_split=test",
+            f"--train.out_dir={tmp_path / 'x'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2
+    assert "no shard index" in p.stderr and "test.index.json" in p.stderr
