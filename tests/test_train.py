@@ -94,6 +94,13 @@ def test_one_rank_trains_checkpoints_and_resumes(shapes_root, tmp_path):
     assert (ckpt / "latest").read_text().strip() == "step9"
     assert not (ckpt / "step3").exists()  # keep_last=2
 
+    # a fresh run into the same folder moves the earlier run aside instead of mixing with it
+    log = launch(tiny_args(shapes_root, out, "--train.max_steps=1", "--eval.max_samples=4"))
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.")]
+    assert len(aside) == 1 and f"moved the earlier run in {out}" in log
+    assert json.loads((aside[0] / "metrics.json").read_text())["step"] == 9
+    assert json.loads((out / "metrics.json").read_text())["step"] == 1
+
 
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_ranks_with_gloo(shapes_root, tmp_path, zero):

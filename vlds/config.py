@@ -89,7 +89,7 @@ class TrainConfig:
     global_batch_size: int = 0  # 0 = batch_size x grad_accum x world; else must divide
     seed: int = 0
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" | "fp32"
-    out_dir: str = "runs/default"
+    out_dir: str = "runs/{preset}"  # a fresh run moves an earlier one aside
     resume: str = ""  # "" | "latest" | a checkpoint folder
     log_every: int = 10
     save_every: int = 0  # steps; 0 = at the end of each epoch
@@ -142,7 +142,6 @@ _REAL_IMAGE = {
     "data.shuffle_buffer": 2000,
     "train.epochs": 20,
     "train.lr": 1e-3,
-    "train.out_dir": "runs/{preset}",
     "eval.batch_size": 256,
 }
 

@@ -168,8 +168,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     out_dir = Path(cfg.train.out_dir)
     if info.is_main:
+        if not cfg.train.resume and out_dir.exists() and any(out_dir.iterdir()):
+            # A fresh run never overwrites or mixes with an earlier one: move it aside.
+            aside = out_dir.with_name(f"{out_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            out_dir.rename(aside)
+            log.info(
+                "moved the earlier run in %s to %s (continue a run with --train.resume=latest)",
+                out_dir,
+                aside,
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
+    dist.barrier()
     torch.manual_seed(cfg.train.seed)  # frozen random weights are a function of the seed
 
     # ---- data, model, engine ------------------------------------------------------------
