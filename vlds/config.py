@@ -53,6 +53,17 @@ class PeftConfig:
     reduction_factor: int = 8  # bottleneck = d_model // reduction_factor
     # None = the method's default (the paper trains LayerNorms with adapters, not with LoRA)
     train_layernorms: bool | None = None
+    phm_n: int = 2  # Compacter: W = sum_i kron(A_i, B_i), i < n
+    hyper_task_dim: int = 512  # Hyperformer task embedding
+    hyper_layer_dim: int = 512  # Hyperformer layer embedding
+    hyper_hidden: int = 128  # hypernetwork Linear(task + layer -> hidden) -> ReLU -> ...
+    hyper_proj: int = 8  # ... -> Linear(hidden -> p) -> LayerNorm(p), p feeds the generators
+    lora_rank: int = 128
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    lora_train_biases: bool = True  # the reference also trains every bias of the model
+    prompt_length: int = 40  # encoder prompt vectors
+    prompt_hidden: int = 800  # reparameterisation Linear(d -> hidden) -> tanh -> Linear(-> d)
 
 
 @dataclass
@@ -151,6 +162,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.max_frames": 8,
         "model.grid_pool": 3,
         "peft.reduction_factor": 2,
+        "peft.hyper_task_dim": 32,
+        "peft.hyper_layer_dim": 32,
+        "peft.hyper_hidden": 32,
+        "peft.lora_rank": 8,
+        "peft.prompt_length": 8,
+        "peft.prompt_hidden": 64,
         "data.batch_size": 32,
         "train.epochs": 6,
         "train.lr": 3e-3,
@@ -197,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model.num_layers": 12,
         "model.num_heads": 12,
         "model.d_ff": 3072,
-        "peft.reduction_factor": 8,
+        **{f"peft.{f.name}": f.default for f in fields(PeftConfig) if f.name != "method"},
     },
 }
 
@@ -372,6 +389,7 @@ def validate(cfg: Config) -> None:
             f"unknown PEFT method {cfg.peft.method!r}; valid methods: {', '.join(METHODS)}"
         )
     check_reduction_factor(cfg.peft.reduction_factor, cfg.model.d_model)
+    METHODS[cfg.peft.method](cfg.peft, tasks).check(cfg.model.d_model, cfg.model.arch)
     if cfg.data.batch_size < 1 or cfg.eval.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("data.batch_size, eval.batch_size and train.grad_accum must be >= 1")
     if cfg.train.precision not in ("auto", "bf16", "fp32"):

@@ -54,6 +54,8 @@ class VLModel(nn.Module):
         self.visual_embed = VisualEmbedding(feat_dim, lm.config.d_model, arch)
         self.peft = nn.ModuleDict()  # filled by vlds.peft.inject
         self.router = None  # per-sample task routing, set by vlds.peft.inject
+        # (embeds, mask) -> (embeds, mask) applied to the text part, e.g. prompt tuning
+        self.input_transforms: list[nn.Module] = []
 
     @property
     def d_model(self) -> int:
@@ -61,9 +63,12 @@ class VLModel(nn.Module):
 
     def encoder_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         text = self.lm.get_input_embeddings()(batch["input_ids"])  # (B, Tt, d), scaled for BART
+        text_mask = batch["attention_mask"]
+        for transform in self.input_transforms:
+            text, text_mask = transform(text, text_mask)  # e.g. (B, L + Tt, d) with prompts
         vis = self.visual_embed(batch["vis_feats"], batch["vis_boxes"], batch["vis_order"])
         embeds = torch.cat([text, vis.to(text.dtype)], dim=1)  # (B, Tt + Tv, d)
-        mask = torch.cat([batch["attention_mask"], batch["vis_mask"]], dim=1)  # (B, Tt + Tv)
+        mask = torch.cat([text_mask, batch["vis_mask"]], dim=1)  # (B, Tt + Tv)
         return embeds, mask
 
     def _route(self, batch: dict) -> None:

@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning methods: a registry, one file per method, one injector."""
 
-from vlds.peft import adapter as _adapter  # noqa: F401  (registers its methods)
+# importing a method's file registers it
+from vlds.peft import adapter, compacter, full, hyperformer, lora, prompt  # noqa: F401
 from vlds.peft.inject import (
     apply_peft,
     count_parameters,

@@ -1,8 +1,10 @@
-"""Adapters (Houlsby-style bottleneck, as VL-Adapter): h + Up(gelu_new(Down(h))).
+"""Adapters (as VL-Adapter): h + Up(gelu_new(Down(h))) on every sub-layer output.
 
-Placed on every sub-layer output (vlds.peft.inject.sublayer_sites), with biases, no extra
-LayerNorm; bottleneck = d_model / reduction_factor (96 for d = 768, r = 8). The Single Adapter
-shares one adapter per site across all tasks (the tasks differ by their text prompt).
+Bottleneck = d_model / reduction_factor (96 for d = 768, r = 8), biases, no extra LayerNorm.
+Three ways to share them across tasks (paper, Table 1):
+- single_adapter: one adapter per site for all tasks (tasks differ by their text prompt);
+- multiple_adapters: one adapter per task per site;
+- half_shared_adapter: the up-projection shared, the down-projection per task.
 """
 
 from __future__ import annotations
@@ -11,39 +13,84 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlds.peft.inject import sublayer_sites, transform_output
+from vlds.peft.inject import per_task, sublayer_sites, transform_output
 from vlds.peft.registry import Method, register
 
 
+def _init(lin: nn.Linear) -> nn.Linear:
+    # Near-identity start: small weights, zero biases (the reference's init, std 1e-2).
+    nn.init.normal_(lin.weight, std=1e-2)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+def linear(d_in: int, d_out: int) -> nn.Module:
+    return _init(nn.Linear(d_in, d_out))
+
+
 class Adapter(nn.Module):
-    def __init__(self, d_model: int, bottleneck: int):
+    """`make_linear(d_in, d_out)` builds the projections: nn.Linear here, PHM for Compacter."""
+
+    def __init__(self, d_model: int, bottleneck: int, make_linear=linear):
         super().__init__()
-        self.down = nn.Linear(d_model, bottleneck)
-        self.up = nn.Linear(bottleneck, d_model)
-        # Near-identity start: small weights, zero biases (the reference's init, std 1e-2).
-        for lin in (self.down, self.up):
-            nn.init.normal_(lin.weight, std=1e-2)
-            nn.init.zeros_(lin.bias)
+        self.down = make_linear(d_model, bottleneck)
+        self.up = make_linear(bottleneck, d_model)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # h (B, T, d) -> (B, T, d); gelu_new is the tanh approximation
         return h + self.up(F.gelu(self.down(h), approximate="tanh"))
 
 
+class TaskAdapters(nn.Module):
+    """Adapters of one site, one per task (or per-task downs and a shared up), routed by the
+    task id of each sample."""
+
+    def __init__(self, d_model, bottleneck, n_tasks, router, share_up=False, make_linear=linear):
+        super().__init__()
+        self.router = router
+        if share_up:
+            self.down = nn.ModuleList(make_linear(d_model, bottleneck) for _ in range(n_tasks))
+            self.up = make_linear(bottleneck, d_model)
+        else:
+            self.adapters = nn.ModuleList(
+                Adapter(d_model, bottleneck, make_linear) for _ in range(n_tasks)
+            )
+
+    def _one(self, t: int, h: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "adapters"):
+            return self.adapters[t](h)
+        return h + self.up(F.gelu(self.down[t](h), approximate="tanh"))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return per_task(h, self.router.ids_for(h.shape[0]), self._one)
+
+
 @register("single_adapter")
 class SingleAdapter(Method):
+    def make_linear(self, d_in: int, d_out: int) -> nn.Module:
+        return linear(d_in, d_out)
+
     def inject(self, model: nn.Module) -> None:
         d = model.d_model
-        bottleneck = d // self.cfg.reduction_factor
         for site in sublayer_sites(model.lm, model.arch):
-            adapter = Adapter(d, bottleneck)
-            model.peft[site.key] = adapter
-            transform_output(site.module, adapter)
+            model.peft[site.key] = Adapter(d, self.bottleneck(d), self.make_linear)
+            transform_output(site.module, model.peft[site.key])
 
 
-@register("full_finetune")
-class FullFineTune(Method):
-    """Baseline: every weight of the language model trains (CLIP stays frozen)."""
+@register("multiple_adapters")
+class MultipleAdapters(SingleAdapter):
+    per_task = True
+    share_up = False
 
     def inject(self, model: nn.Module) -> None:
-        model.lm.requires_grad_(True)
+        d, n = model.d_model, len(self.tasks)
+        for site in sublayer_sites(model.lm, model.arch):
+            model.peft[site.key] = TaskAdapters(
+                d, self.bottleneck(d), n, model.router, self.share_up, self.make_linear
+            )
+            transform_output(site.module, model.peft[site.key])
+
+
+@register("half_shared_adapter")
+class HalfSharedAdapter(MultipleAdapters):
+    share_up = True

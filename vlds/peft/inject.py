@@ -73,6 +73,11 @@ class TaskRouter:
         self.task_ids: torch.Tensor | None = None
 
     def set(self, task_ids: torch.Tensor) -> None:
+        if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= len(self.tasks)):
+            raise ValueError(
+                f"task id {task_ids.max().item()} has no modules: this model was built for "
+                f"tasks {self.tasks}; rebuild it with the task in data.tasks"
+            )
         self.task_ids = task_ids
 
     def ids_for(self, rows: int) -> torch.Tensor:
@@ -88,6 +93,25 @@ class TaskRouter:
         return ids
 
 
+def per_task(h: torch.Tensor, ids: torch.Tensor, fn) -> torch.Tensor:
+    """fn(t, rows of h whose task is t) for each task present, reassembled in order.
+
+    A single-task batch (the training schedule's normal case) takes the whole tensor without
+    gathering; a mixed batch is split by task and put back with index_copy (autograd-safe).
+    """
+    first = int(ids[0])
+    if bool((ids == first).all()):
+        return fn(first, h)
+    out = None
+    for t in ids.unique().tolist():
+        idx = (ids == t).nonzero(as_tuple=True)[0]
+        part = fn(t, h.index_select(0, idx))
+        if out is None:
+            out = part.new_zeros((h.shape[0],) + part.shape[1:])
+        out = out.index_copy(0, idx, part)
+    return out
+
+
 def norm_types() -> tuple[type, ...]:
     from transformers.models.t5.modeling_t5 import T5LayerNorm
 
@@ -101,12 +125,10 @@ def apply_peft(model: nn.Module, cfg: PeftConfig, tasks: list[str]):
             f"unknown PEFT method {cfg.method!r}; valid methods: {', '.join(METHODS)}"
         )
     method = METHODS[cfg.method](cfg, tasks)
-    if model.arch not in method.supported_archs:
-        raise ConfigError(
-            f"PEFT method {cfg.method!r} does not support model.arch={model.arch!r}; "
-            f"supported: {', '.join(method.supported_archs)}"
-        )
+    method.check(model.d_model, model.arch)
     model.requires_grad_(False)
+    if method.per_task:
+        model.router = TaskRouter(tasks)
     method.inject(model)  # new modules are created trainable
     model.visual_embed.requires_grad_(True)
     train_norms = method.train_layernorms if cfg.train_layernorms is None else cfg.train_layernorms

@@ -1,0 +1,105 @@
+"""Hyperformer (Karimi Mahabadi et al., 2021) as in VL-Adapter: a hypernetwork generates each
+adapter's weights from a task embedding and a layer embedding.
+
+    h = ReLU(Linear(task_dim + layer_dim -> hidden)([e_task; e_layer]))
+    z = LayerNorm(Linear(hidden -> p)(h))
+    W_down = Linear(p -> d*b)(z),  b_down = Linear(p -> b)(z),
+    W_up   = Linear(p -> b*d)(z),  b_up   = Linear(p -> d)(z)
+
+with one generator set per sub-layer type (self-attention, cross-attention, FFN). Encoder and
+decoder each have their own hypernetwork, layer embeddings and generators; the task embeddings
+are shared. With bart-base, r = 8, 4 tasks this updates 5.79 % of the parameters (paper).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vlds.peft.inject import per_task, sublayer_sites, transform_output
+from vlds.peft.registry import Method, register
+
+
+def _small(lin: nn.Linear) -> nn.Linear:
+    # Generated weights start small (std 1e-2 generators, zero biases): near-identity adapters.
+    nn.init.normal_(lin.weight, std=1e-2)
+    nn.init.zeros_(lin.bias)
+    return lin
+
+
+class Generators(nn.Module):
+    """p -> the four tensors of one adapter."""
+
+    def __init__(self, p: int, d: int, b: int):
+        super().__init__()
+        self.d, self.b = d, b
+        self.down_w = _small(nn.Linear(p, d * b))
+        self.down_b = _small(nn.Linear(p, b))
+        self.up_w = _small(nn.Linear(p, b * d))
+        self.up_b = _small(nn.Linear(p, d))
+
+    def forward(self, z: torch.Tensor):
+        d, b = self.d, self.b
+        return (self.down_w(z).view(b, d), self.down_b(z).view(b),
+                self.up_w(z).view(d, b), self.up_b(z).view(d))  # fmt: skip
+
+
+class HyperNet(nn.Module):
+    """One side's (encoder or decoder) layer embeddings, hypernetwork and generators."""
+
+    def __init__(self, cfg, n_layers: int, kinds: list[str], d: int, b: int):
+        super().__init__()
+        self.layer_embed = nn.Embedding(n_layers, cfg.hyper_layer_dim)
+        self.net = nn.Sequential(
+            nn.Linear(cfg.hyper_task_dim + cfg.hyper_layer_dim, cfg.hyper_hidden),
+            nn.ReLU(),
+            nn.Linear(cfg.hyper_hidden, cfg.hyper_proj),
+            nn.LayerNorm(cfg.hyper_proj),
+        )
+        self.generators = nn.ModuleDict({k: Generators(cfg.hyper_proj, d, b) for k in kinds})
+
+    def forward(self, task_vec: torch.Tensor, layer: int, kind: str):
+        layer_vec = self.layer_embed(torch.tensor([layer], device=task_vec.device))  # (1, L)
+        z = self.net(torch.cat([task_vec, layer_vec], dim=-1))  # (1, p)
+        return self.generators[kind](z[0])
+
+
+class HyperSite(nn.Module):
+    """Applies the generated adapter of (task, layer, kind) at one site. Holds no parameters:
+    the shared modules are referenced, not registered, so they are saved once."""
+
+    def __init__(self, hyper: HyperNet, task_embed: nn.Embedding, router, layer: int, kind: str):
+        super().__init__()
+        object.__setattr__(self, "_refs", (hyper, task_embed, router))
+        self.layer, self.kind = layer, kind
+
+    def _one(self, t: int, h: torch.Tensor) -> torch.Tensor:
+        hyper, task_embed, _ = self._refs
+        task_vec = task_embed(torch.tensor([t], device=h.device))  # (1, task_dim)
+        wd, bd, wu, bu = (x.to(h.dtype) for x in hyper(task_vec, self.layer, self.kind))
+        return h + F.linear(F.gelu(F.linear(h, wd, bd), approximate="tanh"), wu, bu)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return per_task(h, self._refs[2].ids_for(h.shape[0]), self._one)
+
+
+@register("hyperformer")
+class Hyperformer(Method):
+    per_task = True
+
+    def inject(self, model: nn.Module) -> None:
+        d, b = model.d_model, self.bottleneck(model.d_model)
+        sites = sublayer_sites(model.lm, model.arch)
+        model.peft["task_embed"] = nn.Embedding(len(self.tasks), self.cfg.hyper_task_dim)
+        for side in ("enc", "dec"):
+            mine = [s for s in sites if s.key.startswith(side)]
+            kinds = sorted({s.kind for s in mine})
+            n_layers = max(s.layer for s in mine) + 1
+            model.peft[f"hyper_{side}"] = HyperNet(self.cfg, n_layers, kinds, d, b)
+            for s in mine:
+                model.peft[s.key] = HyperSite(
+                    model.peft[f"hyper_{side}"], model.peft["task_embed"], model.router,
+                    s.layer, s.kind,
+                )  # fmt: skip
+                transform_output(s.module, model.peft[s.key])
