@@ -1,6 +1,7 @@
 """The real entry point, launched the way users launch it: `deepspeed vlds/train.py ...`."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlds.distributed import free_port
+from vlds.peft import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
@@ -102,11 +104,47 @@ def test_one_rank_trains_checkpoints_and_resumes(shapes_root, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["step"] == 1
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_two_ranks_with_gloo(shapes_root, tmp_path, zero):
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_trains_through_deepspeed(shapes_root, tmp_path, method):
+    out = tmp_path / method
+    launch(
+        tiny_args(
+            shapes_root,
+            out,
+            f"--peft.method={method}",
+            "--train.max_steps=3",
+            "--eval.max_samples=4",
+        )
+    )
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["step"] == 3 and result["metrics"]["vqa"]["n"] == 4
+    records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert meta["method"] == method
+
+
+@pytest.mark.parametrize(
+    "zero, method",
+    [
+        (2, "single_adapter"),
+        (3, "single_adapter"),
+        (3, "hyperformer"),
+        (3, "multiple_lora"),
+        (3, "multiple_prompts"),
+    ],
+)
+def test_two_ranks_with_gloo(shapes_root, tmp_path, zero, method):
     out = tmp_path / f"zero{zero}"
     launch(
-        tiny_args(shapes_root, out, "--train.max_steps=4", "--eval.max_samples=15"),
+        tiny_args(
+            shapes_root,
+            out,
+            "--train.max_steps=4",
+            "--eval.max_samples=15",
+            f"--peft.method={method}",
+        ),
         ranks=2,
         zero=zero,
     )
@@ -118,9 +156,15 @@ def test_two_ranks_with_gloo(shapes_root, tmp_path, zero):
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     tensors = load_file(out / "adapter" / "adapter_model.safetensors")
     assert {k: list(v.shape) for k, v in tensors.items()} == meta["tensors"]
-    d = meta["config"]["model"]["d_model"]
-    assert list(tensors["peft.enc-0-self.down.weight"].shape) == [d // 2, d]
     assert all(v.numel() > 0 for v in tensors.values())
+    d = meta["config"]["model"]["d_model"]
+    whole = {
+        "single_adapter": ("peft.enc-0-self.down.weight", [d // 2, d]),
+        "hyperformer": ("peft.hyper_enc.generators.enc_self.down_w.weight", [d * d // 2, 8]),
+        "multiple_lora": ("peft.dec-1-cross-v.loras.3.A.weight", [8, d]),
+        "multiple_prompts": ("peft.prompt.prompts.2.embed.weight", [8, d]),
+    }[method]
+    assert list(tensors[whole[0]].shape) == whole[1]
 
 
 @pytest.mark.parametrize(
