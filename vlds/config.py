@@ -64,6 +64,8 @@ class PeftConfig:
     lora_train_biases: bool = True  # the reference also trains every bias of the model
     prompt_length: int = 40  # encoder prompt vectors
     prompt_hidden: int = 800  # reparameterisation Linear(d -> hidden) -> tanh -> Linear(-> d)
+    # Fused Triton adapter kernels: "auto" = on CUDA tensors when triton imports, "on", "off"
+    fused_kernel: str = "auto"
 
 
 @dataclass

@@ -134,8 +134,12 @@ class RunLog:
             self.tb.close()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Run training; returns the final metrics (used by tests and the tuner)."""
+def main(argv: list[str] | None = None, on_eval=None) -> dict:
+    """Run training; returns the final metrics (used by tests and the tuner).
+
+    on_eval(step, metrics, cfg) is called on every rank after each evaluation (Ray Tune reports
+    from it); metrics are identical on all ranks.
+    """
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
@@ -261,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ),
             )
         evaluated = (step, metrics, preds)
+        if on_eval is not None:
+            on_eval(step, metrics, cfg)
         return metrics, preds
 
     def checkpoint() -> None:
