@@ -171,6 +171,9 @@ def _raw_samples(path: str, on_error: SkipCounter):
     import webdataset as wds
 
     def select(name: str) -> bool:
+        if name.startswith("/") or ".." in name.split("/"):  # a member escaping the shard
+            on_error(DataError(f"{path}: member {name!r} escapes the dataset root; skipped"))
+            return False
         return name.split(".", 1)[-1] in ALLOWED_EXTS if "." in name else False
 
     src = [{"url": path}]
@@ -224,6 +227,11 @@ def shuffled(it, bufsize: int, rng: random.Random):
     yield from buf
 
 
+# Record fields the metrics and the submission formats need besides "id" (VQA breakdowns, NLVR2
+# consistency groups, official ids); eval batches carry them as "meta", one dict per sample.
+META_FIELDS = ("answer_type", "question_type", "identifier", "image_id", "qid", "vid_name")
+
+
 class Collator:
     """Decoded samples of one task -> a padded batch of tensors."""
 
@@ -255,6 +263,7 @@ class Collator:
             key: visual,  # images (B, n_img, 3, S, S) | frames (B, T, 3, S, S)
             "ids": [s["id"] for s in samples],
             "refs": [task.references(s["rec"]) for s in samples],
+            "meta": [{k: s["rec"][k] for k in META_FIELDS if k in s["rec"]} for s in samples],
         }
 
 

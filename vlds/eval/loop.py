@@ -1,8 +1,10 @@
 """Distributed in-loop evaluation: each rank decodes its share of every task's validation split,
-predictions are gathered, every sample counts exactly once, and rank 0's metrics reach all ranks.
+predictions are gathered, every sample counts exactly once, and rank 0 computes the metrics
+(captions start Java once, not once per rank) and sends them to every rank.
 
-Decoding follows the reference: greedy for QA, beam search for captions, and NLVR2 by comparing
-the model's scores of "true" and "false".
+Decoding follows the reference: greedy for QA, beam search for captions (cfg.eval.qa_beams /
+caption_beams), and NLVR2 by comparing the model's scores of "true" and "false". The standalone
+evaluator (vlds/evaluate.py) runs the same `evaluate` on one process.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _any_rank(flag: bool, device) -> bool:
 
 @torch.no_grad()
 def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool):
-    """(id, prediction, references) for this rank's share of one task."""
+    """(id, prediction, references, meta) for this rank's share of one task."""
     task = get_task(task_name)
     out, it, last = [], iter(loader), None
     choices = None
@@ -59,7 +61,8 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
             )
             preds = [p.strip() for p in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         if real:
-            out += list(zip(batch["ids"], preds, batch["refs"], strict=True))
+            meta = batch.get("meta") or [{} for _ in preds]
+            out += list(zip(batch["ids"], preds, batch["refs"], meta, strict=True))
     return out
 
 
@@ -70,27 +73,45 @@ def gather_predictions(local: list) -> list:
     dist.all_gather_object(parts, local)
     merged = {}
     for part in parts:
-        for ident, pred, refs in part:
-            if ident in merged:
-                raise RuntimeError(f"sample {ident} was evaluated on two ranks")
-            merged[ident] = (ident, pred, refs)
+        for row in part:
+            if row[0] in merged:
+                raise RuntimeError(f"sample {row[0]} was evaluated on two ranks")
+            merged[row[0]] = row
     return list(merged.values())
 
 
-def evaluate(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False):
-    """{task: metrics} plus "average" of the task scores; identical on every rank."""
+def score_rows(task_name: str, rows: list, metric=None) -> dict:
+    """Metrics of (id, prediction, references, meta) rows, in id order (float sums, and METEOR's
+    corpus statistics, then add up in the same order wherever the rows came from)."""
+    rows = sorted(rows, key=lambda r: r[0])
+    metric = metric or METRICS[task_name]
+    return metric([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+
+
+def _from_rank0(obj):
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def evaluate(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False, metrics=None):
+    """({task: metrics, "average": mean score}, {task: [{"id", "prediction", "meta"}]}), both
+    identical on every rank. `metrics` overrides METRICS entries (e.g. the legacy VQA scorer)."""
     was_training = model.training
     model.eval()
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
     results, predictions = {}, {}
     for task_name, loader in loaders.items():
         rows = gather_predictions(
             predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3)
         )
         rows.sort(key=lambda r: r[0])
-        preds = [r[1] for r in rows]
-        refs = [r[2] for r in rows]
-        results[task_name] = METRICS[task_name](preds, refs)
-        predictions[task_name] = [{"id": r[0], "prediction": r[1]} for r in rows]
+        metric = (metrics or {}).get(task_name)
+        results[task_name] = score_rows(task_name, rows, metric) if is_main else None
+        predictions[task_name] = [{"id": r[0], "prediction": r[1], "meta": r[3]} for r in rows]
+    results = _from_rank0(results)
     results["average"] = sum(r["score"] for r in results.values()) / max(1, len(results))
     model.train(was_training)
     return results, predictions

@@ -1,53 +1,42 @@
-"""Task metrics, keyed by task name. Each takes predictions and references, returns a dict whose
-"score" (0-100, like the paper's tables) is the task's headline number.
+"""Task metrics, keyed by task name: `METRICS[task](preds, refs, meta=None) -> {"score": ...}`.
 
-These are the simple in-loop metrics: VQA accuracy min(1, #humans who gave the answer / 3) on
-lower-cased, stripped strings; exact match for GQA and video QA; NLVR2 accuracy; CIDEr through
-pycocoevalcap on lower-cased, punctuation-stripped words (no Java tokenizer needed).
+`preds` are the model's strings, `refs` what `Task.references` gives (VQA: the human answers;
+GQA/NLVR2/TVQA/How2QA: one gold string; captions: all references), and `meta` the per-sample
+record fields some metrics need (VQA answer_type/question_type for the breakdowns, NLVR2
+identifier for consistency), as the eval batches carry them. "score" is the task's headline
+number on the paper's 0-100 scale:
+
+| task          | score                          | also                                       |
+|---------------|--------------------------------|--------------------------------------------|
+| vqa           | official VQA accuracy (vqa.py) | per_answer_type, per_question_type         |
+| gqa           | exact-match accuracy           |                                            |
+| nlvr          | accuracy                       | consistency (official sentence groups)     |
+| tvqa, how2qa  | choice accuracy                |                                            |
+| caption, tvc, | CIDEr x 100 (pycocoevalcap,    | Bleu_1..4, METEOR, ROUGE_L, CIDEr, SPICE   |
+| yc2c          | PTB-tokenised)                 | when its jars are present (0-1 scale)      |
+
+`vqa_legacy` is the older VQA scorer the reference used (`vlds.evaluate --legacy-vqa`).
 """
 
 from __future__ import annotations
 
-import re
+from functools import partial
 
-
-def _clean(s: str) -> str:
-    return s.strip().lower()
-
-
-def vqa_accuracy(preds: list[str], answers: list[list[str]]) -> dict:
-    scores = [
-        min(1.0, sum(_clean(a) == _clean(p) for a in ans) / 3.0)
-        for p, ans in zip(preds, answers, strict=True)
-    ]
-    return {"score": 100.0 * sum(scores) / max(1, len(scores)), "n": len(scores)}
-
-
-def exact_match(preds: list[str], refs: list[list[str]]) -> dict:
-    hits = [_clean(p) == _clean(r[0]) for p, r in zip(preds, refs, strict=True)]
-    return {"score": 100.0 * sum(hits) / max(1, len(hits)), "n": len(hits)}
-
-
-def _words(s: str) -> str:
-    return " ".join(re.findall(r"[a-z0-9]+", s.lower()))
-
-
-def cider(preds: list[str], refs: list[list[str]]) -> dict:
-    from pycocoevalcap.cider.cider import Cider
-
-    res = {i: [_words(p) or "_"] for i, p in enumerate(preds)}
-    gts = {i: [_words(r) for r in rs] for i, rs in enumerate(refs)}
-    score, _ = Cider().compute_score(gts, res)
-    return {"score": 100.0 * float(score), "n": len(preds)}
-
+from vlds.eval.accuracy import choice_accuracy, exact_match, nlvr_accuracy
+from vlds.eval.caption import caption_metrics
+from vlds.eval.vqa import vqa_accuracy
 
 METRICS = {
     "vqa": vqa_accuracy,
     "gqa": exact_match,
-    "nlvr": exact_match,
-    "tvqa": exact_match,
-    "how2qa": exact_match,
-    "caption": cider,
-    "tvc": cider,
-    "yc2c": cider,
+    "nlvr": nlvr_accuracy,
+    "tvqa": choice_accuracy,
+    "how2qa": choice_accuracy,
+    "caption": caption_metrics,
+    "tvc": caption_metrics,
+    "yc2c": caption_metrics,
 }
+
+vqa_legacy = partial(vqa_accuracy, legacy=True)
+
+__all__ = ["METRICS", "vqa_accuracy", "vqa_legacy", "exact_match", "caption_metrics"]

@@ -1,0 +1,217 @@
+"""Evaluate a trained adapter on validation/test shards, or score an existing prediction file.
+
+    # every task the checkpoint was trained on, the whole val split
+    python -m vlds.evaluate --checkpoint runs/tiny/adapter --shards ~/.cache/vlds/shapes-<hash>
+    # some tasks, another split, first 500 samples, the reference's older VQA scorer
+    python -m vlds.evaluate --checkpoint runs/tiny --task vqa,caption --shards /data/vl-shards \
+        --split test --max-samples 500 --legacy-vqa --out runs/tiny/eval-test
+    # score a submission file without a model
+    python -m vlds.evaluate --predictions runs/tiny/eval-val/predictions_vqa.json --task vqa \
+        --shards /data/vl-shards
+
+The model is rebuilt from the config stored in the checkpoint's adapter_config.json the way
+vlds/train.py builds it (seeded with train.seed, so frozen random backbones come back bit for
+bit), the adapter is loaded, and each task is decoded with the same code and settings as the
+in-loop evaluation (vlds.eval.loop; beams and batch size from the config's eval section), on one
+process (GPU when there is one, in the run's precision). Written to --out (default
+{checkpoint}/../eval-{split}): one official-format prediction file per task (see
+vlds/eval/submission.py) and metrics.json. Exit status 2 on bad input, with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("vlds.evaluate")
+
+
+def reference_rows(shards: Path, task: str, split: str, max_samples: int = 0) -> dict:
+    """{id: (references, meta)} of a split's first `max_samples` records (0 = all), the same
+    samples the in-loop evaluation reads, without decoding any pixels."""
+    from vlds.data.build import _records
+    from vlds.data.stream import META_FIELDS, load_index
+    from vlds.data.tasks import get_task
+
+    t = get_task(task)
+    out = {}
+    for rec in _records(load_index(shards, task, split), max_samples):
+        out[str(rec["id"])] = (t.references(rec), {k: rec[k] for k in META_FIELDS if k in rec})
+    return out
+
+
+def _metric(task: str, legacy_vqa: bool):
+    from vlds.eval.metrics import METRICS, vqa_legacy
+
+    return vqa_legacy if (task == "vqa" and legacy_vqa) else METRICS[task]
+
+
+def score_file(path, task, shards, split="val", max_samples=0, legacy_vqa=False) -> dict:
+    """Metrics of a submission file against the split's references (every id exactly once)."""
+    from vlds.eval.loop import score_rows
+    from vlds.eval.submission import check_ids, read_predictions
+
+    pairs = read_predictions(task, path)
+    refs = reference_rows(Path(shards), task, split, max_samples)
+    check_ids([i for i, _ in pairs], list(refs), path)
+    rows = [(i, p, *refs[i]) for i, p in pairs]
+    return score_rows(task, rows, _metric(task, legacy_vqa))
+
+
+def _adapter_dir(checkpoint: Path) -> Path:
+    from vlds.checkpoint import ADAPTER_CONFIG
+
+    d = checkpoint / "adapter" if (checkpoint / "adapter").is_dir() else checkpoint
+    if not (d / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"no {ADAPTER_CONFIG} in {checkpoint}; pass a run folder, a checkpoints/step<N> "
+            f"folder or their adapter/ folder"
+        )
+    return d
+
+
+def evaluate_checkpoint(
+    checkpoint, shards, tasks=None, split="val", max_samples=0, batch_size=0, legacy_vqa=False
+):
+    """(metrics {task: ..., "average"}, predictions {task: rows}) of an adapter checkpoint."""
+    import torch
+
+    from vlds.checkpoint import ADAPTER_CONFIG, load_adapter
+    from vlds.config import ConfigError, config_from_dict
+    from vlds.data.stream import Collator, EvalStream, Preprocess, load_index
+    from vlds.eval.loop import evaluate
+    from vlds.model.build import build_model, build_tokenizer, build_tower
+    from vlds.model.vision import CLIP_MEAN, CLIP_STD
+
+    adapter = _adapter_dir(Path(checkpoint))
+    cfg = config_from_dict(json.loads((adapter / ADAPTER_CONFIG).read_text())["config"])
+    tasks = tasks or cfg.task_list
+    unknown = [t for t in tasks if t not in cfg.task_list]
+    if unknown:
+        raise ConfigError(
+            f"task(s) {unknown} were not trained in {adapter} (it has {cfg.task_list}); "
+            f"pick from those"
+        )
+    cfg.data.root, cfg.data.val_split = str(shards), split
+    cfg.eval.max_samples = max_samples
+    cfg.eval.batch_size = batch_size or cfg.eval.batch_size
+    indexes = {t: load_index(shards, t, split) for t in tasks}  # a missing split fails first
+
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
+    # As vlds/train.py: the frozen random weights are a function of the seed and build order.
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = build_tokenizer(cfg, Path(shards))
+    tower = build_tower(cfg)
+    model = build_model(cfg, tokenizer, tower)
+    load_adapter(model, adapter)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model.to(device, dtype)
+    tower.to(device, dtype)
+
+    preprocess = Preprocess(tower.image_size, CLIP_MEAN, CLIP_STD)
+    # Task ids come from the trained task list, so per-task modules route as in training.
+    collate = Collator(tokenizer, cfg.task_list, cfg.data.max_text_len, cfg.data.max_target_len)
+    loaders = {
+        t: torch.utils.data.DataLoader(
+            EvalStream(
+                idx,
+                preprocess,
+                collate,
+                rank=0,
+                world=1,
+                batch_size=cfg.eval.batch_size,
+                max_samples=max_samples,
+            ),
+            batch_size=None,
+            num_workers=0,
+        )
+        for t, idx in indexes.items()
+    }
+    overrides = {"vqa": _metric("vqa", legacy_vqa)}
+    return evaluate(model, tower, loaders, tokenizer, cfg, device, metrics=overrides)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m vlds.evaluate", description=__doc__.split("\n\n")[0]
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run folder, checkpoints/step<N> or an adapter/ folder")
+    src.add_argument("--predictions", help="a submission file to score (needs --task)")
+    p.add_argument("--shards", required=True, help="data root: {task}/{split}.index.json + tars")
+    p.add_argument("--task", default="", help="task or comma list (default: the run's tasks)")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", default="", help="output folder (default {checkpoint}/../eval-SPLIT)")
+    p.add_argument("--max-samples", type=int, default=0, help="first N per task (0 = all)")
+    p.add_argument("--batch-size", type=int, default=0, help="default: the run's eval.batch_size")
+    p.add_argument("--legacy-vqa", action="store_true", help="the reference's older VQA scorer")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the CLI; returns {task: metrics, ...}. Errors propagate (the __main__ block turns
+    them into a message and exit status 2)."""
+    from vlds.data.tasks import get_task
+    from vlds.eval.submission import write_predictions
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    for t in tasks:
+        get_task(t)  # an unknown task name fails with the valid ones
+    shards = Path(args.shards).expanduser()
+    if args.predictions:
+        if len(tasks) != 1:
+            raise ValueError("--predictions needs exactly one --task (the file's task)")
+        m = score_file(
+            args.predictions, tasks[0], shards, args.split, args.max_samples, args.legacy_vqa
+        )
+        result = {"predictions": str(args.predictions), "split": args.split, tasks[0]: m}
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"metrics_{tasks[0]}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return {tasks[0]: m}
+
+    metrics, preds = evaluate_checkpoint(
+        args.checkpoint,
+        shards,
+        tasks or None,
+        args.split,
+        args.max_samples,
+        args.batch_size,
+        args.legacy_vqa,
+    )
+    out = (
+        Path(args.out)
+        if args.out
+        else _adapter_dir(Path(args.checkpoint)).parent / (f"eval-{args.split}")
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for t, rows in preds.items():
+        log.info("wrote %s", write_predictions(t, rows, out))
+    summary = {
+        "checkpoint": str(args.checkpoint),
+        "split": args.split,
+        "max_samples": args.max_samples,
+        "legacy_vqa": args.legacy_vqa,
+        "metrics": metrics,
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    scores = [f"{t} {m['score']:.2f}" for t, m in metrics.items() if t != "average"]
+    log.info("%s: %s, average %.2f", out / "metrics.json", ", ".join(scores), metrics["average"])
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    # ConfigError, DataError and PredictionError are ValueErrors: bad input, not a crash
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
