@@ -13,11 +13,15 @@ backbone with `load_adapter`. Tensors are gathered whole under ZeRO-3.
 from __future__ import annotations
 
 import json
+import os
+import random
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from vlds import faults
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -50,25 +54,31 @@ def save_adapter(model, cfg_dict: dict, out: Path, is_main: bool) -> None:
         (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def load_adapter(model, path: str | Path) -> dict:
-    """Load an adapter export into a model built with the same config; returns its metadata.
-
-    Every tensor the model trains must be in the file and vice versa: a checkpoint of another
-    method, task set or size fails with the names that differ.
-    """
+def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(metadata, tensors, folder) of an adapter export (a run, checkpoint or adapter folder)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if (path / "adapter").is_dir():
         path = path / "adapter"
     if not (path / ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {path}; pass a checkpoint folder")
+        raise CheckpointError(f"no {ADAPTER_WEIGHTS} in {path}; pass a checkpoint folder")
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    return meta, load_file(str(path / ADAPTER_WEIGHTS)), path
+
+
+def load_adapter(model, path: str | Path, loaded=None) -> dict:
+    """Load an adapter export into a model built with the same config; returns its metadata.
+
+    Every tensor the model trains must be in the file and vice versa: a checkpoint of another
+    method, task set or size fails with the names that differ. `loaded` = a `read_adapter`
+    result read earlier (train.py reads before it may move the run folder aside).
+    """
+    meta, tensors, path = loaded or read_adapter(path)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or extra:
-        raise ValueError(
+        raise CheckpointError(
             f"adapter at {path} (method {meta.get('method')}) does not fit this model: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), "
             f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''} ({len(extra)}); build the "
@@ -77,17 +87,51 @@ def load_adapter(model, path: str | Path) -> dict:
     with torch.no_grad():
         for n, p in params.items():
             if tuple(tensors[n].shape) != tuple(p.shape):
-                raise ValueError(
+                raise CheckpointError(
                     f"{n}: shape {tuple(tensors[n].shape)} in {path}, {tuple(p.shape)} in the model"
                 )
             p.copy_(tensors[n].to(p.dtype))
     return meta
 
 
+def rng_state() -> dict:
+    """The RNGs a training step draws from (dropout); the data order is seeded separately.
+    Plain tensors and ints only, so the checkpoint passes the weights-only check."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def save_checkpoint(
     engine, ckpt_dir: Path, tag: str, state: dict, cfg_dict: dict, is_main: bool, keep_last: int
 ) -> Path:
-    """DeepSpeed state (frozen parameters excluded) + adapter export + trainer state."""
+    """Atomically write DeepSpeed state (frozen parameters excluded) + adapter export +
+    trainer state as {ckpt_dir}/{tag}, then point `latest` at it.
+
+    Everything is written into `.tmp-{tag}` first; rank 0 renames it into place after every
+    rank has finished, and only then rewrites `latest` (itself via a temp file + rename). A
+    crash at any point leaves the previous checkpoint and pointer untouched; a stale `.tmp-*`
+    is removed by the next save. (Assumes the checkpoint folder is on a filesystem every rank
+    shares, as DeepSpeed does.)
+    """
+    tmp_tag = f".tmp-{tag}"
+    if is_main:
+        for stale in ckpt_dir.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     # DeepSpeed's exclude_frozen_parameters drops frozen names from named_parameters(), which
     # lists a tied tensor once: the aliases (T5/BART embed_tokens, lm_head) would still be saved,
     # three copies of the frozen vocabulary matrix. Drop every alias of a frozen tensor.
@@ -102,28 +146,82 @@ def save_checkpoint(
 
     engine.module_state_dict = trainable_state_dict
     try:
-        engine.save_checkpoint(
-            str(ckpt_dir), tag=tag, client_state=state, exclude_frozen_parameters=True
-        )
+        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=state,
+                               exclude_frozen_parameters=True, save_latest=False)  # fmt: skip
     finally:
         del engine.module_state_dict  # back to the class's method
-    save_adapter(engine.module, cfg_dict, ckpt_dir / tag / "adapter", is_main)
+    tmp = ckpt_dir / tmp_tag
+    # each rank's dropout RNG, so a resumed run draws the same masks (exact resume)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    save_adapter(engine.module, cfg_dict, tmp / "adapter", is_main)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's shards are on disk
+    final = ckpt_dir / tag
     if is_main:
-        (ckpt_dir / tag / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        tags = sorted(
-            (p for p in ckpt_dir.glob("step*") if p.is_dir()),
-            key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1,
-        )
+        (tmp / "trainer_state.json").write_text(json.dumps(_jsonable(state), indent=2) + "\n")
+        faults.maybe_kill("save")  # tests: a crash after writing, before publishing
+        if final.exists():  # the same step saved twice (e.g. a resumed run): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer = ckpt_dir / "latest.tmp"
+        pointer.write_text(tag)
+        os.replace(pointer, ckpt_dir / "latest")
+        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()),
+                      key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)  # fmt: skip
         for old in tags[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
-    return ckpt_dir / tag
+    return final
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return _dir_bytes(path)
+
+
+def _jsonable(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "rng"}
+
+
+# DeepSpeed pickles a few plain-data classes into its state files; these (and only these) are
+# allowed when a checkpoint is checked with torch's weights-only unpickler.
+def _deepspeed_safe_globals() -> list:
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Refuse a checkpoint any of whose pickled files needs more than tensors and plain data.
+
+    DeepSpeed loads its state with torch.load(weights_only=False); before it does, every .pt
+    file must pass torch's weights-only unpickler (with DeepSpeed's plain-data classes
+    allow-listed), which refuses arbitrary code. Adapter exports are safetensors.
+    """
+    files = sorted(Path(path).glob("*.pt"))
+    if not files:
+        raise CheckpointError(f"{path} holds no DeepSpeed state files (*.pt); is it a checkpoint?")
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for f in files:
+            try:
+                torch.load(f, map_location="cpu", weights_only=True)
+            except Exception as e:  # an unsafe or corrupt file: never hand it to DeepSpeed
+                raise CheckpointError(
+                    f"{f} is not a plain tensor checkpoint ({str(e).splitlines()[0][:200]}); "
+                    f"refusing to load it. Resume from another checkpoint or start fresh."
+                ) from None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot or must not be loaded, with what to do instead."""
 
 
 def resolve_resume(resume: str, out_dir: Path) -> tuple[Path, str] | None:
-    """`latest` -> the newest checkpoint of this run (None when there is none yet); a folder
-    -> that checkpoint. Returns (checkpoint root, tag)."""
+    """`latest` -> the newest published checkpoint of this run (None when there is none yet);
+    a folder -> that checkpoint. Returns (checkpoint root, tag)."""
     if not resume:
         return None
     if resume == "latest":
@@ -131,11 +229,44 @@ def resolve_resume(resume: str, out_dir: Path) -> tuple[Path, str] | None:
         latest = root / "latest"
         if not latest.is_file():
             return None
-        return root, latest.read_text().strip()
+        tag = latest.read_text().strip()
+        if not (root / tag).is_dir():
+            raise CheckpointError(
+                f"{latest} points at {tag}, which is missing; pass --train.resume="
+                f"{root}/step<N> with one of {sorted(p.name for p in root.glob('step*'))}"
+            )
+        return root, tag
     p = Path(resume)
     if not p.is_dir():
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"train.resume={resume!r} is not a checkpoint folder; use 'latest' or a "
             f"{out_dir}/checkpoints/step<N> folder"
         )
     return p.parent, p.name
+
+
+def check_compatible(state: dict, cfg, world_size: int) -> None:
+    """A resume must use the same model, method, tasks, world size and batch sizes."""
+    old = state.get("config", {})
+    problems = []
+    for section, key in (
+        ("model", "arch"),
+        ("model", "lm"),
+        ("model", "d_model"),
+        ("peft", "method"),
+        ("peft", "reduction_factor"),
+        ("data", "tasks"),
+        ("data", "batch_size"),
+        ("train", "grad_accum"),
+    ):
+        was, now = old.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if was is not None and was != now:
+            problems.append(f"{section}.{key} was {was!r}, now {now!r}")
+    if state.get("world_size", world_size) != world_size:
+        problems.append(f"world size was {state['world_size']}, now {world_size}")
+    if problems:
+        raise CheckpointError(
+            "cannot resume: " + "; ".join(problems) + ". Resume with the checkpoint's settings, "
+            "or start a new run from its weights with --train.init_from=<checkpoint>/adapter "
+            "(fresh optimizer and schedule)"
+        )

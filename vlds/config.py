@@ -104,6 +104,8 @@ class TrainConfig:
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" | "fp32"
     out_dir: str = "runs/{preset}"  # a fresh run moves an earlier one aside
     resume: str = ""  # "" | "latest" | a checkpoint folder
+    init_from: str = ""  # start a new run from an adapter export (fresh optimizer)
+    max_bad_steps: int = 5  # non-finite steps in a row before the run stops
     log_every: int = 10
     save_every: int = 0  # steps; 0 = at the end of each epoch
     keep_last: int = 2

@@ -13,7 +13,10 @@ One DeepSpeed engine holds the VL model (language model + visual embedding + PEF
 optimizer sees only the trainable parameters, and checkpoints exclude the frozen ones. The
 frozen CLIP tower runs outside the engine under no_grad. Everything a run produces lands in
 train.out_dir: config.json, metrics.jsonl, tb/ (TensorBoard), curves.png, metrics.json,
-predictions_*.json and checkpoints/.
+predictions_<task>.{json,csv,jsonl} (official formats) and checkpoints/.
+
+Exit codes: 0 done (or preempted by SIGTERM/SIGUSR1 after saving a checkpoint), 2 bad
+config/data/checkpoint (before any training), 3 too many non-finite steps in a row.
 """
 
 from __future__ import annotations
@@ -102,38 +105,6 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     ]
 
 
-def _to(batch: dict, device) -> dict:
-    return {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
-    }
-
-
-class RunLog:
-    """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere."""
-
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
-        self.path = out_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-
-    def write(self, step: int, kind: str, values: dict) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
 def main(argv: list[str] | None = None, on_eval=None) -> dict:
     """Run training; returns the final metrics (used by tests and the tuner).
 
@@ -164,23 +135,22 @@ def main(argv: list[str] | None = None, on_eval=None) -> dict:
     import deepspeed
     import torch.distributed as dist
 
-    from vlds.checkpoint import resolve_resume, save_adapter, save_checkpoint
+    from vlds.checkpoint import load_adapter, read_adapter
     from vlds.data import build
-    from vlds.eval.loop import evaluate
     from vlds.model.build import build_model, build_tokenizer, build_tower
     from vlds.peft import summary_line
+    from vlds.trainer import Trainer, find_resume
 
+    found = find_resume(cfg, info.world_size, info.is_main)
+    init = read_adapter(cfg.train.init_from) if cfg.train.init_from else None
     out_dir = Path(cfg.train.out_dir)
     if info.is_main:
         if not cfg.train.resume and out_dir.exists() and any(out_dir.iterdir()):
             # A fresh run never overwrites or mixes with an earlier one: move it aside.
             aside = out_dir.with_name(f"{out_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
             out_dir.rename(aside)
-            log.info(
-                "moved the earlier run in %s to %s (continue a run with --train.resume=latest)",
-                out_dir,
-                aside,
-            )
+            log.info("moved the earlier run in %s to %s (continue a run with "
+                     "--train.resume=latest)", out_dir, aside)  # fmt: skip
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
     dist.barrier()
@@ -191,21 +161,20 @@ def main(argv: list[str] | None = None, on_eval=None) -> dict:
     tokenizer = build_tokenizer(cfg, data_root)
     tower = build_tower(cfg).to(device)
     model = build_model(cfg, tokenizer, tower)
+    if init is not None:  # a new run (fresh optimizer) from another run's trained weights
+        load_adapter(model, cfg.train.init_from, loaded=init)
     if info.is_main:
         log.info(summary_line(model, cfg.peft.method))
     data = build.DataBuilder(cfg, data_root, tokenizer, tower.image_size, info)
-    steps_per_epoch = data.steps_per_epoch()
-    total_steps = cfg.train.epochs * steps_per_epoch
+    total_steps = cfg.train.epochs * data.steps_per_epoch()
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
     # the LR schedule counts optimizer steps, one per grad_accum micro-steps
     opt_steps = math.ceil(total_steps / ds_config["gradient_accumulation_steps"])
     optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay),
-        lr=cfg.train.lr,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        eps=cfg.train.adam_eps,
-    )
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
+    )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(opt_steps, int(cfg.train.warmup_ratio * opt_steps))
     )
@@ -215,156 +184,22 @@ def main(argv: list[str] | None = None, on_eval=None) -> dict:
     if bf16:
         tower.to(torch.bfloat16)
 
-    # ---- resume -------------------------------------------------------------------------
-    step, epoch, step_in_epoch = 0, 0, 0
-    resume = resolve_resume(cfg.train.resume, out_dir)
-    if resume is not None:
-        root, tag = resume
-        _, state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
-        step, epoch, step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        if info.is_main:
-            log.info(
-                "resumed from %s/%s at step %d (epoch %d, step %d of it)",
-                root,
-                tag,
-                step,
-                epoch,
-                step_in_epoch,
-            )
-    elif cfg.train.resume == "latest" and info.is_main:
-        log.info("train.resume=latest: no checkpoint in %s yet, starting fresh", out_dir)
-
-    runlog = RunLog(out_dir, info.is_main)
-    cfg_dict = cfg.to_dict()
-    ckpt_dir = out_dir / "checkpoints"
-
-    saved_at, evaluated = -1, None  # last checkpoint step; (step, metrics, predictions)
-
-    def run_eval():
-        nonlocal evaluated
-        if evaluated is not None and evaluated[0] == step:
-            return evaluated[1], evaluated[2]
-        metrics, preds = evaluate(
-            engine.module, tower, data.eval_loaders(), tokenizer, cfg, device, zero3
-        )
-        runlog.write(
-            step,
-            "eval",
-            {
-                f"{t}/score" if t != "average" else t: (m["score"] if isinstance(m, dict) else m)
-                for t, m in metrics.items()
-            },
-        )
-        if info.is_main:
-            log.info(
-                "step %d eval: %s",
-                step,
-                ", ".join(
-                    f"{t} {m['score']:.1f}" if isinstance(m, dict) else f"{t} {m:.1f}"
-                    for t, m in metrics.items()
-                ),
-            )
-        evaluated = (step, metrics, preds)
-        if on_eval is not None:
-            on_eval(step, metrics, cfg)
-        return metrics, preds
-
-    def checkpoint() -> None:
-        nonlocal saved_at
-        if saved_at == step:
-            return
-        saved_at = step
-        state = {
-            "step": step,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "world_size": info.world_size,
-            "config": cfg_dict,
-        }
-        save_checkpoint(
-            engine, ckpt_dir, f"step{step}", state, cfg_dict, info.is_main, cfg.train.keep_last
-        )
-
-    # ---- loop ---------------------------------------------------------------------------
-    from tqdm import tqdm
-
-    engine.train()
-    t0 = time.time()
-    bar = tqdm(
-        total=total_steps, initial=step, disable=not info.is_main, desc="train", dynamic_ncols=True
-    )
-    while step < total_steps:
-        loader = data.train_loader(epoch, skip_steps=step_in_epoch)
-        for batch in loader:
-            b = tower.visual_inputs(_to(batch, device), cfg.model.max_frames)
-            loss = engine(b)
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            step_in_epoch += 1
-            bar.update(1)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                lval = loss.item()
-                bar.set_postfix(loss=f"{lval:.3f}", task=batch["task"])
-                runlog.write(
-                    step,
-                    "train",
-                    {
-                        "loss": lval,
-                        "lr": scheduler.get_last_lr()[0],
-                        f"loss/{batch['task']}": lval,
-                        "elapsed_s": time.time() - t0,
-                    },
-                )
-            if cfg.eval.every and step % cfg.eval.every == 0:
-                run_eval()
-            if cfg.train.save_every and step % cfg.train.save_every == 0:
-                checkpoint()
-            if step >= total_steps:
-                break
-        else:  # the epoch ran to its end
-            epoch, step_in_epoch = epoch + 1, 0
-            if not cfg.eval.every:
-                run_eval()
-            if not cfg.train.save_every:
-                checkpoint()
-            continue
-        break
-    bar.close()
-
-    # ---- final evaluation and artefacts -------------------------------------------------
-    metrics, preds = run_eval()
-    checkpoint()
-    save_adapter(engine.module, cfg_dict, out_dir / "adapter", info.is_main)
-    result = {
-        "step": step,
-        "train_time_s": round(time.time() - t0, 1),
-        "metrics": metrics,
-        "majority_baseline": data.majority_baselines(),
-    }
-    if info.is_main:
-        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        for t, rows in preds.items():
-            (out_dir / f"predictions_{t}.json").write_text(json.dumps(rows, indent=1) + "\n")
-        from vlds.report import plot_run
-
-        plot_run(out_dir / "metrics.jsonl", out_dir / "curves.png")
-        for t, base in result["majority_baseline"].items():
-            log.info(
-                "%s: score %.1f vs majority-answer baseline %.1f", t, metrics[t]["score"], base
-            )
-        log.info("done: %d steps in %.0f s; outputs in %s", step, result["train_time_s"], out_dir)
-    runlog.close()
-    if dist.is_initialized():
-        dist.barrier()
-    return result
+    trainer = Trainer(cfg, engine, tower, data, tokenizer, info, device, total_steps,
+                      zero3=zero3, on_eval=on_eval)  # fmt: skip
+    trainer.load(found)
+    return trainer.fit()
 
 
 if __name__ == "__main__":
+    from vlds.checkpoint import CheckpointError
     from vlds.data.stream import DataError
+    from vlds.guard import NonFiniteError
 
     try:
         main()
-    except (ConfigError, DataError) as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -66,10 +66,13 @@ class DataBuilder:
 
     def train_loader(self, epoch: int, skip_steps: int = 0):
         nw = self.cfg.data.num_workers
+        # An own generator: creating the iterator draws a worker base seed, which must not
+        # come from the global RNG (dropout), or a resumed run would draw different masks.
         return torch.utils.data.DataLoader(
             self._stream(epoch, skip_steps),
             batch_size=None,
             num_workers=nw,
+            generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch),
             persistent_workers=False,
             prefetch_factor=4 if nw else None,
         )
@@ -89,6 +92,7 @@ class DataBuilder:
                 ),
                 batch_size=None,
                 num_workers=0,
+                generator=torch.Generator(),
             )
             for t, idx in self.val_idx.items()
         }

@@ -1,0 +1,306 @@
+"""A long run will be killed, preempted and fed broken files: it must lose nothing.
+
+Every test runs the real `vlds/train.py` in a subprocess; failures are made to happen at a
+chosen step with VLDS_FAULTS (vlds/faults.py) or by sending real signals.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlds.distributed import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(args, faults="", check=True, ranks=1, wait=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}
+    if ranks == 1:
+        cmd = [sys.executable, "vlds/train.py", *args]
+    else:
+        cmd = [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            "vlds/train.py",
+            *args,
+        ]
+        env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    if not wait:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p
+
+
+def args(root, out, *extra):
+    return [
+        f"--data.root={root}",
+        f"--train.out_dir={out}",
+        "--data.batch_size=16",
+        "--eval.max_samples=4",
+        "--eval.batch_size=4",
+        "--eval.caption_beams=1",
+        "--data.num_workers=1",
+        "--train.log_every=1",
+        "--train.keep_last=5",
+        *extra,
+    ]
+
+
+def weights(out: Path) -> dict:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def tree_digest(path: Path) -> dict:
+    return {
+        str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(path.rglob("*"))
+        if f.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_run(shapes_root, tmp_path_factory):
+    """10 uninterrupted steps (dropout on), checkpoints every 3."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run(args(shapes_root, out, "--train.max_steps=10", "--train.save_every=3"))
+    return out
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(shapes_root, tmp_path, reference_run):
+    out = tmp_path / "run"
+    p = run(
+        args(shapes_root, out, "--train.max_steps=10", "--train.save_every=3"),
+        faults="kill@8",
+        check=False,
+    )
+    assert p.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "latest").read_text() == "step6"
+    run(
+        args(
+            shapes_root,
+            out,
+            "--train.max_steps=10",
+            "--train.save_every=3",
+            "--train.resume=latest",
+        )
+    )
+    a, b = weights(reference_run), weights(out)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted"
+
+    # the same data order: every step's loss is the same as in the uninterrupted run
+    def losses(o):
+        rows = [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}  # last write wins
+
+    assert losses(out) == losses(reference_run)
+
+
+def test_a_kill_during_save_leaves_the_previous_checkpoint(shapes_root, tmp_path, reference_run):
+    out = tmp_path / "run"
+    p = run(
+        args(shapes_root, out, "--train.max_steps=10", "--train.save_every=3"),
+        faults="kill_save@6",
+        check=False,
+    )
+    assert p.returncode == -signal.SIGKILL
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step3"  # the pointer never moved
+    assert (ckpt / ".tmp-step6").is_dir() and not (ckpt / "step6").exists()
+    run(
+        args(
+            shapes_root,
+            out,
+            "--train.max_steps=10",
+            "--train.save_every=3",
+            "--train.resume=latest",
+        )
+    )
+    assert not list(ckpt.glob(".tmp-*"))  # the stale half-save was cleaned up
+    a, b = weights(reference_run), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _wait_for_training(out: Path, proc, timeout=120):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        f = out / "metrics.jsonl"
+        if f.is_file() and '"train"' in f.read_text():
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise AssertionError("training did not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_and_exits_zero(shapes_root, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = run(args(shapes_root, out, "--train.max_steps=2000"), wait=False)
+    _wait_for_training(out, proc)
+    proc.send_signal(sig)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    assert "preempted" in output
+    tag = (out / "checkpoints" / "latest").read_text()
+    state = json.loads((out / "checkpoints" / tag / "trainer_state.json").read_text())
+    assert 0 < state["step"] < 2000 and tag == f"step{state['step']}"
+    assert not (out / "metrics.json").exists()  # not a finished run
+    p = run(
+        args(shapes_root, out, f"--train.max_steps={state['step'] + 2}", "--train.resume=latest")
+    )
+    assert f"at step {state['step']}" in p.stderr + p.stdout
+
+
+def test_a_signal_to_one_rank_stops_every_rank(shapes_root, tmp_path):
+    import psutil
+
+    out = tmp_path / "run"
+    proc = run(args(shapes_root, out, "--train.max_steps=2000"), ranks=2, wait=False)
+    _wait_for_training(out, proc)
+    rank1 = [
+        c
+        for c in psutil.Process(proc.pid).children(recursive=True)
+        if "--local_rank=1" in c.cmdline() and c.name() != "pt_data_worker"
+    ]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGUSR1)  # rank 0 is not signalled: it must learn from rank 1
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, output[-3000:]
+    tag = (out / "checkpoints" / "latest").read_text()
+    assert (out / "checkpoints" / tag / "rng_rank1.pt").is_file()
+
+
+def test_non_finite_steps_are_skipped_and_counted(shapes_root, tmp_path):
+    out = tmp_path / "run"
+    run(args(shapes_root, out, "--train.max_steps=6"), faults="nan_loss@2,nan_grad@4")
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["bad_steps_total"] == 2
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
+    logged = [
+        json.loads(x)["step"]
+        for x in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["kind"] == "train"
+    ]
+    assert logged == [1, 3, 5, 6]  # skipped steps log no loss
+
+
+def test_too_many_non_finite_steps_stop_with_the_last_checkpoint_intact(shapes_root, tmp_path):
+    out = tmp_path / "run"
+    p = run(
+        args(
+            shapes_root,
+            out,
+            "--train.max_steps=20",
+            "--train.save_every=2",
+            "--train.max_bad_steps=3",
+        ),
+        faults="nan_loss@5-20",
+        check=False,
+    )
+    assert p.returncode == 3
+    assert "3 non-finite steps in a row (last: step 7" in p.stderr
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step6"  # steps 5-6 skipped: weights still good
+    a = load_file(ckpt / "step6" / "adapter" / "adapter_model.safetensors")
+    b = load_file(ckpt / "step4" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in a.values())
+    assert all(torch.equal(a[k], b[k]) for k in a)  # skipped steps did not touch the weights
+
+
+def _evil_pickle(path: Path, marker: Path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"module": Evil()}, path)
+
+
+@pytest.fixture(scope="module")
+def finished(shapes_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(args(shapes_root, out, "--train.max_steps=2"))
+    return out
+
+
+@pytest.mark.parametrize(
+    "case, extra, needle",
+    [
+        (
+            "changed method",
+            ["--peft.method=single_lora"],
+            "cannot resume: peft.method was 'single_adapter', now 'single_lora'",
+        ),
+        ("changed batch", ["--data.batch_size=8"], "data.batch_size was 16, now 8"),
+        ("changed tasks", ["--data.tasks=vqa,gqa"], "data.tasks was"),
+        ("unsafe pickle", [], "is not a plain tensor checkpoint"),
+        ("dangling latest", [], "points at step99, which is missing"),
+        ("not a checkpoint", ["--train.resume=/nonexistent"], "is not a checkpoint folder"),
+        (
+            "adapter of another method",
+            ["--train.resume=", "--peft.method=single_lora", "--train.init_from={out}/adapter"],
+            "does not fit this model: missing",
+        ),
+    ],
+)
+def test_bad_checkpoints_fail_clearly_and_lose_nothing(finished, tmp_path, case, extra, needle):
+    out = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(finished, out)
+    marker = tmp_path / "pwned"
+    if case == "unsafe pickle":
+        _evil_pickle(out / "checkpoints" / "step2" / "mp_rank_00_model_states.pt", marker)
+    if case == "dangling latest":
+        (out / "checkpoints" / "latest").write_text("step99")
+    before = tree_digest(out)
+    extra = [e.format(out=out) for e in extra]
+    root = json.loads((out / "config.json").read_text())["data"]["root"]
+    p = run(args(root, out, "--train.max_steps=4", "--train.resume=latest", *extra), check=False)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert needle in p.stderr
+    assert not marker.exists()  # the pickle payload never ran
+    if case != "adapter of another method":
+        assert tree_digest(out) == before  # nothing on disk changed
+
+
+def test_resume_with_another_world_size_is_refused(finished, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    root = json.loads((out / "config.json").read_text())["data"]["root"]
+    p = run(args(root, out, "--train.max_steps=4", "--train.resume=latest"), ranks=2, check=False)
+    assert p.returncode != 0
+    assert "world size was 1, now 2" in p.stdout + p.stderr
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(finished, tmp_path):
+    out = tmp_path / "new"
+    root = json.loads((finished / "config.json").read_text())["data"]["root"]
+    run(
+        args(
+            root,
+            out,
+            "--train.max_steps=1",
+            f"--train.init_from={finished}/adapter",
+            "--train.lr=0",
+        )
+    )  # lr 0: the loaded weights come out unchanged
+    a, b = weights(finished), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,0 +1,56 @@
+"""Fault injection for the reliability tests: make a failure happen at a chosen step.
+
+Set VLDS_FAULTS to a comma list of `kind@step` (or `kind@first-last`):
+    nan_loss@5        the loss of step 5 is NaN
+    nan_grad@5-7      the loss is finite but its gradient is NaN at steps 5..7
+    kill_save@4       the process SIGKILLs itself inside the checkpoint save of step 4,
+                      after writing the files and before publishing them
+    kill@7            the process SIGKILLs itself as step 7 starts (a crash mid-epoch)
+Unset (always, outside tests) every function here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+_step = 0
+
+
+def _active(kind: str) -> bool:
+    for item in filter(None, os.environ.get("VLDS_FAULTS", "").split(",")):
+        name, _, steps = item.partition("@")
+        first, _, last = steps.partition("-")
+        if name == kind and int(first) <= _step <= int(last or first):
+            return True
+    return False
+
+
+def set_step(step: int) -> None:
+    global _step
+    _step = step
+
+
+class _NaNGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def corrupt_loss(loss: torch.Tensor) -> torch.Tensor:
+    if _active("nan_loss"):
+        return loss * float("nan")
+    if _active("nan_grad"):
+        return _NaNGrad.apply(loss)
+    return loss
+
+
+def maybe_kill(where: str) -> None:
+    if _active("kill_save" if where == "save" else "kill"):
+        os.kill(os.getpid(), signal.SIGKILL)

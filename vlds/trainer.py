@@ -1,0 +1,246 @@
+"""The training loop around one DeepSpeed engine: steps, evaluation, checkpoints, resume,
+preemption and non-finite guards. Built by vlds/train.py, which owns argument parsing and
+construction; this module owns the run's state (step, epoch, position in the epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from vlds import faults
+from vlds.checkpoint import (
+    check_compatible,
+    checkpoint_bytes,
+    resolve_resume,
+    save_adapter,
+    save_checkpoint,
+    set_rng_state,
+    verify_checkpoint,
+)
+from vlds.guard import NonFiniteGuard, Preemption
+
+log = logging.getLogger("vlds")
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}  # fmt: skip
+
+
+class RunLog:
+    """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere."""
+
+    def __init__(self, out_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def find_resume(cfg, world_size: int, is_main: bool) -> tuple[Path, str] | None:
+    """The checkpoint `train.resume` names, checked for compatibility and safety before the
+    run touches its folder (a refused resume leaves everything on disk as it was)."""
+    out_dir = Path(cfg.train.out_dir)
+    found = resolve_resume(cfg.train.resume, out_dir)
+    if found is None:
+        if cfg.train.resume == "latest" and is_main:
+            log.info("train.resume=latest: no checkpoint in %s yet, starting fresh",
+                     out_dir / "checkpoints")  # fmt: skip
+        return None
+    root, tag = found
+    state = json.loads((root / tag / "trainer_state.json").read_text())
+    check_compatible(state, cfg, world_size)
+    verify_checkpoint(root / tag)
+    return found
+
+
+class Trainer:
+    def __init__(self, cfg, engine, tower, data, tokenizer, info, device, total_steps,
+                 zero3=False, on_eval=None):  # fmt: skip
+        self.cfg, self.engine, self.tower, self.data = cfg, engine, tower, data
+        self.tokenizer, self.info, self.device = tokenizer, info, device
+        self.total_steps, self.zero3, self.on_eval = total_steps, zero3, on_eval
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.cfg_dict = cfg.to_dict()
+        self.step = self.epoch = self.step_in_epoch = 0
+        self.runlog = RunLog(self.out_dir, info.is_main)
+        self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
+        self.preemption = Preemption()
+        self._saved_at = -1
+        self._evaluated = None  # (step, metrics, predictions)
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "world_size": self.info.world_size, "bad_steps_total": self.guard.total,
+                "config": self.cfg_dict}  # fmt: skip
+
+    def checkpoint(self) -> None:
+        if self._saved_at == self.step:
+            return
+        self._saved_at = self.step
+        tag = f"step{self.step}"
+        path = save_checkpoint(self.engine, self.ckpt_dir, tag, self.state(), self.cfg_dict,
+                               self.info.is_main, self.cfg.train.keep_last)  # fmt: skip
+        if self.info.is_main:
+            n = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+            size = checkpoint_bytes(path)
+            self.runlog.write(
+                self.step,
+                "checkpoint",
+                {"bytes": size, "trainable_params": n, "bytes_per_param": size / max(1, n)},
+            )
+
+    def load(self, found: tuple[Path, str] | None) -> None:
+        """Continue from a checkpoint found (and checked) by `find_resume`."""
+        if found is None:
+            return
+        root, tag = found
+        _, client = self.engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+        self.step, self.epoch = client["step"], client["epoch"]
+        self.step_in_epoch = client["step_in_epoch"]
+        self.guard.total = client.get("bad_steps_total", 0)
+        rng_file = root / tag / f"rng_rank{self.info.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        if self.info.is_main:
+            log.info("resumed from %s at step %d (epoch %d, step %d of it)", root / tag,
+                     self.step, self.epoch, self.step_in_epoch)  # fmt: skip
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def evaluate(self):
+        from vlds.eval.loop import evaluate
+
+        if self._evaluated is not None and self._evaluated[0] == self.step:
+            return self._evaluated[1], self._evaluated[2]
+        metrics, preds = evaluate(self.engine.module, self.tower, self.data.eval_loaders(),
+                                  self.tokenizer, self.cfg, self.device, self.zero3)  # fmt: skip
+        scores = {t: m["score"] if isinstance(m, dict) else m for t, m in metrics.items()}
+        self.runlog.write(
+            self.step, "eval", {t if t == "average" else f"{t}/score": v for t, v in scores.items()}
+        )
+        if self.info.is_main:
+            log.info("step %d eval: %s", self.step,
+                     ", ".join(f"{t} {v:.1f}" for t, v in scores.items()))  # fmt: skip
+        self._evaluated = (self.step, metrics, preds)
+        if self.on_eval is not None:
+            self.on_eval(self.step, metrics, self.cfg)
+        return metrics, preds
+
+    # ---- steps ----------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> float | None:
+        """One micro-step; returns the loss, or None when the step was skipped."""
+        engine = self.engine
+        faults.set_step(self.step + 1)
+        faults.maybe_kill("step")
+        b = self.tower.visual_inputs(to_device(batch, self.device), self.cfg.model.max_frames)
+        loss = faults.corrupt_loss(engine(b))
+        if not self.guard.loss_is_finite(loss, self.device):
+            # no backward, no optimizer step: the weights and Adam moments stay as they were
+            self.guard.record(False, self.step + 1, "non-finite loss")
+            return None
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.backward(loss)
+        engine.step()
+        applied = not boundary or engine.was_step_applied()
+        self.guard.record(applied, self.step + 1, "non-finite gradient, update discarded")
+        return loss.item() if applied else None
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg, t0 = self.cfg, time.time()
+        self.engine.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main,
+                   desc="train", dynamic_ncols=True)  # fmt: skip
+        preempted = False
+        while self.step < self.total_steps and not preempted:
+            loader = self.data.train_loader(self.epoch, skip_steps=self.step_in_epoch)
+            for batch in loader:
+                loss = self.train_step(batch)
+                self.step += 1
+                self.step_in_epoch += 1
+                bar.update(1)
+                if loss is not None and (self.step % cfg.train.log_every == 0
+                                         or self.step == self.total_steps):  # fmt: skip
+                    bar.set_postfix(loss=f"{loss:.3f}", task=batch["task"])
+                    self.runlog.write(self.step, "train", {
+                        "loss": loss, f"loss/{batch['task']}": loss,
+                        "lr": self.engine.get_lr()[0], "elapsed_s": time.time() - t0,
+                        "bad_steps_total": self.guard.total})  # fmt: skip
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate()
+                if cfg.train.save_every and self.step % cfg.train.save_every == 0:
+                    self.checkpoint()
+                if self.preemption.requested(self.device):
+                    preempted = True
+                    break
+                if self.step >= self.total_steps:
+                    break
+            else:  # the epoch ran to its end
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                if not cfg.eval.every:
+                    self.evaluate()
+                if not cfg.train.save_every:
+                    self.checkpoint()
+        bar.close()
+        if preempted:
+            self.checkpoint()
+            if self.info.is_main:
+                log.info(
+                    "preempted (signal %s): saved step %d; resume with --train.resume=latest",
+                    self.preemption.received,
+                    self.step,
+                )
+            return {"step": self.step, "preempted": True}
+        return self.finish(time.time() - t0)
+
+    def finish(self, train_time: float) -> dict:
+        metrics, preds = self.evaluate()
+        self.checkpoint()
+        save_adapter(self.engine.module, self.cfg_dict, self.out_dir / "adapter",
+                     self.info.is_main)  # fmt: skip
+        result = {"step": self.step, "train_time_s": round(train_time, 1), "metrics": metrics,
+                  "bad_steps_total": self.guard.total,
+                  "majority_baseline": self.data.majority_baselines()}  # fmt: skip
+        if self.info.is_main:
+            (self.out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+            from vlds.eval.submission import write_predictions
+
+            for t, rows in preds.items():  # the official submission formats
+                write_predictions(t, rows, self.out_dir)
+            from vlds.report import plot_run
+
+            plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
+            for t, base in result["majority_baseline"].items():
+                log.info("%s: score %.1f vs majority-answer baseline %.1f", t,
+                         metrics[t]["score"], base)  # fmt: skip
+            log.info("done: %d steps in %.0f s; outputs in %s", self.step, train_time,
+                     self.out_dir)  # fmt: skip
+        self.runlog.close()
+        if dist.is_initialized():
+            dist.barrier()
+        return result
