@@ -30,7 +30,9 @@ def uneven_root(tmp_path_factory):
     return root
 
 
-def _stream(root, tokenizer, rank=0, world=1, epoch=0, skip=0, bs=4, tasks=("vqa", "gqa")):
+def _stream(
+    root, tokenizer, rank=0, world=1, epoch=0, skip=0, bs=4, tasks=("vqa", "gqa"), split="shard"
+):
     idx = {t: load_index(root, t, "train") for t in tasks}
     return TrainStream(
         idx,
@@ -43,6 +45,7 @@ def _stream(root, tokenizer, rank=0, world=1, epoch=0, skip=0, bs=4, tasks=("vqa
         epoch=epoch,
         shuffle_buffer=8,
         skip_steps=skip,
+        split=split,
     )
 
 
@@ -145,3 +148,13 @@ def test_task_batch_scale():
     assert task_batch_sizes(["vqa", "gqa"], 60, "gqa=1.67") == {"vqa": 60, "gqa": 100}
     with pytest.raises(DataError, match="names 'nlvr'"):
         task_batch_sizes(["vqa"], 60, "nlvr=0.5")
+
+
+def test_global_split_makes_batches_independent_of_the_world_size(uneven_root, tokenizer):
+    one = _ids(_stream(uneven_root, tokenizer, world=1, bs=8, split="global"))
+    two = [
+        _ids(_stream(uneven_root, tokenizer, rank=r, world=2, bs=4, split="global")) for r in (0, 1)
+    ]
+    assert len(two[0]) == len(two[1]) == len(one)
+    for (t1, ids1), (t0, a), (_, b) in zip(one, two[0], two[1], strict=True):
+        assert t1 == t0 and ids1 == a + b  # rank 0 holds the first half, rank 1 the second

@@ -59,6 +59,7 @@ class DataBuilder:
             epoch=epoch,
             shuffle_buffer=self.cfg.data.shuffle_buffer,
             skip_steps=skip_steps,
+            split=self.cfg.data.split,
         )
 
     def steps_per_epoch(self) -> int:

@@ -310,8 +310,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         epoch,
         shuffle_buffer,
         skip_steps=0,
+        split="shard",
     ):
         super().__init__()
+        if split not in ("shard", "global"):
+            raise DataError(f"data.split={split!r}; valid: shard, global")
+        self.split = split
         self.indexes, self.sizes = indexes, sizes
         self.preprocess, self.collate = preprocess, collate
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, epoch
@@ -325,6 +329,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         slot, slots = self.rank * nw + w, self.world * nw
+        # "global": every reader walks the same sample stream and takes its slice of each global
+        # batch, so the global batch does not depend on the world size (more reading, exact
+        # 1-rank / N-rank equivalence); "shard": each reader has its own shards (less I/O).
+        glob = self.split == "global"
+        if glob:
+            slot, slots = 0, 1
         errors = SkipCounter()
         streams = {}
         for t, idx in self.indexes.items():
@@ -332,9 +342,14 @@ class TrainStream(torch.utils.data.IterableDataset):
             raw = slot_stream(idx, self.seed, self.epoch, slot, slots, errors)
             streams[t] = shuffled(raw, self.shuffle_buffer, rng)
         for i, task in enumerate(self.schedule):
+            b = self.sizes[task]
+            if glob:  # every step's global batch is consumed by every reader
+                raw = [next(streams[task]) for _ in range(b * self.world)]
+                raw = raw[self.rank * b : (self.rank + 1) * b]
             if i % nw != w:
                 continue
-            raw = [next(streams[task]) for _ in range(self.sizes[task])]
+            if not glob:
+                raw = [next(streams[task]) for _ in range(b)]
             if i < self.skip_steps:
                 continue  # resume: consume the same raw samples, skip the decoding
             samples = []
@@ -343,7 +358,9 @@ class TrainStream(torch.utils.data.IterableDataset):
                     samples.append(self.preprocess(s))
                 except Exception as e:  # undecodable sample: skip and count, keep the step
                     errors(e)
-            while len(samples) < self.sizes[task]:  # refill so the batch shape stays fixed
+            # refill so the batch shape stays fixed (in "global" mode only an empty batch is
+            # refilled: refilling from the shared stream would shift every later batch)
+            while len(samples) < (1 if glob else b):
                 try:
                     samples.append(self.preprocess(next(streams[task])))
                 except Exception as e:
