@@ -85,6 +85,9 @@ class DataConfig:
     max_text_len: int = 40  # encoder text tokens (video tasks use up to 600 in the reference)
     max_target_len: int = 20
     mixing: str = "proportional"  # reference: tasks drawn in proportion to their batch counts
+    # "shard": each rank/worker reads its own shards (least I/O); "global": all read the same
+    # stream and slice each global batch, so results do not depend on the number of ranks
+    split: str = "shard"
 
 
 @dataclass
@@ -394,10 +397,15 @@ def validate(cfg: Config) -> None:
         )
     check_reduction_factor(cfg.peft.reduction_factor, cfg.model.d_model)
     METHODS[cfg.peft.method](cfg.peft, tasks).check(cfg.model.d_model, cfg.model.arch)
+    from vlds.kernels import check_mode
+
+    check_mode(cfg.peft.fused_kernel)
     if cfg.data.batch_size < 1 or cfg.eval.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("data.batch_size, eval.batch_size and train.grad_accum must be >= 1")
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}; valid: auto, bf16, fp32")
+    if cfg.data.split not in ("shard", "global"):
+        raise ConfigError(f"data.split={cfg.data.split!r}; valid: shard, global")
     if cfg.data.mixing != "proportional":
         raise ConfigError(f"data.mixing={cfg.data.mixing!r}; valid: proportional")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:

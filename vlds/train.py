@@ -178,6 +178,14 @@ def main(argv: list[str] | None = None, on_eval=None) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(opt_steps, int(cfg.train.warmup_ratio * opt_steps))
     )
+    if zero3:
+        # The fused adapter path reads its modules' weights directly: ZeRO-3 must gather a
+        # whole adapter module at once (no-op for methods without adapters).
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from vlds.peft.adapter import zero3_leaf_classes
+
+        set_z3_leaf_modules(model, zero3_leaf_classes(), raise_if_not_found=False)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )

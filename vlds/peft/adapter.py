@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vlds.kernels import adapter_forward, check_mode, use_fused
 from vlds.peft.inject import per_task, sublayer_sites, transform_output
 from vlds.peft.registry import Method, register
 
@@ -28,38 +29,61 @@ def linear(d_in: int, d_out: int) -> nn.Module:
     return _init(nn.Linear(d_in, d_out))
 
 
+def bottleneck_adapter(h: torch.Tensor, down: nn.Module, up: nn.Module, fused: str):
+    """h + up(gelu_new(down(h))): h (B, T, d) -> (B, T, d); gelu_new is the tanh approximation.
+
+    nn.Linear projections take the fused Triton kernel when `fused` (peft.fused_kernel) allows
+    it for this tensor; that path reads their weights directly, so under ZeRO-3 these modules
+    must be leaves (`zero3_leaf_classes`). Otherwise, and for PHM layers (Compacter), the child
+    modules are called as before.
+    """
+    if (
+        isinstance(down, nn.Linear)
+        and isinstance(up, nn.Linear)
+        and use_fused(h, fused, down.out_features)
+    ):
+        return adapter_forward(h, down.weight, down.bias, up.weight, up.bias, mode="on")
+    return h + up(F.gelu(down(h), approximate="tanh"))
+
+
 class Adapter(nn.Module):
     """`make_linear(d_in, d_out)` builds the projections: nn.Linear here, PHM for Compacter."""
 
-    def __init__(self, d_model: int, bottleneck: int, make_linear=linear):
+    def __init__(self, d_model: int, bottleneck: int, make_linear=linear, fused_kernel="auto"):
         super().__init__()
+        check_mode(fused_kernel)
+        self.fused_kernel = fused_kernel
         self.down = make_linear(d_model, bottleneck)
         self.up = make_linear(bottleneck, d_model)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        # h (B, T, d) -> (B, T, d); gelu_new is the tanh approximation
-        return h + self.up(F.gelu(self.down(h), approximate="tanh"))
+        return bottleneck_adapter(h, self.down, self.up, self.fused_kernel)
 
 
 class TaskAdapters(nn.Module):
     """Adapters of one site, one per task (or per-task downs and a shared up), routed by the
     task id of each sample."""
 
-    def __init__(self, d_model, bottleneck, n_tasks, router, share_up=False, make_linear=linear):
+    def __init__(
+        self, d_model, bottleneck, n_tasks, router, share_up=False, make_linear=linear,
+        fused_kernel="auto",
+    ):  # fmt: skip
         super().__init__()
+        check_mode(fused_kernel)
         self.router = router
+        self.fused_kernel = fused_kernel
         if share_up:
             self.down = nn.ModuleList(make_linear(d_model, bottleneck) for _ in range(n_tasks))
             self.up = make_linear(bottleneck, d_model)
         else:
             self.adapters = nn.ModuleList(
-                Adapter(d_model, bottleneck, make_linear) for _ in range(n_tasks)
+                Adapter(d_model, bottleneck, make_linear, fused_kernel) for _ in range(n_tasks)
             )
 
     def _one(self, t: int, h: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "adapters"):
             return self.adapters[t](h)
-        return h + self.up(F.gelu(self.down[t](h), approximate="tanh"))
+        return bottleneck_adapter(h, self.down[t], self.up, self.fused_kernel)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return per_task(h, self.router.ids_for(h.shape[0]), self._one)
@@ -73,7 +97,9 @@ class SingleAdapter(Method):
     def inject(self, model: nn.Module) -> None:
         d = model.d_model
         for site in sublayer_sites(model.lm, model.arch):
-            model.peft[site.key] = Adapter(d, self.bottleneck(d), self.make_linear)
+            model.peft[site.key] = Adapter(
+                d, self.bottleneck(d), self.make_linear, self.cfg.fused_kernel
+            )
             transform_output(site.module, model.peft[site.key])
 
 
@@ -86,11 +112,20 @@ class MultipleAdapters(SingleAdapter):
         d, n = model.d_model, len(self.tasks)
         for site in sublayer_sites(model.lm, model.arch):
             model.peft[site.key] = TaskAdapters(
-                d, self.bottleneck(d), n, model.router, self.share_up, self.make_linear
-            )
+                d, self.bottleneck(d), n, model.router, self.share_up, self.make_linear,
+                self.cfg.fused_kernel,
+            )  # fmt: skip
             transform_output(site.module, model.peft[site.key])
 
 
 @register("half_shared_adapter")
 class HalfSharedAdapter(MultipleAdapters):
     share_up = True
+
+
+def zero3_leaf_classes() -> list[type[nn.Module]]:
+    """Modules whose forward reads child weights directly (the fused kernel path): ZeRO-3 must
+    gather all their parameters at the module's own hook, not per child. In vlds/train.py:
+    `deepspeed.utils.set_z3_leaf_modules(model, zero3_leaf_classes(), raise_if_not_found=False)`.
+    (HyperSite needs nothing: it calls the hypernetwork modules, which ZeRO-3 hooks as usual.)"""
+    return [Adapter, TaskAdapters]

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from vlds.kernels import adapter_forward, check_mode
 from vlds.peft.inject import per_task, sublayer_sites, transform_output
 from vlds.peft.registry import Method, register
 
@@ -69,16 +69,21 @@ class HyperSite(nn.Module):
     """Applies the generated adapter of (task, layer, kind) at one site. Holds no parameters:
     the shared modules are referenced, not registered, so they are saved once."""
 
-    def __init__(self, hyper: HyperNet, task_embed: nn.Embedding, router, layer: int, kind: str):
+    def __init__(
+        self, hyper: HyperNet, task_embed: nn.Embedding, router, layer: int, kind: str,
+        fused_kernel: str = "auto",
+    ):  # fmt: skip
         super().__init__()
+        check_mode(fused_kernel)
         object.__setattr__(self, "_refs", (hyper, task_embed, router))
-        self.layer, self.kind = layer, kind
+        self.layer, self.kind, self.fused_kernel = layer, kind, fused_kernel
 
     def _one(self, t: int, h: torch.Tensor) -> torch.Tensor:
         hyper, task_embed, _ = self._refs
         task_vec = task_embed(torch.tensor([t], device=h.device))  # (1, task_dim)
-        wd, bd, wu, bu = (x.to(h.dtype) for x in hyper(task_vec, self.layer, self.kind))
-        return h + F.linear(F.gelu(F.linear(h, wd, bd), approximate="tanh"), wu, bu)
+        wd, bd, wu, bu = hyper(task_vec, self.layer, self.kind)  # (b, d), (b,), (d, b), (d,)
+        # cast to h's dtype inside (both paths); h (B, T, d) -> (B, T, d)
+        return adapter_forward(h, wd, bd, wu, bu, mode=self.fused_kernel)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return per_task(h, self._refs[2].ids_for(h.shape[0]), self._one)
@@ -100,6 +105,6 @@ class Hyperformer(Method):
             for s in mine:
                 model.peft[s.key] = HyperSite(
                     model.peft[f"hyper_{side}"], model.peft["task_embed"], model.router,
-                    s.layer, s.kind,
+                    s.layer, s.kind, self.cfg.fused_kernel,
                 )  # fmt: skip
                 transform_output(s.module, model.peft[s.key])
