@@ -82,59 +82,45 @@ def reference_run(shapes_root, tmp_path_factory):
     return out
 
 
+def crash_then_resume(root, out, faults, published, after_crash=lambda: None):
+    """A run of 10 steps (checkpoints every 3) that SIGKILLs itself as `faults` says, then
+    `--train.resume=latest`; `published` is the checkpoint `latest` names after the crash."""
+    steps = ["--train.max_steps=10", "--train.save_every=3"]
+    p = run(args(root, out, *steps), faults=faults, check=False)
+    assert p.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "latest").read_text() == published
+    after_crash()
+    run(args(root, out, *steps, "--train.resume=latest"))
+
+
+def losses(out):
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}  # last write wins
+
+
 def test_sigkill_mid_epoch_then_resume_is_exact(shapes_root, tmp_path, reference_run):
     out = tmp_path / "run"
-    p = run(
-        args(shapes_root, out, "--train.max_steps=10", "--train.save_every=3"),
-        faults="kill@8",
-        check=False,
-    )
-    assert p.returncode == -signal.SIGKILL
-    assert (out / "checkpoints" / "latest").read_text() == "step6"
-    run(
-        args(
-            shapes_root,
-            out,
-            "--train.max_steps=10",
-            "--train.save_every=3",
-            "--train.resume=latest",
-        )
-    )
+    crash_then_resume(shapes_root, out, "kill@8", published="step6")
     a, b = weights(reference_run), weights(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted"
-
     # the same data order: every step's loss is the same as in the uninterrupted run
-    def losses(o):
-        rows = [json.loads(x) for x in (o / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}  # last write wins
-
     assert losses(out) == losses(reference_run)
 
 
 def test_a_kill_during_save_leaves_the_previous_checkpoint(shapes_root, tmp_path, reference_run):
     out = tmp_path / "run"
-    p = run(
-        args(shapes_root, out, "--train.max_steps=10", "--train.save_every=3"),
-        faults="kill_save@6",
-        check=False,
-    )
-    assert p.returncode == -signal.SIGKILL
     ckpt = out / "checkpoints"
-    assert (ckpt / "latest").read_text() == "step3"  # the pointer never moved
-    assert (ckpt / ".tmp-step6").is_dir() and not (ckpt / "step6").exists()
-    run(
-        args(
-            shapes_root,
-            out,
-            "--train.max_steps=10",
-            "--train.save_every=3",
-            "--train.resume=latest",
-        )
-    )
-    assert not list(ckpt.glob(".tmp-*"))  # the stale half-save was cleaned up
+
+    def half_written():  # the save of step 6 wrote its files but never published them
+        assert (ckpt / ".tmp-step6" / "mp_rank_00_model_states.pt").is_file()
+        assert not (ckpt / "step6").exists()
+
+    crash_then_resume(shapes_root, out, "kill_save@6", published="step3", after_crash=half_written)
+    assert not list(ckpt.glob(".tmp-*"))  # the stale half-save was cleaned up by the resume
     a, b = weights(reference_run), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(out) == losses(reference_run)
 
 
 def _wait_for_training(out: Path, proc, timeout=120):

@@ -14,18 +14,11 @@ import torch.distributed as dist
 
 from vlds.data.tasks import get_task
 from vlds.eval.metrics import METRICS
+from vlds.guard import any_rank
 
 
 def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _any_rank(flag: bool, device) -> bool:
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 @torch.no_grad()
@@ -40,7 +33,7 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
         batch = next(it, None)
         # ZeRO-3 generation is collective: ranks that ran out keep stepping on a dummy batch
         # (results dropped) until every rank is done.
-        if not _any_rank(batch is not None, device):
+        if not any_rank(batch is not None, device):
             break
         real = batch is not None
         batch = batch if real else last
