@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 import tarfile
 
 import pytest
@@ -31,7 +32,16 @@ def uneven_root(tmp_path_factory):
 
 
 def _stream(
-    root, tokenizer, rank=0, world=1, epoch=0, skip=0, bs=4, tasks=("vqa", "gqa"), split="shard"
+    root,
+    tokenizer,
+    rank=0,
+    world=1,
+    epoch=0,
+    skip=0,
+    bs=4,
+    tasks=("vqa", "gqa"),
+    split="shard",
+    max_bad=1.0,
 ):
     idx = {t: load_index(root, t, "train") for t in tasks}
     return TrainStream(
@@ -46,6 +56,7 @@ def _stream(
         shuffle_buffer=8,
         skip_steps=skip,
         split=split,
+        max_bad_fraction=max_bad,
     )
 
 
@@ -158,3 +169,150 @@ def test_global_split_makes_batches_independent_of_the_world_size(uneven_root, t
     assert len(two[0]) == len(two[1]) == len(one)
     for (t1, ids1), (t0, a), (_, b) in zip(one, two[0], two[1], strict=True):
         assert t1 == t0 and ids1 == a + b  # rank 0 holds the first half, rank 1 the second
+
+
+# ---- resume across an epoch boundary, with workers ----------------------------------------
+
+
+def _steps(root, tokenizer, n, start=(0, 0), workers=2):
+    """The ids of n steps from (epoch, step in epoch), iterating as the trainer does: one
+    loader per epoch, resumed mid-epoch with skip_steps. Returns (ids, position after)."""
+    out, (epoch, k) = [], start
+    while len(out) < n:
+        loader = torch.utils.data.DataLoader(
+            _stream(root, tokenizer, epoch=epoch, skip=k), batch_size=None, num_workers=workers
+        )
+        for b in loader:
+            out.append((b["task"], tuple(b["ids"])))
+            k += 1
+            if len(out) == n:
+                break
+        else:
+            epoch, k = epoch + 1, 0
+    return out, (epoch, k)
+
+
+def test_resume_mid_epoch_replays_across_the_epoch_boundary(uneven_root, tokenizer):
+    per_epoch = len(_stream(uneven_root, tokenizer))  # 12 vqa + 7 gqa steps
+    n = 30  # the first half ends mid epoch 0, the second crosses into epoch 1
+    full, _ = _steps(uneven_root, tokenizer, n)
+    first, pos = _steps(uneven_root, tokenizer, n // 2)
+    assert pos == (0, n // 2) and n // 2 < per_epoch < n
+    second, end = _steps(uneven_root, tokenizer, n - n // 2, start=pos)
+    assert end == (1, n - per_epoch) and first + second == full
+
+
+# ---- bad data: skipped, counted, and fatal above data.max_bad_fraction --------------------
+
+
+def _rewrite(shard, change):
+    """Rewrite a tar member by member: change(name, data) -> (name, data) or None to drop."""
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members:
+            new = change(name, data)
+            if new is not None:
+                info = tarfile.TarInfo(new[0])
+                info.size = len(new[1])
+                tar.addfile(info, io.BytesIO(new[1]))
+
+
+def test_bad_samples_of_every_kind_are_skipped_and_counted(tmp_path, tokenizer):
+    from vlds.data.stream import SkipCounter, _raw_samples
+
+    write_task_split(tmp_path, "vqa", "train", 24, SyntheticSpec(samples_per_shard=12))
+    write_task_split(tmp_path, "tvqa", "train", 8, SyntheticSpec(samples_per_shard=8))
+
+    def corrupt(name, data):
+        if name.startswith("vqa-train-0000001.json"):  # a record missing a field
+            rec = json.loads(data)
+            del rec["question"]
+            return name, json.dumps(rec).encode()
+        if name.startswith("vqa-train-0000002."):  # a member escaping the dataset root
+            return "../" + name, data
+        return name, data
+
+    _rewrite(tmp_path / "vqa" / "train-00000.tar", corrupt)
+    second = tmp_path / "vqa" / "train-00001.tar"
+    second.write_bytes(second.read_bytes()[: 8 * 1024])  # truncated mid-sample
+    _rewrite(
+        tmp_path / "tvqa" / "train-00000.tar",
+        lambda n, d: (
+            (n, b"garbage") if n.startswith("tvqa-train-0000003.") and "frames" in n else (n, d)
+        ),
+    )
+    counter = SkipCounter()
+    keys = [s["__key__"] for s in _raw_samples(str(second), counter, 12)]
+    assert 0 < len(keys) < 12 and counter.count >= 12 - len(keys)  # the rest is kept
+    batches = _ids(_stream(tmp_path, tokenizer, tasks=("vqa", "tvqa")))
+    seen = {i for _, ids in batches for i in ids}
+    assert all(len(ids) == 4 for _, ids in batches)  # refilled: fixed batch shape
+    assert not seen & {"vqa-train-0000001", "vqa-train-0000002", "tvqa-train-0000003"}
+    assert {t for t, _ in batches} == {"vqa", "tvqa"}
+
+
+def test_too_many_bad_samples_stop_with_the_shard_names(tmp_path, tokenizer):
+    from vlds.data.build import _Loader
+
+    write_task_split(tmp_path, "vqa", "train", 48, SyntheticSpec(samples_per_shard=24))
+    bad = tmp_path / "vqa" / "train-00001.tar"
+    _rewrite(bad, lambda n, d: (n, b"not a png") if n.endswith(".png") else (n, d))
+    tolerant = _stream(tmp_path, tokenizer, tasks=("vqa",), bs=4, max_bad=1.0)
+    assert len(_ids(tolerant)) == 12  # 1.0: never stops
+    strict = TrainStream(
+        {"vqa": load_index(tmp_path, "vqa", "train")}, {"vqa": 4},
+        Preprocess(96, CLIP_MEAN, CLIP_STD), Collator(tokenizer, ["vqa"], 40, 20),
+        rank=0, world=1, seed=0, epoch=0, shuffle_buffer=8, max_bad_fraction=0.2,
+    )  # fmt: skip
+    with pytest.raises(DataError, match=r"data.max_bad_fraction=0.2.*train-00001.tar \(\d+\)"):
+        list(strict)
+    # raised in a DataLoader worker, it still reaches the user as its own one-line message
+    loader = _Loader(torch.utils.data.DataLoader(strict, batch_size=None, num_workers=1))
+    with pytest.raises(DataError) as e:
+        list(loader)
+    assert re.match(r"\d+ of \d+ samples read were bad", str(e.value)), str(e.value)
+    assert "Traceback" not in str(e.value) and "train-00001.tar" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+def test_tar_reader_agrees_with_webdataset(tmp_path, fmt, mode):
+    import webdataset as wds
+
+    from vlds.data.stream import SkipCounter, _raw_samples
+
+    deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: ustar prefix, GNU/pax long names
+    members = [("a.json", b"{}"), ("a.png", b"x" * 700), ("a.notes.txt", b"skipped"),
+               (f"{deep}/b.json", b'{"k": 1}'), (f"{deep}/b.img0.jpg", b"y" * 513),
+               ("caf\u00e9.json", b"{}"), ("c.frames.npy", b"z" * 512)]  # fmt: skip
+    path = tmp_path / "shard.tar"
+    with tarfile.open(path, mode, format=fmt) as tar:
+        tar.addfile(tarfile.TarInfo("folder"), None)  # a directory-less entry of size 0
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    errors = SkipCounter()
+    ours = [{k: v for k, v in s.items() if k != "__url__"} for s in _raw_samples(str(path), errors)]
+    theirs = [
+        {k: v for k, v in s.items() if k in ("__key__", "json", "png", "img0.jpg")}
+        for s in wds.tariterators.tarfile_samples([{"url": str(path)}])
+        if "json" in s
+    ]
+    assert ours == theirs and len(ours) == 3 and errors.count == 1  # c: no json
+
+
+def test_tar_reader_stops_at_a_corrupt_header(tmp_path):
+    from vlds.data.stream import SkipCounter, _raw_samples
+
+    write_task_split(tmp_path, "vqa", "train", 4, SyntheticSpec(samples_per_shard=4))
+    shard = tmp_path / "vqa" / "train-00000.tar"
+    data = bytearray(shard.read_bytes())
+    second = data.index(b"vqa-train-0000002.json")  # that member's header
+    data[second + 5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    errors = SkipCounter()
+    keys = [s["__key__"] for s in _raw_samples(str(shard), errors, 4)]
+    assert keys == ["vqa-train-0000000", "vqa-train-0000001"]
+    assert errors.count == 1 + 2  # the corrupt header, then samples 2 and 3 missing

@@ -246,7 +246,7 @@ def resolve_resume(resume: str, out_dir: Path) -> tuple[Path, str] | None:
 
 
 def check_compatible(state: dict, cfg, world_size: int) -> None:
-    """A resume must use the same model, method, tasks, world size and batch sizes."""
+    """A resume must use the same model, method, tasks, data order, world size and batches."""
     old = state.get("config", {})
     problems = []
     for section, key in (
@@ -258,6 +258,10 @@ def check_compatible(state: dict, cfg, world_size: int) -> None:
         ("data", "tasks"),
         ("data", "batch_size"),
         ("train", "grad_accum"),
+        ("data", "split"),  # the data order: a resume must replay the same stream
+        ("data", "mixing"),
+        ("data", "mixing_weights"),
+        ("data", "mixing_temperature"),
     ):
         was, now = old.get(section, {}).get(key), getattr(getattr(cfg, section), key)
         if was is not None and was != now:

@@ -84,10 +84,24 @@ class DataConfig:
     shuffle_buffer: int = 256
     max_text_len: int = 40  # encoder text tokens (video tasks use up to 600 in the reference)
     max_target_len: int = 20
-    mixing: str = "proportional"  # reference: tasks drawn in proportion to their batch counts
+    # Steps per task in an epoch: "proportional" to its batch count (the reference),
+    # "weights" (data.mixing_weights, e.g. "vqa=2,gqa=1,nlvr=1,caption=1": every task), or
+    # "temperature" (batch counts ^ (1 / data.mixing_temperature); 1 = proportional, large =
+    # uniform). The epoch keeps the proportional number of steps; small tasks repeat.
+    mixing: str = "proportional"
+    mixing_weights: str = ""
+    mixing_temperature: float = 2.0
     # "shard": each rank/worker reads its own shards (least I/O); "global": all read the same
     # stream and slice each global batch, so results do not depend on the number of ranks
     split: str = "shard"
+    # Cached CLIP features (python -m vlds.data.extract): "auto" = use feats.npy where the
+    # shards have it, "true" = require feature shards, "false" = pixels only.
+    features: str = "auto"
+    # JPEG decoding in PIL's draft mode (DCT-domain downscale, 2-3x faster); false = full decode
+    jpeg_draft: bool = True
+    # Bad samples (undecodable, missing fields, truncated tars) are skipped and counted; above
+    # this fraction of a reader's samples the run stops naming the shards (1.0 = never stop).
+    max_bad_fraction: float = 0.01
 
 
 @dataclass
@@ -406,10 +420,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision={cfg.train.precision!r}; valid: auto, bf16, fp32")
     if cfg.data.split not in ("shard", "global"):
         raise ConfigError(f"data.split={cfg.data.split!r}; valid: shard, global")
-    if cfg.data.mixing != "proportional":
-        raise ConfigError(f"data.mixing={cfg.data.mixing!r}; valid: proportional")
+    check_data(cfg)
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError("train.warmup_ratio must be in [0, 1)")
+
+
+def check_data(cfg: Config) -> None:
+    """The data section's values: mixing, its weights, feature mode, bad-data threshold."""
+    from vlds.data.stream import FEATURE_MODES, MIXING, DataError, parse_mixing_weights
+
+    d = cfg.data
+    if d.mixing not in MIXING:
+        raise ConfigError(f"data.mixing={d.mixing!r}; valid: {', '.join(MIXING)}")
+    if d.mixing == "weights":
+        try:
+            parse_mixing_weights(d.mixing_weights, cfg.task_list)
+        except DataError as e:
+            raise ConfigError(str(e)) from None
+    elif d.mixing_weights:
+        raise ConfigError(
+            f"data.mixing_weights is set but data.mixing={d.mixing!r}; add --data.mixing=weights"
+        )
+    if d.mixing == "temperature" and not d.mixing_temperature > 0:
+        raise ConfigError(f"data.mixing_temperature={d.mixing_temperature} must be > 0 (e.g. 2)")
+    if d.features not in FEATURE_MODES:
+        raise ConfigError(f"data.features={d.features!r}; valid: {', '.join(FEATURE_MODES)}")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
 
 
 def check_reduction_factor(r: int, d_model: int) -> None:

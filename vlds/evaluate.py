@@ -81,10 +81,10 @@ def evaluate_checkpoint(
 
     from vlds.checkpoint import ADAPTER_CONFIG, load_adapter
     from vlds.config import ConfigError, config_from_dict
-    from vlds.data.stream import Collator, EvalStream, Preprocess, load_index
+    from vlds.data.build import preprocess_and_collate
+    from vlds.data.stream import EvalStream, load_index
     from vlds.eval.loop import evaluate
     from vlds.model.build import build_model, build_tokenizer, build_tower
-    from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
     adapter = _adapter_dir(Path(checkpoint))
     cfg = config_from_dict(json.loads((adapter / ADAPTER_CONFIG).read_text())["config"])
@@ -113,9 +113,9 @@ def evaluate_checkpoint(
     model.to(device, dtype)
     tower.to(device, dtype)
 
-    preprocess = Preprocess(tower.image_size, CLIP_MEAN, CLIP_STD)
-    # Task ids come from the trained task list, so per-task modules route as in training.
-    collate = Collator(tokenizer, cfg.task_list, cfg.data.max_text_len, cfg.data.max_target_len)
+    # Decoding and batching as in training; task ids come from the trained task list, so
+    # per-task modules route as in training.
+    preprocess, collate = preprocess_and_collate(cfg, tokenizer, tower.image_size)
     loaders = {
         t: torch.utils.data.DataLoader(
             EvalStream(

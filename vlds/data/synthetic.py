@@ -41,11 +41,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlds.data.shardio import SCHEMA_VERSION, shard_url, write_index, write_sample
 from vlds.data.tasks import ALL_TASKS, IMAGE_TASKS, TASKS, get_task, majority_answer
 
 # Part of the cache hash: bump it whenever the same spec would produce different bytes.
 GENERATOR_VERSION = 1
-SCHEMA_VERSION = 2  # 2: video frames gzip-compressed (frames.npy.gz)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles",
@@ -607,12 +607,6 @@ def make_sample(task: str, split: str, i: int, spec: SyntheticSpec, render: bool
     return sample
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)  # mtime, uid and owner fixed at 0/"" so tars are byte-identical
-    info.size, info.mode = len(data), 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
 def _write_shard(job: tuple) -> int:
     root, task, split, shard, start, stop, spec = job
     # Plain tarfile in webdataset's layout ({key}.{ext}, exts sorted): importing webdataset pulls
@@ -624,8 +618,7 @@ def _write_shard(job: tuple) -> int:
             sample = make_sample(task, split, i, spec)
             key = sample.pop("__key__")
             sample["json"] = json.dumps(sample["json"]).encode()
-            for ext in sorted(sample):
-                _add(tar, f"{key}.{ext}", sample[ext])
+            write_sample(tar, key, sample)
     return stop - start
 
 
@@ -642,11 +635,8 @@ def _shard_jobs(root: Path, task: str, split: str, n: int, spec: SyntheticSpec) 
 
 
 def _write_index(root: Path, task: str, split: str, jobs: list[tuple]) -> dict:
-    shards = [{"url": f"{split}-{j[3]:05d}.tar", "samples": j[5] - j[4]} for j in jobs]
-    index = {"task": task, "split": split, "total": sum(s["samples"] for s in shards),
-             "schema_version": SCHEMA_VERSION, "shards": shards}  # fmt: skip
-    (Path(root) / task / f"{split}.index.json").write_text(json.dumps(index, indent=1) + "\n")
-    return index
+    shards = [{"url": shard_url(split, j[3]), "samples": j[5] - j[4]} for j in jobs]
+    return write_index(Path(root) / task, task, split, shards)
 
 
 def write_task_split(root: Path, task: str, split: str, n: int, spec: SyntheticSpec) -> dict:
