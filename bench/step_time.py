@@ -17,6 +17,12 @@ subprocess (`--worker METHOD`), so one configuration's allocations cannot leak i
 peak. Memory: CUDA reports torch.cuda.max_memory_allocated; CPU reports the worker's peak RSS
 and the peak increase over the RSS measured after imports (torch, DeepSpeed, transformers:
 identical for every method), which is what the adapter/full memory ratio is taken on.
+
+The workers are alive together and step in turn (A, B, then B, A, ...), never at the same
+time: on a shared machine the speed of the cores drifts over minutes, and running the methods
+one after the other would put that drift into the ratio. On CPU each step also records the
+share of the machine's CPU time other processes took meanwhile (from /proc/stat); the script
+warns when it exceeds 5%, because such steps run several times slower.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ TARGETS = {"time": 0.7, "memory": 0.5}  # adapter / full fine-tuning, at the sam
 BASELINE = "full_finetune"
 GRID = 6  # CLIP RN101 layer4 grid max-pooled to 6 x 6 = 36 visual tokens (model.grid_pool)
 FEAT_DIM = 2048  # RN101 layer4 channels
+BUSY = 0.05  # other processes' share of the CPUs above which a step's time is suspect
+# What the parent passes on to each worker: everything that shapes the model or the step.
+WORKER_FLAGS = ("batch", "steps", "warmup", "text_len", "target_len", "d_model", "layers")
+WORKER_FLAGS += ("heads", "d_ff", "vocab", "reduction_factor")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -59,9 +69,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--d-ff", type=int, default=3072, help=hidden)
     p.add_argument("--vocab", type=int, default=32128, help=hidden)
     p.add_argument("--reduction-factor", type=int, default=8, help=hidden)
-    # Internal: the parent re-invokes this script once per method.
+    # Internal: the parent re-invokes this script once per method and drives it step by step.
     p.add_argument("--worker", default="", help=hidden)
     p.add_argument("--row-out", default="", help=hidden)
+    p.add_argument("--reply-fd", type=int, default=-1, help=hidden)
     args = p.parse_args(argv)
     if min(args.steps, args.text_len, args.target_len) < 1 or args.warmup < 0:
         p.error("--steps, --text-len and --target-len must be >= 1, --warmup >= 0")
@@ -87,6 +98,33 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
+def cpu_ticks() -> tuple[int, int, int]:
+    """(all, busy, this process's) CPU ticks so far, from /proc; zeros elsewhere.
+
+    Other processes on the same cores (a tuning job, a test run) slow a CPU step several-fold;
+    busy - own over all, around a step, is the share of the machine they took meanwhile
+    (hypervisor steal counts as busy)."""
+    try:
+        ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, ValueError):
+        return 0, 0, 0
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return sum(ticks), sum(ticks) - idle, int(stat[11]) + int(stat[12])  # utime + stime
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    import platform
+
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
 def build_config_for(args, method: str):
     """The run Config a training job at these sizes would have (DeepSpeed and PEFT read it)."""
     from vlds.config import build_config
@@ -98,13 +136,13 @@ def build_config_for(args, method: str):
             "model.num_layers": args.layers,
             "model.num_heads": args.heads,
             "model.d_ff": args.d_ff,
+            "model.grid_pool": GRID,
             "peft.method": method,
             "peft.reduction_factor": args.reduction_factor,
             "data.tasks": "vqa",
             "data.batch_size": args.batch,
             "data.max_text_len": args.text_len,
             "data.max_target_len": args.target_len,
-            "model.grid_pool": GRID,
         },
     )
 
@@ -117,8 +155,8 @@ def build_vl_model(cfg, vocab: int):
     from vlds.peft import apply_peft
 
     m = cfg.model
-    # Built from T5Config directly (not build_lm): no tokenizer is needed for a vocabulary size.
-    # t5-base: relu FFN, tied input/output embeddings, pad 0 = decoder start, eos 1.
+    # T5Config directly rather than vlds.model.build.build_lm, which sizes the vocabulary from
+    # a tokenizer. t5-base: relu FFN, tied input/output embeddings, pad 0 = decoder start, eos 1.
     t5 = T5Config(
         vocab_size=vocab,
         d_model=m.d_model,
@@ -127,7 +165,7 @@ def build_vl_model(cfg, vocab: int):
         num_layers=m.num_layers,
         num_decoder_layers=m.num_layers,
         num_heads=m.num_heads,
-        dropout_rate=m.dropout,  # training keeps dropout on; the benchmark times training
+        dropout_rate=m.dropout,  # on, as in training: the benchmark times training steps
         feed_forward_proj="relu",
         tie_word_embeddings=True,
         pad_token_id=0,
@@ -139,8 +177,8 @@ def build_vl_model(cfg, vocab: int):
     return model
 
 
-def make_batch(args, device, dtype):
-    """A VQA-like batch with visual features already extracted (the tower is not timed)."""
+def make_batch(args, device, dtype) -> dict:
+    """A VQA-like batch with the visual features already extracted (the tower is not timed)."""
     import torch
 
     from vlds.model.vision import grid_boxes
@@ -148,11 +186,11 @@ def make_batch(args, device, dtype):
     g = torch.Generator().manual_seed(0)
     b, n_vis = args.batch, GRID * GRID
     batch = {
-        # ids from 2: 0 and 1 are pad and eos, and padding would only shorten the real work
+        # ids from 2 (0, 1 = pad, eos): no padding, every sample is full length
         "input_ids": torch.randint(2, args.vocab, (b, args.text_len), generator=g),
         "attention_mask": torch.ones(b, args.text_len, dtype=torch.long),
         "labels": torch.randint(2, args.vocab, (b, args.target_len), generator=g),
-        # (B, 36, 2048): post-ReLU grid activations are non-negative, like these
+        # (B, 36, 2048) non-negative like ReLU'd grid activations, in the tower's dtype
         "vis_feats": torch.randn(b, n_vis, FEAT_DIM, generator=g).relu().to(dtype),
         "vis_boxes": grid_boxes(GRID).expand(b, -1, -1).contiguous(),  # (B, 36, 5)
         "vis_order": torch.zeros(b, n_vis, dtype=torch.long),  # one image per sample
@@ -162,8 +200,9 @@ def make_batch(args, device, dtype):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_worker(args) -> dict:
-    """Build, train warmup + steps, measure; returns one row. Runs in its own process."""
+def run_worker(args, commands, replies) -> dict:
+    """Build the engine, then obey `commands` ("warmup" | "step" | "done"), one line each,
+    answering each step with its time on `replies`; returns this method's row."""
     import numpy as np
     import torch
 
@@ -184,13 +223,14 @@ def run_worker(args) -> dict:
     rss_after_imports = rss_bytes()
 
     cfg = build_config_for(args, method)
-    torch.manual_seed(cfg.train.seed)  # same random base weights for every method
+    torch.manual_seed(cfg.train.seed)  # the same random base weights for every method
     model = build_vl_model(cfg, args.vocab)
+    rss_after_build = rss_bytes()
     counts = count_parameters(model)
-    ds_config = deepspeed_config(str(REPO / "ds_configs" / "zero2.json"), cfg, info.world_size,
-                                 bf16=cuda)
+    zero2 = str(REPO / "ds_configs" / "zero2.json")
+    ds_config = deepspeed_config(zero2, cfg, info.world_size, bf16=cuda)
     # Client optimizer and schedule exactly as vlds/train.py: AdamW over the trainable
-    # parameters in two decay groups, linear warm-up then decay, over the steps we run.
+    # parameters in two decay groups, linear warm-up then decay over the steps we run.
     total = args.warmup + args.steps
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay),
@@ -205,25 +245,39 @@ def run_worker(args) -> dict:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     engine.train()
+    rss_after_engine = rss_bytes()
     batch = make_batch(args, device, torch.bfloat16 if cuda else torch.float32)
 
     def sync():
         if cuda:
             torch.cuda.synchronize()  # kernels are asynchronous: time the work, not the launch
 
-    times, losses = [], []
-    for i in range(total):
+    replies.write("ready\n")
+    replies.flush()
+    times, losses, busy_ticks = [], [], [0, 0]  # busy: (all, other processes') CPU ticks
+    for line in commands:
+        command = line.strip()
+        if command == "done":
+            break
         sync()
+        ticks0 = cpu_ticks()
         t0 = time.perf_counter()
         loss = engine(batch)
         engine.backward(loss)
         engine.step()
         sync()
-        if i >= args.warmup:  # warm-up absorbs lazy allocation, bucket set-up, autotuning
-            times.append(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        ticks = [b - a for a, b in zip(ticks0, cpu_ticks(), strict=True)]  # all, busy, own
+        others = max(0, ticks[1] - ticks[2]) / ticks[0] if ticks[0] else 0.0
+        if command == "step":  # warm-up absorbs lazy allocation and bucket set-up
+            times.append(dt)
+            busy_ticks[0] += ticks[0]
+            busy_ticks[1] += max(0, ticks[1] - ticks[2])
         losses.append(loss.item())
-    if not all(math.isfinite(v) for v in losses):
-        raise RuntimeError(f"{method}: non-finite loss during the benchmark: {losses}")
+        replies.write(f"{dt} {others}\n")
+        replies.flush()
+    if not times or not all(math.isfinite(v) for v in losses):
+        raise RuntimeError(f"{method}: no timed steps or a non-finite loss: {losses}")
 
     # Peaks are read before the export below, which clones the trainable tensors on CPU.
     row = {
@@ -240,10 +294,19 @@ def run_worker(args) -> dict:
         "step_median_s": float(np.median(times)),
         "step_p90_s": float(np.percentile(times, 90)),
         "step_times_s": times,
-        "loss_first": losses[0],
-        "loss_last": losses[-1],
+        "losses": losses,
+        # share of all CPU time used by other processes during the timed steps (CPU timings
+        # are trustworthy only near 0)
+        "others_cpu_share": busy_ticks[1] / busy_ticks[0] if busy_ticks[0] else 0.0,
         "peak_rss_gb": peak_rss_bytes() / 1e9,
         "peak_rss_increase_gb": (peak_rss_bytes() - rss_after_imports) / 1e9,
+        # where the memory went (current RSS; glibc keeps some freed memory, so approximate)
+        "rss_gb": {
+            "after_imports": rss_after_imports / 1e9,
+            "after_build": rss_after_build / 1e9,
+            "after_engine": rss_after_engine / 1e9,
+            "after_steps": rss_bytes() / 1e9,
+        },
     }
     if cuda:
         row["peak_cuda_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
@@ -253,19 +316,88 @@ def run_worker(args) -> dict:
     return row
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    import platform
-
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+# ---- parent: one subprocess per method, stepped in turn, then the table ------------------
 
 
-# ---- parent: one subprocess per method, then the table -----------------------------------
+class Worker:
+    """A `--worker METHOD` subprocess: commands on its stdin, replies on a pipe of their own
+    (its stdout and stderr, DeepSpeed's logging included, go to a log file)."""
+
+    def __init__(self, args, method: str, tmp: Path):
+        self.method = method
+        self.row_path = tmp / f"{method}.json"
+        self.log_path = tmp / f"{method}.log"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method]
+        for key in WORKER_FLAGS:
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+        read_fd, write_fd = os.pipe()
+        cmd += ["--row-out", str(self.row_path), "--reply-fd", str(write_fd)]
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
+            env.pop(key, None)  # every worker is its own world of one, on its own port
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                pass_fds=(write_fd,),
+                env=env,
+                cwd=REPO,
+            )
+        os.close(write_fd)  # the child holds it now: a dead child means end-of-file here
+        self.replies = os.fdopen(read_fd)
+
+    def reply(self) -> str:
+        line = self.replies.readline()
+        if not line:
+            self.proc.wait()
+            tail = self.log_path.read_text()[-4000:]
+            raise RuntimeError(f"worker {self.method} exited ({self.proc.returncode}):\n{tail}")
+        return line.strip()
+
+    def ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("done\n")
+        self.proc.stdin.close()
+        if self.proc.wait() != 0 or not self.row_path.is_file():
+            tail = self.log_path.read_text()[-4000:]
+            raise RuntimeError(f"worker {self.method} failed ({self.proc.returncode}):\n{tail}")
+        return json.loads(self.row_path.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def run_methods(args, methods: list[str]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = [Worker(args, m, Path(tmp)) for m in methods]
+        try:
+            for w in workers:
+                if w.reply() != "ready":
+                    raise RuntimeError(f"worker {w.method}: unexpected start-up reply")
+            print(f"  built {len(workers)} engines; stepping them in turn", flush=True)
+            for i in range(args.warmup + args.steps):
+                kind = "warmup" if i < args.warmup else "step"
+                order = workers if i % 2 == 0 else workers[::-1]  # A B, B A: no position bias
+                label = f"warm-up {i + 1}" if kind == "warmup" else f"step {i + 1 - args.warmup}"
+                took = []
+                for w in order:
+                    seconds, others = (float(x) for x in w.ask(kind).split())
+                    busy = f" (others {others:.0%} of the CPUs)" if others > BUSY else ""
+                    took.append(f"{w.method} {seconds:.3f} s{busy}")
+                print(f"  {label}: {', '.join(took)}", flush=True)
+            return [w.finish() for w in workers]
+        finally:
+            for w in workers:
+                w.kill()
 
 
 def memory_gb(row: dict) -> float:
@@ -273,28 +405,8 @@ def memory_gb(row: dict) -> float:
     return row["peak_cuda_gb"] if "peak_cuda_gb" in row else row["peak_rss_increase_gb"]
 
 
-def run_method(args, method: str) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method,
-               "--row-out", str(out)]
-        for key in ("batch", "steps", "warmup", "text_len", "target_len", "d_model", "layers",
-                    "heads", "d_ff", "vocab", "reduction_factor"):
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
-            env.pop(key, None)  # every worker is its own world of one, on its own port
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        if proc.returncode != 0 or not out.is_file():
-            tail = (proc.stdout + proc.stderr)[-4000:]
-            raise RuntimeError(f"worker {method} failed (exit {proc.returncode}):\n{tail}")
-        print(f"  {method}: done in {time.perf_counter() - t0:.0f} s", flush=True)
-        return json.loads(out.read_text())
-
-
 def add_ratios(rows: list[dict]) -> None:
-    """time/memory ratios of every method against full fine-tuning, with the targets."""
+    """Time and memory of every method over full fine-tuning's, checked against the targets."""
     base = next((r for r in rows if r["method"] == BASELINE), None)
     if base is None:
         return
@@ -315,82 +427,94 @@ def table(rows: list[dict]) -> str:
     head += ["checkpoint bytes", "time / full", "memory / full"]
     body = []
     for r in rows:
-        cells = [r["method"], f"{r['trainable']:,}", f"{r['percent']:.2f}",
-                 f"{r['step_median_s']:.3f}", f"{r['step_p90_s']:.3f}"]
+        cells = [r["method"], f"{r['trainable']:,}", f"{r['percent']:.2f}"]
+        cells += [f"{r['step_median_s']:.3f}", f"{r['step_p90_s']:.3f}"]
         if cuda:
             cells += [f"{r['peak_cuda_gb']:.2f}"]
         else:
             cells += [f"{r['peak_rss_gb']:.2f}", f"{r['peak_rss_increase_gb']:.2f}"]
         cells += [f"{r['checkpoint_bytes']:,}"]
-        for key, target in (("time", TARGETS["time"]), ("memory", TARGETS["memory"])):
-            ratio = r.get(f"{key}_vs_full")
-            verdict = r.get(f"{key}_pass")
+        for key in ("time", "memory"):
+            ratio, verdict = r.get(f"{key}_vs_full"), r.get(f"{key}_pass")
             if ratio is None:
                 cells.append("-")
             elif verdict is None:  # the baseline itself
                 cells.append(f"{ratio:.2f}x")
             else:
-                cells.append(f"{ratio:.2f}x (<= {target}x) {'PASS' if verdict else 'FAIL'}")
+                passed = "PASS" if verdict else "FAIL"
+                cells.append(f"{ratio:.2f}x (<= {TARGETS[key]}x) {passed}")
         body.append(cells)
-    widths = [max(len(c) for c in col) for col in zip(head, *body)]
-    right = [False] + [True] * (len(head) - 1)
+    widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
 
-    def line(cells):
-        return "| " + " | ".join(
-            c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)
-        ) + " |"
+    def line(cells):  # first column left-aligned, numbers right-aligned
+        padded = [cells[0].ljust(widths[0])]
+        padded += [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "| " + " | ".join(padded) + " |"
 
-    sep = "|" + "|".join(("-" * (w + 1) + ":") if r else ("-" * (w + 2))
-                         for w, r in zip(widths, right)) + "|"
-    return "\n".join([line(head), sep] + [line(c) for c in body])
+    rule = "|" + "-" * (widths[0] + 2) + "|" + "|".join("-" * (w + 1) + ":" for w in widths[1:])
+    return "\n".join([line(head), rule + "|"] + [line(c) for c in body])
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.worker:
-        row = run_worker(args)
+        # Replies on the parent's pipe; on stdout when a worker is run by hand.
+        replies = os.fdopen(args.reply_fd, "w") if args.reply_fd >= 0 else sys.stdout
+        row = run_worker(args, sys.stdin, replies)
         Path(args.row_out).write_text(json.dumps(row) + "\n")
         return [row]
 
     import torch
 
+    from vlds.peft import METHODS
+
     cuda = torch.cuda.is_available()
     args.batch = args.batch or (64 if cuda else 16)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    from vlds.peft import METHODS
-
     unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; valid: {', '.join(METHODS)}")
+    if unknown or not methods:
+        raise SystemExit(f"unknown method(s) {unknown or methods}; valid: {', '.join(METHODS)}")
     device = torch.cuda.get_device_name(0) if cuda else cpu_name()
     print(f"device: {device}, {'bf16' if cuda else 'fp32'}, ZeRO-2, 1 rank")
-    print(f"CLIP-T5 (random weights): d_model {args.d_model}, {args.layers}+{args.layers} "
-          f"layers, {args.heads} heads, d_ff {args.d_ff}, vocab {args.vocab}; batch "
-          f"{args.batch} x ({args.text_len} text + {GRID * GRID} visual tokens -> "
-          f"{args.target_len} target tokens); {args.warmup} warm-up + {args.steps} timed steps")
-    print("timed step = engine forward + backward + step; the frozen CLIP tower is outside the "
-          "engine and not timed (visual features are given)")
-    # Host load skews CPU timings (other jobs on the same cores): print it with the figures.
-    load_before = os.getloadavg()[0]
-    rows = [run_method(args, m) for m in methods]
-    print(f"1-min load average: {load_before:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(
+        f"CLIP-T5 (random weights): d_model {args.d_model}, {args.layers}+{args.layers} layers, "
+        f"{args.heads} heads, d_ff {args.d_ff}, vocab {args.vocab}; batch {args.batch} x "
+        f"({args.text_len} text + {GRID * GRID} visual tokens -> {args.target_len} target "
+        f"tokens); {args.warmup} warm-up + {args.steps} timed steps"
+    )
+    print(
+        "timed step = engine forward + backward + step; the frozen CLIP tower is outside the "
+        "engine and not timed (visual features are given)"
+    )
+    rows = run_methods(args, methods)
     add_ratios(rows)
     print()
     print(table(rows))
-    memory_note = (
-        "memory = torch.cuda.max_memory_allocated"
-        if cuda
-        else "memory ratio on the peak RSS increase over the post-import RSS (imports are the "
-        "same ~GB for every method); checkpoint = adapter-only safetensors (trainable tensors)"
-    )
-    print(f"\n{memory_note}")
+    print()
+    if cuda:
+        print("memory = torch.cuda.max_memory_allocated of each worker")
+    else:
+        print(
+            "memory ratio = peak RSS increase over the RSS after imports (the imports are the "
+            "same for every method)"
+        )
+    print("checkpoint bytes = adapter-only export (vlds.checkpoint.save_adapter, trainable only)")
     for r in rows:
         if "time_pass" in r:
-            ok = r["time_pass"] and r["memory_pass"]
-            print(f"{r['method']} vs {BASELINE}: time {r['time_vs_full']:.2f}x (target <= "
-                  f"{TARGETS['time']}x), memory {r['memory_vs_full']:.2f}x (target <= "
-                  f"{TARGETS['memory']}x; total peak RSS {r['peak_rss_vs_full']:.2f}x): "
-                  f"{'PASS' if ok else 'FAIL'}")
+            ok = "PASS" if r["time_pass"] and r["memory_pass"] else "FAIL"
+            total_rss = "" if cuda else f"; total peak RSS {r['peak_rss_vs_full']:.2f}x"
+            print(
+                f"{r['method']} vs {BASELINE}: time {r['time_vs_full']:.2f}x (target <= "
+                f"{TARGETS['time']}x), memory {r['memory_vs_full']:.2f}x (target <= "
+                f"{TARGETS['memory']}x{total_rss}): {ok}"
+            )
+    busy = {r["method"]: r["others_cpu_share"] for r in rows if r["others_cpu_share"] > BUSY}
+    if busy:
+        shares = ", ".join(f"{m} {v:.0%}" for m, v in busy.items())
+        print(
+            f"WARNING: other processes used the CPUs during the timed steps ({shares} of all "
+            f"CPU time): the step times are inflated; rerun on an idle machine"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")

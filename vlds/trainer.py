@@ -167,7 +167,13 @@ class Trainer:
         engine.step()
         applied = not boundary or engine.was_step_applied()
         self.guard.record(applied, self.step + 1, "non-finite gradient, update discarded")
-        return loss.item() if applied else None
+        if not applied:
+            return None
+        mean = loss.detach().float().reshape(1)  # the logged loss: the mean over ranks
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(mean)
+            mean /= dist.get_world_size()
+        return mean.item()
 
     def fit(self) -> dict:
         from tqdm import tqdm

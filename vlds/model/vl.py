@@ -4,12 +4,15 @@ The vision tower is not part of this module: it is frozen and runs outside the D
 (see `visual_inputs`), so the engine holds the language model, the visual embedding and the PEFT
 modules only.
 
-Encoder input: `[embed(text) ; VisualEmbedding(v)]` along the sequence with one attention mask.
-We feed it to the unmodified transformers model through `inputs_embeds`, so T5's relative
-position bias spans all pairs (text-text, text-visual, visual-visual) and BART adds its learned
-positions to visual tokens too. The reference restricts T5's bias to text-text pairs; using the
-stock model keeps PEFT injection and generation standard, and the visual tokens still carry their
-own position code.
+Encoder input: `[VisualEmbedding(v) ; embed(text)]` along the sequence with one attention
+mask. The reference concatenates `[text ; visual]`; with right-padded text that puts the visual
+tokens after the padding, so their distance to the text (T5's relative position bias) and their
+learned positions (BART) depend on the longest prompt of the micro-batch: a sample's output
+would depend on its batch, evaluation scores on eval.batch_size, and N ranks x b would not equal
+1 rank x N b. Visual tokens first (a fixed count per task) keep every real token in place.
+We feed the unmodified transformers model through `inputs_embeds`, so T5's relative position
+bias spans all pairs and BART adds its learned positions to visual tokens too (the reference
+restricts T5's bias to text-text pairs); this keeps PEFT injection and generation standard.
 """
 
 from __future__ import annotations
@@ -68,8 +71,10 @@ class VLModel(nn.Module):
         for transform in self.input_transforms:
             text, text_mask = transform(text, text_mask)  # e.g. (B, L + Tt, d) with prompts
         vis = self.visual_embed(batch["vis_feats"], batch["vis_boxes"], batch["vis_order"])
-        embeds = torch.cat([text, vis.to(text.dtype)], dim=1)  # (B, Tt + Tv, d)
-        mask = torch.cat([text_mask, batch["vis_mask"]], dim=1)  # (B, Tt + Tv)
+        # Visual tokens first: their count is fixed per task, so every real token keeps its
+        # position whatever the text padding of the micro-batch (see the module docstring).
+        embeds = torch.cat([vis.to(text.dtype), text], dim=1)  # (B, Tv + Tt, d)
+        mask = torch.cat([batch["vis_mask"], text_mask], dim=1)  # (B, Tv + Tt)
         return embeds, mask
 
     def _route(self, batch: dict) -> None:

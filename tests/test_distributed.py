@@ -1,0 +1,277 @@
+"""Launch environments: rank/world/master from torchrun, deepspeed or SLURM variables, a real
+SLURM-style start of two processes, and 2 ranks x micro-batch b == 1 rank x micro-batch 2b."""
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlds.distributed import expand_nodelist, first_host, free_port, world_info_from_env
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize(
+    "nodelist, hosts",
+    [
+        ("gpu[003-005,009],cpu1", ["gpu003", "gpu004", "gpu005", "gpu009", "cpu1"]),
+        ("node1,node2", ["node1", "node2"]),
+        ("a-b[1-2]", ["a-b1", "a-b2"]),
+        ("localhost", ["localhost"]),
+        ("127.0.0.1", ["127.0.0.1"]),
+        ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+        ("gpu-[01-02]-ib", ["gpu-01-ib", "gpu-02-ib"]),
+        ("rack[1-2]-n[01-02]", ["rack1-n01", "rack1-n02", "rack2-n01", "rack2-n02"]),
+        ("x[7],y[0009-0010]", ["x7", "y0009", "y0010"]),
+    ],
+)
+def test_nodelist_expands_like_scontrol_show_hostnames(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+    assert first_host(nodelist) == hosts[0]
+
+
+@pytest.mark.parametrize("bad", ["", ",", "a[1-2", "a]b", "a[x-y]", "a[[1]]", "a,,b"])
+def test_a_broken_nodelist_is_refused(bad):
+    with pytest.raises(ValueError, match="cannot parse SLURM node list"):
+        expand_nodelist(bad)
+
+
+def _clean_env(monkeypatch):
+    for k in list(os.environ):
+        if k in LAUNCH_VARS or k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+
+
+def test_slurm_variables_give_rank_world_and_master(monkeypatch):
+    _clean_env(monkeypatch)
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[003-005,009],cpu1",
+        "SLURM_JOB_ID": "123456",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    info = world_info_from_env()
+    assert (info.rank, info.local_rank, info.world_size) == (5, 1, 8)
+    assert os.environ["MASTER_ADDR"] == "gpu003"
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    # a job step on part of the allocation rendezvouses on its own first node, with its own
+    # task count; an exported MASTER_* (slurm/train.sbatch) wins
+    _clean_env(monkeypatch)
+    for k, v in {
+        **env,
+        "SLURM_STEP_NODELIST": "gpu[005,009]",
+        "SLURM_STEP_NUM_TASKS": "4",
+        "MASTER_PORT": "29999",
+    }.items():
+        monkeypatch.setenv(k, v)
+    info = world_info_from_env()
+    assert info.world_size == 4
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu005", "29999")
+
+
+def test_torchrun_variables_win_over_slurm(monkeypatch):
+    _clean_env(monkeypatch)
+    torchrun = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "3",
+        "MASTER_ADDR": "h1",
+        "MASTER_PORT": "1234",
+    }
+    for k, v in {**torchrun, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}.items():
+        monkeypatch.setenv(k, v)
+    info = world_info_from_env()
+    assert (info.rank, info.local_rank, info.world_size) == (3, 3, 4)
+    assert os.environ["MASTER_ADDR"] == "h1"
+
+
+def test_bare_python_is_a_world_of_one(monkeypatch):
+    _clean_env(monkeypatch)
+    info = world_info_from_env()
+    assert (info.rank, info.world_size) == (0, 1) and int(os.environ["MASTER_PORT"]) > 0
+    _clean_env(monkeypatch)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="MASTER_PORT is unset"):
+        world_info_from_env()
+
+
+def _slurm_job_id_with_free_port() -> int:
+    """A job id whose derived rendezvous port (20000 + id % 20000) is free right now."""
+    for port in random.Random().sample(range(21000, 32000), 200):  # below the ephemeral range
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return 100000 + port - 20000  # 100000 % 20000 == 0
+    raise RuntimeError("no free port")
+
+
+def _rows(out: Path, kind: str) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["kind"] == kind]
+
+
+def tiny_args(root, out, *extra):
+    return [
+        f"--data.root={root}",
+        f"--train.out_dir={out}",
+        "--data.num_workers=0",
+        "--eval.max_samples=8",
+        "--eval.batch_size=8",
+        "--eval.caption_beams=1",
+        "--train.log_every=1",
+        *extra,
+    ]
+
+
+def test_vlds_train_runs_under_simulated_slurm(shapes_root, tmp_path):
+    """Two `python vlds/train.py` processes with only SLURM variables, as srun starts them."""
+    out = tmp_path / "run"
+    base = {
+        k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")
+    }
+    job = {
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+        "OMP_NUM_THREADS": "1",
+        "SLURM_JOB_ID": str(_slurm_job_id_with_free_port()),
+        "SLURM_NNODES": "1",
+    }
+    args = tiny_args(shapes_root, out, "--data.batch_size=8", "--train.max_steps=3")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "vlds/train.py", *args],
+            cwd=REPO,
+            env={**base, **job, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    state = json.loads((out / "checkpoints" / "step3" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 3
+    assert (out / "checkpoints" / "step3" / "rng_rank1.pt").is_file()
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["vqa"]["n"] == 8
+
+
+def _launch(args, ranks):
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "vlds/train.py",
+        *args,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_ranks(shapes_root, tmp_path_factory):
+    """The same 6 steps as 1 rank x micro-batch 16 and as 2 ranks x micro-batch 8: every rank
+    reads the same stream and takes its slice of each global batch (data.split=global), no
+    dropout, the same seed. Prompts keep their natural lengths: a micro-batch of 8 pads its
+    text less than one of 16, which must not matter (visual tokens come first in the encoder).
+    """
+    runs = {}
+    for ranks, micro in ((1, 16), (2, 8)):
+        out = tmp_path_factory.mktemp(f"ranks{ranks}") / "run"
+        _launch(
+            tiny_args(
+                shapes_root,
+                out,
+                f"--data.batch_size={micro}",
+                "--data.split=global",
+                "--model.dropout=0",
+                "--train.seed=3",
+                "--train.max_steps=6",
+            ),
+            ranks,
+        )
+        runs[ranks] = out
+    return runs
+
+
+def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(one_and_two_ranks):
+    one, two = (
+        load_file(one_and_two_ranks[r] / "adapter" / "adapter_model.safetensors") for r in (1, 2)
+    )
+    assert one.keys() == two.keys()
+    worst = max((one[k] - two[k]).abs().max().item() for k in one)
+    # measured: 1.2e-07 (float noise); 2e-4 when the text lengths differ (padding-dependence)
+    assert worst < 1e-5, f"largest weight difference {worst}"
+    # the same global batches in the same order: the same task at every step
+    tasks = [
+        {
+            r["step"]: next(k for k in r if k.startswith("loss/"))
+            for r in _rows(one_and_two_ranks[n], "train")
+        }
+        for n in (1, 2)
+    ]
+    assert tasks[0] == tasks[1] and len(tasks[0]) == 6
+    # and the same evaluation
+    m1, m2 = (
+        json.loads((one_and_two_ranks[n] / "metrics.json").read_text())["metrics"] for n in (1, 2)
+    )
+    assert m1 == m2
+
+
+def test_two_ranks_log_the_same_losses_as_one_rank(one_and_two_ranks):
+    one, two = (
+        {r["step"]: r["loss"] for r in _rows(one_and_two_ranks[n], "train")} for n in (1, 2)
+    )
+    assert one.keys() == two.keys()
+    assert all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
+
+
+def test_a_samples_loss_does_not_depend_on_its_batch():
+    from tests.helpers import tiny
+
+    cfg, tok, tower, model = tiny(arch="t5")
+    model.eval()
+    texts = ["vqa: what color is the big circle left of the square?", "gqa: red?"]
+    targets = ["red", "a square"]
+    images = torch.randn(
+        2, 1, 3, tower.image_size, tower.image_size, generator=torch.Generator().manual_seed(0)
+    )
+
+    def batch(idx):
+        enc = tok([texts[i] for i in idx], padding=True, return_tensors="pt")
+        lab = tok([targets[i] for i in idx], padding=True, return_tensors="pt")
+        b = {
+            "input_ids": enc.input_ids,
+            "attention_mask": enc.attention_mask,
+            "labels": lab.input_ids.masked_fill(lab.attention_mask == 0, -100),
+            "images": images[idx],
+            "task_ids": torch.zeros(len(idx), dtype=torch.long),
+        }
+
+        return tower.visual_inputs(b, cfg.model.max_frames)
+
+    with torch.no_grad():
+        together = model(batch([0, 1]))
+        apart = (model(batch([0])) + model(batch([1]))) / 2
+    # measured: 6.5928 together vs 6.5995 apart
+    assert torch.allclose(together, apart, rtol=0, atol=1e-5), (together.item(), apart.item())
