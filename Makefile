@@ -19,10 +19,11 @@ train: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} \
 		$(BIN)/deepspeed vlds/train.py --deepspeed ds_configs/zero2.json $(ARGS)
 
-# Two workers, one test file each at a time: most tests launch real training subprocesses
-# (one thread each), so the two cores stay busy and module-scoped runs are shared.
+# Serial: the tests launch real training subprocesses with their own rendezvous ports and
+# timing-sensitive signals; `make test PYTEST_ARGS="-n 2 --dist loadfile"` halves the time on an
+# idle 2-core machine (pytest-xdist is installed) but was flaky under outside load.
 test: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check vlds tests bench
