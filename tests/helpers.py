@@ -47,3 +47,19 @@ def image_batch(tok, tower, b=3, n_img=1, seed=0, task_ids=None, cfg=None):
         "task_ids": torch.zeros(b, dtype=torch.long) if task_ids is None else task_ids,
     }
     return tower.visual_inputs(batch, 8)
+
+
+def slurm_job_id_with_free_port() -> int:
+    """A SLURM job id whose derived rendezvous port (vlds.distributed and slurm/train.sbatch:
+    20000 + id % 20000) is free right now."""
+    import random
+    import socket
+
+    for port in random.Random().sample(range(21000, 32000), 200):  # below the ephemeral range
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return 100000 + port - 20000  # 100000 % 20000 == 0
+    raise RuntimeError("no free port")

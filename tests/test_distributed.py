@@ -3,8 +3,6 @@ SLURM-style start of two processes, and 2 ranks x micro-batch b == 1 rank x micr
 
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import slurm_job_id_with_free_port
 from vlds.distributed import expand_nodelist, first_host, free_port, world_info_from_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,18 +105,6 @@ def test_bare_python_is_a_world_of_one(monkeypatch):
         world_info_from_env()
 
 
-def _slurm_job_id_with_free_port() -> int:
-    """A job id whose derived rendezvous port (20000 + id % 20000) is free right now."""
-    for port in random.Random().sample(range(21000, 32000), 200):  # below the ephemeral range
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return 100000 + port - 20000  # 100000 % 20000 == 0
-    raise RuntimeError("no free port")
-
-
 def _rows(out: Path, kind: str) -> list[dict]:
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["kind"] == kind]
@@ -146,7 +133,7 @@ def test_vlds_train_runs_under_simulated_slurm(shapes_root, tmp_path):
         "SLURM_NTASKS": "2",
         "SLURM_JOB_NODELIST": "localhost",
         "OMP_NUM_THREADS": "1",
-        "SLURM_JOB_ID": str(_slurm_job_id_with_free_port()),
+        "SLURM_JOB_ID": str(slurm_job_id_with_free_port()),
         "SLURM_NNODES": "1",
     }
     args = tiny_args(shapes_root, out, "--data.batch_size=8", "--train.max_steps=3")

@@ -3,14 +3,14 @@ machine with stand-ins for `srun` and `scontrol` (preempted -> requeued -> resum
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import slurm_job_id_with_free_port
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ["slurm/train.sbatch", "slurm/tune.sbatch", "slurm/env.sh"]
@@ -58,17 +58,6 @@ esac
 """
 
 
-def _job_id_with_free_port() -> int:
-    for port in random.Random().sample(range(21000, 32000), 200):  # below the ephemeral range
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return 200000 + port - 20000  # train.sbatch: port = 20000 + id % 20000
-    raise RuntimeError("no free port")
-
-
 @pytest.mark.slow  # ~40 s: two starts of two ranks each
 def test_train_sbatch_requeues_a_preempted_run_and_the_next_start_resumes(shapes_root, tmp_path):
     fake = tmp_path / "bin"
@@ -77,7 +66,7 @@ def test_train_sbatch_requeues_a_preempted_run_and_the_next_start_resumes(shapes
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
     out, requeues = tmp_path / "run", tmp_path / "requeues.log"
-    job_id = _job_id_with_free_port()
+    job_id = slurm_job_id_with_free_port()
     env = {
         k: v
         for k, v in os.environ.items()
