@@ -7,8 +7,27 @@ import warnings
 
 import pytest
 
+from tests.helpers import is_launch_var
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*No pretrained weights loaded.*")
+
+# The suite starts its own launchers; a job or rank environment around it (a CI runner inside a
+# SLURM allocation, a shell left with RANK/MASTER_PORT) must not reach the runs it starts.
+for _k in list(os.environ):
+    if is_launch_var(_k):
+        del os.environ[_k]
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """vlds.distributed.world_info_from_env writes RANK/MASTER_* into os.environ (torch's env://
+    init reads them there); undo that after every test so no later test or subprocess sees a
+    world of another test. Set up before `monkeypatch`, so this runs after its undo."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")

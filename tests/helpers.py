@@ -7,6 +7,13 @@ import torch
 from vlds.config import build_config
 from vlds.model.build import build_model, build_tower
 
+# What a launcher (torchrun, deepspeed, srun) hands a rank; tests start from none of them.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def is_launch_var(name: str) -> bool:
+    return name in LAUNCH_VARS or name.startswith("SLURM_")
+
 
 def byte_tokenizer():
     from transformers import ByT5Tokenizer

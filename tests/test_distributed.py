@@ -11,11 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import slurm_job_id_with_free_port
-from vlds.distributed import expand_nodelist, first_host, free_port, world_info_from_env
+from tests.helpers import is_launch_var, slurm_job_id_with_free_port
+from vlds.distributed import (
+    expand_nodelist,
+    first_host,
+    free_port,
+    slurm_port,
+    world_info_from_env,
+)
 
 REPO = Path(__file__).resolve().parent.parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 @pytest.mark.parametrize(
@@ -45,7 +50,7 @@ def test_a_broken_nodelist_is_refused(bad):
 
 def _clean_env(monkeypatch):
     for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
+        if is_launch_var(k):
             monkeypatch.delenv(k)
 
 
@@ -77,6 +82,23 @@ def test_slurm_variables_give_rank_world_and_master(monkeypatch):
     info = world_info_from_env()
     assert info.world_size == 4
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu005", "29999")
+
+
+def test_a_single_slurm_task_rendezvouses_locally(monkeypatch):
+    """`srun -n1` or a shell in an interactive allocation: a world of one on a free local port,
+    not the job's first node on the job-derived port (which another job step may hold)."""
+    _clean_env(monkeypatch)
+    for k, v in {
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NODELIST": "gpu[003-004]",
+        "SLURM_JOB_ID": "123456",
+    }.items():
+        monkeypatch.setenv(k, v)
+    info = world_info_from_env()
+    assert (info.rank, info.world_size) == (0, 1)
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1"
+    assert os.environ["MASTER_PORT"] != str(slurm_port("123456"))
 
 
 def test_torchrun_variables_win_over_slurm(monkeypatch):
@@ -126,9 +148,7 @@ def tiny_args(root, out, *extra):
 def test_vlds_train_runs_under_simulated_slurm(shapes_root, tmp_path):
     """Two `python vlds/train.py` processes with only SLURM variables, as srun starts them."""
     out = tmp_path / "run"
-    base = {
-        k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")
-    }
+    base = {k: v for k, v in os.environ.items() if not is_launch_var(k)}
     job = {
         "SLURM_NTASKS": "2",
         "SLURM_JOB_NODELIST": "localhost",

@@ -99,10 +99,13 @@ def world_info_from_env() -> WorldInfo:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        env.setdefault("MASTER_ADDR", first_host(nodes))
-        # Same port on every task of the job: derived from the job id, overridable.
-        env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
+        if env["WORLD_SIZE"] != "1":
+            nodes = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+            env.setdefault("MASTER_ADDR", first_host(nodes))
+            # Same port on every task of the job: derived from the job id, overridable.
+            env.setdefault("MASTER_PORT", str(slurm_port(env.get("SLURM_JOB_ID", "0"))))
+        # A single task (`srun -n1`, an interactive allocation) rendezvouses with itself on
+        # a free local port below: no node name to resolve, no port shared with other jobs.
     env.setdefault("RANK", "0")
     env.setdefault("WORLD_SIZE", "1")
     env.setdefault("LOCAL_RANK", "0")
