@@ -123,6 +123,13 @@ def test_every_method_trains_through_deepspeed(shapes_root, tmp_path, method):
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     meta = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert meta["method"] == method
+    # the run's cost: the export holds exactly the trainable parameters, and its bytes
+    exported = load_file(out / "adapter" / "adapter_model.safetensors")
+    params = result["params"]
+    assert params["trainable"] == sum(t.numel() for t in exported.values()) > 0
+    assert params["percent"] == pytest.approx(100 * params["trainable"] / params["total"], abs=1e-4)
+    assert result["adapter_bytes"] == sum(f.stat().st_size for f in (out / "adapter").iterdir())
+    assert result["step_time_s"] > 0 and result["peak_memory_bytes"] > 2**27
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,7 @@ class Trainer:
         self.preemption = Preemption()
         self._saved_at = -1
         self._evaluated = None  # (step, metrics, predictions)
+        self.step_times: list[float] = []  # wall seconds of each train_step (no data wait)
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
@@ -186,7 +187,9 @@ class Trainer:
         while self.step < self.total_steps and not preempted:
             loader = self.data.train_loader(self.epoch, skip_steps=self.step_in_epoch)
             for batch in loader:
+                t_step = time.perf_counter()
                 loss = self.train_step(batch)
+                self.step_times.append(time.perf_counter() - t_step)
                 self.step += 1
                 self.step_in_epoch += 1
                 bar.update(1)
@@ -224,6 +227,26 @@ class Trainer:
             return {"step": self.step, "preempted": True}
         return self.finish(time.time() - t0)
 
+    def cost(self, adapter_dir: Path) -> dict:
+        """What the run cost: parameters updated, median step time, peak memory, export bytes."""
+        from vlds.peft import count_parameters
+
+        if self.device.type == "cuda":
+            peak, kind = torch.cuda.max_memory_allocated(self.device), "cuda max_memory_allocated"
+        else:
+            import resource  # Linux reports ru_maxrss in KiB
+
+            peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+        times = sorted(self.step_times[1:] or self.step_times)  # the first step warms up
+        files = adapter_dir.glob("*") if adapter_dir.is_dir() else []
+        return {
+            "params": count_parameters(self.engine.module),
+            "step_time_s": times[len(times) // 2] if times else None,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": kind,
+            "adapter_bytes": sum(f.stat().st_size for f in files),
+        }
+
     def finish(self, train_time: float) -> dict:
         metrics, preds = self.evaluate()
         self.checkpoint()
@@ -231,7 +254,8 @@ class Trainer:
                      self.info.is_main)  # fmt: skip
         result = {"step": self.step, "train_time_s": round(train_time, 1), "metrics": metrics,
                   "bad_steps_total": self.guard.total,
-                  "majority_baseline": self.data.majority_baselines()}  # fmt: skip
+                  "majority_baseline": self.data.majority_baselines(),
+                  **self.cost(self.out_dir / "adapter")}  # fmt: skip
         if self.info.is_main:
             (self.out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
             from vlds.eval.submission import write_predictions
