@@ -84,6 +84,18 @@ def test_tower_is_frozen_and_stays_in_eval_mode():
     assert not tower.training and not any(p.requires_grad for p in tower.parameters())
 
 
+def test_visual_inputs_keep_the_graph_only_when_asked():
+    """Training and evaluation get no graph through the tower, even one made trainable; the
+    backbone pretraining (grad=True) gets gradients on the tower's weights."""
+    tower = VisionTower("vlds-tiny-rn", "", grid_pool=2)
+    tower.requires_grad_(True)
+    batch = {"images": torch.randn(2, 1, 3, 96, 96)}
+    assert not tower.visual_inputs(batch, 8)["vis_feats"].requires_grad
+    tower.visual_inputs(batch, 8, grad=True)["vis_feats"].sum().backward()
+    for first_and_last in (tower.visual.conv1.weight, tower.visual.layer4[-1].bn3.weight):
+        assert first_and_last.grad is not None and first_and_last.grad.abs().sum() > 0
+
+
 def test_vision_weights_load_from_a_local_checkpoint(tmp_path):
     torch.manual_seed(1)
     a = VisionTower("vlds-tiny-rn", "")

@@ -77,6 +77,7 @@ class Extractor:
         self.dtype, self.device = dtype, device
         self.pending: list[dict] = []
 
+    @torch.no_grad()
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) -> (N, n_tok, C) grid tokens, or (N, D) frame embeddings."""
         outs = []

@@ -106,7 +106,8 @@ class VisionTower(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: BatchNorm and dropout stay in eval mode
 
-    @torch.no_grad()
+    # grid_tokens / frame_embeddings build no graph while the tower is frozen (no parameter
+    # requires grad); visual_inputs adds no_grad unless asked for gradients (pretraining).
     def grid_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, H, W) normalised pixels -> tokens (N, n_tok, grid_dim), boxes (n_tok, 5)."""
         v = self.visual
@@ -120,7 +121,6 @@ class VisionTower(nn.Module):
         g = int(round(tokens.shape[1] ** 0.5))
         return tokens, grid_boxes(g).to(tokens.device)
 
-    @torch.no_grad()
     def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> (B, T, pooled_dim) pooled CLIP embeddings, one per frame."""
         b, t = frames.shape[:2]
@@ -128,16 +128,21 @@ class VisionTower(nn.Module):
         pooled = out[0] if isinstance(out, tuple) else out
         return pooled.view(b, t, -1)
 
-    @torch.no_grad()
-    def visual_inputs(self, batch: dict, max_frames: int) -> dict:
+    def visual_inputs(self, batch: dict, max_frames: int, grad: bool = False) -> dict:
         """Fill vis_feats / vis_boxes / vis_order / vis_mask from the batch's pixels.
 
         images: (B, n_img, 3, H, W) -> n_img x n_tok tokens per sample, image-order ids 0..n-1
         (NLVR2's two images differ only by that id); frames: (B, T, 3, H, W) -> max_frames tokens.
         A batch that already holds `vis_feats` (cached CLIP features) passes through.
+        `grad=True` keeps the graph through the tower (its parameters must require grad: the
+        backbone pretraining of bench/mini_repro.py); training and evaluation never ask for it.
         """
         if "vis_feats" in batch:
             return batch
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self._visual_inputs(batch, max_frames)
+
+    def _visual_inputs(self, batch: dict, max_frames: int) -> dict:
         if "images" in batch:
             imgs = batch["images"]
             b, n = imgs.shape[:2]
