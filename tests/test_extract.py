@@ -100,9 +100,10 @@ def test_pixels_and_features_give_the_same_loss(pixel_root, feats32, tmp_path, t
     for pix, fea in zip(batches(pixel_root, task, tok), batches(feats32, task, tok), strict=True):
         assert pix["ids"] == fea["ids"] and "vis_feats" in fea
         a, b = tower.visual_inputs(pix, 8), tower.visual_inputs(fea, 8)
+        # (float32 rounding of batched vs per-chunk convolutions: ~1e-5 on features of ~10)
         for k in ("vis_feats", "vis_boxes", "vis_order", "vis_mask"):
             assert a[k].shape == b[k].shape, k
-            assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+            assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-5, atol=1e-4), k
         with torch.no_grad():
             assert torch.allclose(model(a), model(b), rtol=1e-5, atol=1e-6)
 

@@ -1,9 +1,20 @@
+import random
+
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 
 from tests.helpers import byte_tokenizer, image_batch, tiny
+from vlds.data.synthetic import random_scene, render_scene
 from vlds.model.build import build_lm
-from vlds.model.vision import VisionTower, grid_boxes, resample_frames, time_boxes
+from vlds.model.vision import (
+    CLIP_MEAN,
+    CLIP_STD,
+    VisionTower,
+    grid_boxes,
+    resample_frames,
+    time_boxes,
+)
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
@@ -78,6 +89,28 @@ def test_vit_tower_gives_patch_tokens():
     assert tokens.shape == (2, 9, tower.grid_dim) and boxes.shape == (9, 5)  # (96/32)^2 patches
 
 
+def test_a_random_resnet_tower_sees_the_image():
+    """open_clip's own init, frozen, gives ~1e-4 features that hardly change with the image
+    (the visual embedding's bias would swamp them); the He re-init gives image-dependent ones."""
+    import open_clip
+
+    from vlds.model.vision import register_embedded_configs
+
+    register_embedded_configs()
+    rng = random.Random(0)
+    scenes = [render_scene(random_scene(rng), 96) for _ in range(16)]
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+    x = torch.stack([(TF.to_tensor(im) - mean) / std for im in scenes])
+    torch.manual_seed(0)
+    raw = open_clip.create_model("vlds-tiny-rn").visual.eval()
+    raw_grid = raw.layer4(raw.layer3(raw.layer2(raw.layer1(raw.stem(x)))))
+    assert raw_grid.std(0).mean() < 1e-2  # the degenerate case this guards against
+    tower = VisionTower("vlds-tiny-rn", "", grid_pool=3)
+    tokens, _ = tower.grid_tokens(x)
+    assert tokens.std(0).mean() > 0.1 and tokens.abs().mean() > 0.3  # of order 1, like CLIP's
+    assert tower.frame_embeddings(x[:, None]).std(0).mean() > 0.1  # pooled: video tokens too
+
+
 def test_tower_is_frozen_and_stays_in_eval_mode():
     tower = VisionTower("vlds-tiny-rn", "")
     tower.train()
@@ -104,8 +137,8 @@ def test_vision_weights_load_from_a_local_checkpoint(tmp_path):
     from vlds.model.vision import register_embedded_configs
 
     register_embedded_configs()
-    torch.manual_seed(1)
-    full = open_clip.create_model("vlds-tiny-rn")
+    full = open_clip.create_model("vlds-tiny-rn")  # the whole CLIP layout open_clip loads
+    full.visual.load_state_dict(a.visual.state_dict())
     torch.save(full.state_dict(), tmp_path / "clip.pt")
     torch.manual_seed(2)  # a different random init, overwritten by the file
     b = VisionTower("vlds-tiny-rn", str(tmp_path / "clip.pt"))

@@ -78,6 +78,25 @@ def resample_frames(x: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, tor
     return F.pad(x, (0, 0, 0, max_frames - t)), mask
 
 
+def he_init_resnet(visual: nn.Module) -> None:
+    """Re-initialise a random open_clip ResNet so its frozen features see the image.
+
+    open_clip initialises each bottleneck's last BatchNorm weight to zero (the residual branch
+    starts closed) and relies on training to set the BatchNorm statistics. Frozen at that init,
+    with eval-mode BatchNorm, a block is its 1x1 downsample only and every layer shrinks the
+    signal: the tiny tower's layer4 grid is ~1e-4 in size and its pooled output nearly the same
+    for every image, so the visual embedding's bias swamps it and a run learns from the text
+    alone. He-initialised convolutions (fan_in: the forward signal keeps its scale) and unit
+    BatchNorm give features of order 1 that vary with the image, as a real CLIP tower's do.
+    Pretrained weights are never touched."""
+    for m in visual.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class VisionTower(nn.Module):
     """A frozen open_clip image tower. Always in eval mode (BatchNorm statistics fixed)."""
 
@@ -100,6 +119,8 @@ class VisionTower(nn.Module):
             self.grid_dim = self.visual.transformer.width  # 768 for ViT-B/32
             self.visual.output_tokens = True
         self.pooled_dim = self.visual.output_dim  # 512 for RN101 and ViT-B/32
+        if self.is_resnet and not pretrained:
+            he_init_resnet(self.visual)
         self.requires_grad_(False)
         self.eval()
 
