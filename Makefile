@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test install lint bench clean
+.PHONY: train test install lint bench repro clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_time.py
+
+# The paper's experiment in miniature: every PEFT method, 3 seeds, report + plot (bench/).
+repro: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python bench/mini_repro.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,0 +1,294 @@
+"""The report of bench/mini_repro.py: tables, the paper's findings checked, the teaser plot.
+
+`write_report(results, out)` takes one entry per finished run ({name, video, method, seed, lr,
+result: the run's metrics.json}) and writes out/report.md, out/score_vs_params.png and
+out/results.json. Every verdict is computed from those numbers; nothing here is hand-written
+per outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+ORDER = (
+    "full_finetune",
+    "single_adapter",
+    "half_shared_adapter",
+    "multiple_adapters",
+    "hyperformer",
+    "single_compacter",
+    "multiple_compacters",
+    "single_lora",
+    "multiple_lora",
+    "single_prompt",
+    "multiple_prompts",
+    "visual_ln",
+    "visual_only",
+)
+IMAGE_COLUMNS = (
+    ("vqa", "VQA acc"),
+    ("gqa", "GQA acc"),
+    ("nlvr", "NLVR2 acc"),
+    ("caption", "Caption CIDEr"),
+)
+VIDEO_COLUMNS = (
+    ("tvqa", "TVQA acc"),
+    ("how2qa", "How2QA acc"),
+    ("tvc", "TVC CIDEr"),
+    ("yc2c", "YC2C CIDEr"),
+)
+# REFERENCE.md: CLIP-BART % updated and the average of the four scores, where the paper has them.
+PAPER_PERCENT = {
+    "single_adapter": 4.18,
+    "multiple_adapters": 12.22,
+    "half_shared_adapter": 8.36,
+    "hyperformer": 5.79,
+    "single_compacter": 2.70,
+    "single_lora": 5.93,
+    "multiple_lora": 17.72,
+    "single_prompt": 2.00,
+    "full_finetune": 100.0,
+}
+PAPER_IMAGE_AVG = {
+    "full_finetune": (67.6 + 56.7 + 73.0 + 112.9) / 4,
+    "single_adapter": (65.9 + 54.5 + 74.2 + 114.9) / 4,
+    "hyperformer": (65.1 + 53.4 + 72.3 + 114.6) / 4,
+    "single_compacter": (64.2 + 53.3 + 71.7 + 114.1) / 4,
+    "single_lora": (65.2 + 53.6 + 71.9 + 115.3) / 4,
+    "single_prompt": (44.0 + 36.3 + 51.8 + 103.9) / 4,
+}
+PAPER_VIDEO_AVG = {
+    "full_finetune": (76.3 + 73.9 + 45.7 + 154.0) / 4,
+    "single_adapter": (76.6 + 73.9 + 46.3 + 152.9) / 4,
+}
+
+
+def mean_std(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarise(results: list[dict], video: bool) -> dict[str, dict]:
+    """Per method: seeds, % updated, mean/std of every task score and of the average, costs."""
+    columns = VIDEO_COLUMNS if video else IMAGE_COLUMNS
+    rows = {}
+    for method in sorted({r["method"] for r in results if r["video"] == video}, key=_rank):
+        runs = [r["result"] for r in results if r["video"] == video and r["method"] == method]
+        rows[method] = {
+            "seeds": len(runs),
+            "percent": runs[0]["params"]["percent"],
+            "trainable": runs[0]["params"]["trainable"],
+            "scores": {t: mean_std([x["metrics"][t]["score"] for x in runs]) for t, _ in columns},
+            "average": mean_std([x["metrics"]["average"] for x in runs]),
+            "step_ms": 1000 * statistics.median(x["step_time_s"] for x in runs),
+            "peak_gb": max(x["peak_memory_bytes"] for x in runs) / 1e9,
+            "memory_kind": runs[0]["peak_memory_kind"],
+            "adapter_bytes": runs[0]["adapter_bytes"],
+            "wall_s": statistics.fmean(x.get("wall_s", x["train_time_s"]) for x in runs),
+        }
+    return rows
+
+
+def _rank(method: str) -> int:
+    return ORDER.index(method) if method in ORDER else len(ORDER)
+
+
+def _pm(ms: tuple[float, float]) -> str:
+    return f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def table(rows: dict[str, dict], video: bool) -> list[str]:
+    columns = VIDEO_COLUMNS if video else IMAGE_COLUMNS
+    paper_avg = PAPER_VIDEO_AVG if video else PAPER_IMAGE_AVG
+    head = [
+        "method",
+        "seeds",
+        "% updated",
+        *(name for _, name in columns),
+        "average",
+        "paper avg",
+        "step (ms)",
+        "peak mem (GB)",
+        "checkpoint bytes",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, r in rows.items():
+        cells = [
+            m,
+            str(r["seeds"]),
+            f"{r['percent']:.2f}",
+            *(_pm(r["scores"][t]) for t, _ in columns),
+            f"**{_pm(r['average'])}**",
+            f"{paper_avg[m]:.1f}" if m in paper_avg else "-",
+            f"{r['step_ms']:.0f}",
+            f"{r['peak_gb']:.2f}",
+            f"{r['adapter_bytes']:,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def verdict(
+    gap: float, paper_gap: float, noise: float, close: float = 1.0, far: float = 5.0
+) -> str:
+    """Does the measured gap between two methods (points of the average score) agree with the
+    paper's? `noise` is the seeds' spread (2 standard deviations, the larger of the two methods).
+
+    - paper gap within `close`: "no difference"; reproduced when |gap| <= max(close, noise);
+    - paper gap of at least `far`: "far behind/ahead"; reproduced when the sign agrees and
+      |gap| >= max(far, noise), otherwise not (a small gap does not show "far");
+    - in between, "a little": reproduced when the sign agrees and |gap| > noise, "within seed
+      noise" when |gap| <= noise (cannot tell), not reproduced when the sign is opposite."""
+    same_sign = (gap > 0) == (paper_gap > 0)
+    if abs(paper_gap) <= close:
+        return "reproduced" if abs(gap) <= max(close, noise) else "not reproduced"
+    if abs(paper_gap) >= far:
+        return "reproduced" if same_sign and abs(gap) >= max(far, noise) else "not reproduced"
+    if abs(gap) <= noise:
+        return "within seed noise"
+    return "reproduced" if same_sign else "not reproduced"
+
+
+def findings(image: dict, video: dict) -> list[str]:
+    """The paper's claims, each checked on the miniature's numbers."""
+    out = []
+
+    def gap_line(claim, a, b, rows, paper):
+        if a not in rows or b not in rows:
+            return
+        (ma, sa), (mb, sb) = rows[a]["average"], rows[b]["average"]
+        gap, paper_gap = ma - mb, paper[a] - paper[b]
+        noise = 2 * max(sa, sb)
+        v = verdict(gap, paper_gap, noise)
+        out.append(
+            f"- {claim}: {a} − {b} = {gap:+.1f} points here (2σ of seeds {noise:.1f}), "
+            f"{paper_gap:+.1f} in the paper → **{v}**."
+        )
+
+    gap_line(
+        "Single adapter matches full fine-tuning (image)",
+        "single_adapter",
+        "full_finetune",
+        image,
+        PAPER_IMAGE_AVG,
+    )
+    for m in ("hyperformer", "single_compacter", "single_lora"):
+        gap_line(
+            f"{m} a little below the single adapter", m, "single_adapter", image, PAPER_IMAGE_AVG
+        )
+    gap_line(
+        "Prompt tuning far behind full fine-tuning",
+        "single_prompt",
+        "full_finetune",
+        image,
+        PAPER_IMAGE_AVG,
+    )
+    gap_line(
+        "Single adapter matches full fine-tuning (video)",
+        "single_adapter",
+        "full_finetune",
+        video,
+        PAPER_VIDEO_AVG,
+    )
+    pct = {m: r["percent"] for m, r in image.items()}
+    order = [
+        m
+        for m in (
+            "single_compacter",
+            "single_adapter",
+            "half_shared_adapter",
+            "multiple_adapters",
+            "multiple_lora",
+        )
+        if m in pct
+    ]
+    if len(order) > 1:
+        ok = all(pct[a] < pct[b] for a, b in zip(order, order[1:], strict=False))
+        out.append(
+            f"- Parameter budget ordering {' < '.join(order)} (paper: 2.70 < 4.18 < 8.36 "
+            f"< 12.22 < 17.72): {', '.join(f'{pct[m]:.2f}' for m in order)} here → "
+            f"**{'reproduced' if ok else 'not reproduced'}**."
+        )
+    return out
+
+
+def plot(image: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for m, r in image.items():
+        mean, std = r["average"]
+        style = {"marker": "*", "markersize": 14} if m == "full_finetune" else {"marker": "o"}
+        ax.errorbar(r["percent"], mean, yerr=std, capsize=3, linestyle="none", **style)
+        ax.annotate(m, (r["percent"], mean), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    if "full_finetune" in image:
+        ax.axhline(
+            image["full_finetune"]["average"][0], color="grey", linestyle="--", linewidth=0.8
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("% of parameters updated (log scale)")
+    ax.set_ylabel("average of VQA / GQA / NLVR2 acc and caption CIDEr")
+    ax.set_title("vlds mini reproduction: score vs parameters updated (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{cpu}, {cores} cores"
+
+
+def write_report(results: list[dict], out: Path) -> None:
+    image, video = summarise(results, False), summarise(results, True)
+    timing_path = out / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    lines = [
+        "# vlds mini reproduction",
+        "",
+        f"Machine: {machine()}; written {time.strftime('%Y-%m-%d %H:%M %Z')}.",
+    ]
+    if timing:
+        lines.append(
+            f"Wall time: {timing['total_s'] / 60:.1f} min in all (data, backbone "
+            f"pretraining and feature caching {timing['prepare_s'] / 60:.1f} min)."
+        )
+    lines += ["", "## Image tasks (VQA, GQA, NLVR2, captions together)", "", *table(image, False)]
+    if video:
+        lines += ["", "## Video tasks (TVQA, How2QA, TVC, YC2C together)", "", *table(video, True)]
+    kind = next(iter(image.values()))["memory_kind"] if image else ""
+    lines += [
+        "",
+        f"Scores: official metrics on the validation split, mean ± std over seeds. "
+        f"Step: median training step (forward + backward + update, data excluded). Peak "
+        f"memory: {kind}. Checkpoint bytes: the adapter-only export (safetensors + JSON).",
+        "",
+        "## The paper's findings, checked",
+        "",
+        *findings(image, video),
+        "",
+        "![score vs % updated](score_vs_params.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    if image:
+        plot(image, out / "score_vs_params.png")
+    (out / "results.json").write_text(
+        json.dumps({"image": image, "video": video, "runs": results}, indent=1) + "\n"
+    )

@@ -1,0 +1,371 @@
+"""The paper's experiment in miniature: every PEFT method side by side on the shapes world.
+
+    python bench/mini_repro.py                      # the whole experiment (make repro)
+    python bench/mini_repro.py --seeds 0 --methods single_adapter,full_finetune --no-video
+    python bench/mini_repro.py --report-only        # re-write the report from finished runs
+
+1. Data: the downstream shapes world is the embedded default of `make train` (8 tasks); the
+   pretraining images come from the same generator with another seed (no image is shared).
+2. Backbone: a small CLIP-T5 (open_clip ResNet tower + T5) is pretrained on captioning the
+   pretraining images, the vision tower and the language model both trained: our stand-in for
+   CLIP and T5's pretrained weights. It is saved as a backbone: `lm/` (save_pretrained + the
+   tokenizer) and `clip.pt` (an open_clip checkpoint), loaded by the real loading code
+   (`--model.lm=DIR --model.vision_pretrained=FILE`). The visual embedding is not kept: as in
+   the paper, every run learns its own from scratch.
+3. Features: the downstream shards go through the frozen pretrained tower once
+   (`python -m vlds.data.extract`), as users cache CLIP features for real runs.
+4. Runs: `python vlds/train.py` per (method, seed): every method of vlds.peft on the four image
+   tasks together, and the single adapter and full fine-tuning on the four video tasks, each
+   with the recipe's learning rate (adapters/Compacter/Hyperformer/LoRA/prompts 1e-3, multiple
+   adapters 3e-4, full fine-tuning 1e-4; video 3e-4, full 3e-5). Two runs at a time, one core
+   each; a finished run (its metrics.json) is never redone, so an interrupted experiment
+   continues where it stopped.
+5. Report: report.md (per method: % updated, each task's official metric as mean +- std over
+   seeds, the average, step time, peak memory, checkpoint bytes; which of the paper's findings
+   the miniature reproduces), score_vs_params.png (the paper's teaser plot), results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # `python bench/mini_repro.py` from a checkout without install
+
+from bench.mini_report import write_report  # noqa: E402
+
+IMAGE_TASKS = "vqa,gqa,nlvr,caption"
+VIDEO_TASKS = "tvqa,how2qa,tvc,yc2c"
+VIDEO_METHODS = ("single_adapter", "full_finetune")
+# The recipe's learning rates (REFERENCE.md); methods not named there use the adapters' 1e-3.
+IMAGE_LR = {"multiple_adapters": 3e-4, "full_finetune": 1e-4}
+VIDEO_LR = {"full_finetune": 3e-5}
+# The backbone: a T5 of 2.3M parameters. PEFT sizes keep the paper's proportions to d_model
+# (768 there): reduction factor 8, LoRA rank d/6, Hyperformer embeddings 2d/3, prompt MLP ~d.
+MODEL = {"model.d_model": 96, "model.num_layers": 3, "model.num_heads": 4, "model.d_ff": 384}
+PEFT = {
+    "peft.reduction_factor": 8,
+    "peft.lora_rank": 16,
+    "peft.hyper_task_dim": 64,
+    "peft.hyper_layer_dim": 64,
+    "peft.hyper_hidden": 32,
+    "peft.prompt_length": 20,
+    "peft.prompt_hidden": 96,
+}
+
+
+def parse_args(argv):
+    from vlds.peft import METHODS
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "mini_repro")
+    p.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma list")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of train.seed values")
+    p.add_argument("--no-video", action="store_true", help="skip the video runs")
+    p.add_argument("--epochs", type=int, default=3, help="downstream epochs per run")
+    p.add_argument("--pretrain-steps", type=int, default=600)
+    p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
+    p.add_argument("--eval-samples", type=int, default=300, help="validation samples per task")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; valid: {', '.join(sorted(METHODS))}")
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    return args
+
+
+# ---- 1 + 2: data and the pretrained backbone -------------------------------------------------
+
+
+def pretrain_spec(images: int = 4000):
+    from vlds.data.synthetic import SyntheticSpec
+
+    # Only the caption images are used; the other tasks are kept minimal (always written).
+    return SyntheticSpec(
+        seed=1,
+        train_per_task=images,
+        val_per_task=8,
+        video_train_per_task=8,
+        video_val_per_task=8,
+        samples_per_shard=500,
+    )
+
+
+def describe(scene) -> str:
+    """Every object of a scene in words: 'a large red circle in the top left, ...'."""
+    from vlds.data.synthetic import POSITION, _an
+
+    return ", ".join(
+        f"{_an(f'{o.size} {o.color} {o.kind}')} {POSITION[o.cell]}" for o in scene.objects
+    )
+
+
+def text_qa_batch(rng: random.Random, tok, n: int, max_len: int = 128):
+    """T5-style text pretraining (T5's own mixture has reading comprehension): answer a question
+    about a scene described in words, or judge a statement about two described scenes. The
+    questions are the shapes world's VQA/GQA/NLVR2 forms, so the language model knows the answer
+    format and the reasoning, and never sees pixels: grounding them is left to the runs."""
+    from vlds.data.synthetic import GENERATORS
+    from vlds.data.tasks import majority_answer
+
+    src, tgt, spec = [], [], pretrain_spec()
+    for _ in range(n):
+        form = rng.choice(("vqa", "gqa", "nlvr"))
+        rec, scenes = GENERATORS[form](
+            random.Random(rng.random()), form, "text", rng.randrange(10**6), spec
+        )
+        if form == "nlvr":
+            left, right = (describe(s) for s in scenes)
+            src.append(f"left: {left}. right: {right}. statement: {rec['sentence']}")
+            tgt.append("true" if rec["label"] else "false")
+        else:
+            src.append(f"context: {describe(scenes[0])}. question: {rec['question']}")
+            tgt.append(majority_answer(rec["answers"]) if form == "vqa" else rec["answer"])
+    enc = tok(src, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    labels = tok(tgt, padding=True, return_tensors="pt").input_ids
+    labels[labels == tok.pad_token_id] = -100
+    return enc, labels
+
+
+def pretrain_backbone(
+    down_root: Path, out: Path, steps: int, images: int = 4000, cache: Path | None = None
+) -> Path:
+    """Pretraining of tower + T5 (+ a throw-away visual embedding) -> out/backbone: each step
+    captions a batch of pretraining images and answers a batch of text-only questions."""
+    backbone = out / "backbone"
+    if (backbone / "DONE").is_file():
+        return backbone
+    import torch
+    from tqdm import tqdm
+    from transformers import get_linear_schedule_with_warmup
+
+    from vlds.config import build_config
+    from vlds.data.build import DataBuilder
+    from vlds.data.synthetic import ensure_synthetic
+    from vlds.distributed import WorldInfo
+    from vlds.model.build import build_model, build_tokenizer, build_tower
+
+    pre_root = ensure_synthetic(cache, pretrain_spec(images))  # cache: as `make train`
+    cfg = build_config(
+        "tiny",
+        {
+            **MODEL,
+            "data.root": str(pre_root),
+            "data.tasks": "caption",
+            "model.tokenizer": str(down_root / "tokenizer"),
+            "peft.method": "full_finetune",
+            "data.batch_size": min(64, images),
+            "data.num_workers": 1,
+            "train.seed": 0,
+        },
+    )
+    torch.manual_seed(0)
+    tok = build_tokenizer(cfg, down_root)
+    tower = build_tower(cfg)
+    model = build_model(cfg, tok, tower)
+    tower.requires_grad_(True)
+    data = DataBuilder(cfg, pre_root, tok, tower.image_size, WorldInfo(0, 0, 1))
+    params = [p for p in model.parameters() if p.requires_grad] + list(tower.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    sched = get_linear_schedule_with_warmup(opt, steps // 20, steps)
+    model.train()
+    step, epoch, t0 = 0, 0, time.time()
+    qa_rng = random.Random(0)
+    log = []
+    with tqdm(total=steps, desc="pretrain backbone (captions)", dynamic_ncols=True) as bar:
+        while step < steps:
+            for batch in data.train_loader(epoch):
+                caption = model(tower.visual_inputs(batch, cfg.model.max_frames, grad=True))
+                enc, labels = text_qa_batch(qa_rng, tok, 64)
+                text = model.lm(**enc, labels=labels).loss
+                loss = caption + text
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 5.0)
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update(1)
+                if step % 10 == 0 or step == steps:
+                    bar.set_postfix(caption=f"{caption.item():.3f}", text=f"{text.item():.3f}")
+                    log.append({"step": step, "caption": caption.item(), "text": text.item()})
+                if step >= steps:
+                    break
+            epoch += 1
+    tmp = out / "backbone.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.lm.save_pretrained(tmp / "lm")
+    # the sentencepiece model itself: build_tokenizer loads a directory holding spiece.model
+    shutil.copytree(down_root / "tokenizer", tmp / "lm", dirs_exist_ok=True)
+    import open_clip
+
+    clip = open_clip.create_model(cfg.model.vision)  # the full CLIP layout open_clip loads
+    clip.visual.load_state_dict(tower.visual.state_dict())
+    torch.save(clip.state_dict(), tmp / "clip.pt")
+    info = {
+        "steps": steps,
+        "seconds": round(time.time() - t0, 1),
+        "data": str(pre_root),
+        "loss": log,
+        "config": cfg.to_dict(),
+    }
+    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1) + "\n")
+    (tmp / "DONE").write_text("ok\n")
+    shutil.rmtree(backbone, ignore_errors=True)
+    tmp.rename(backbone)
+    return backbone
+
+
+# ---- 3: cached features ----------------------------------------------------------------------
+
+
+def extract_features(down_root: Path, backbone: Path, out: Path) -> Path:
+    feats = out / "features"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlds.data.extract",
+        "--shards",
+        str(down_root),
+        "--tasks",
+        f"{IMAGE_TASKS},{VIDEO_TASKS}",
+        "--splits",
+        "train,val",
+        "--out",
+        str(feats),
+        "--vision",
+        "vlds-tiny-rn",
+        "--vision-pretrained",
+        str(backbone / "clip.pt"),
+        "--grid-pool",
+        "3",
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True)  # finished shards are skipped on a re-run
+    return feats
+
+
+# ---- 4: the runs -----------------------------------------------------------------------------
+
+
+def run_specs(args) -> list[dict]:
+    specs = []
+    for video in (False, True):
+        if video and args.no_video:
+            continue
+        methods = [m for m in args.methods if not video or m in VIDEO_METHODS]
+        for method in methods:
+            lr = VIDEO_LR.get(method, 3e-4) if video else IMAGE_LR.get(method, 1e-3)
+            for seed in args.seeds:
+                name = f"{'video' if video else 'image'}/{method}/seed{seed}"
+                specs.append(
+                    {"name": name, "video": video, "method": method, "seed": seed, "lr": lr}
+                )
+    return specs
+
+
+def train_args(spec: dict, feats: Path, backbone: Path, out: Path, args) -> list[str]:
+    over = {
+        **MODEL,
+        **PEFT,
+        "model.lm": str(backbone / "lm"),
+        "model.arch": "t5",
+        "model.tokenizer": str(backbone / "lm"),
+        "model.vision": "vlds-tiny-rn",
+        "model.vision_pretrained": str(backbone / "clip.pt"),
+        "model.grid_pool": 3,
+        "data.root": str(feats),
+        "data.features": "true",
+        "data.num_workers": 0,
+        "data.tasks": VIDEO_TASKS if spec["video"] else IMAGE_TASKS,
+        "peft.method": spec["method"],
+        "train.lr": spec["lr"],
+        "train.seed": spec["seed"],
+        "train.epochs": args.epochs,
+        "train.out_dir": str(out / spec["name"]),
+        "train.log_every": 25,
+        "train.keep_last": 1,
+        "eval.every": 10**9,
+        "eval.max_samples": args.eval_samples,
+        "eval.batch_size": 100,
+        "eval.caption_beams": 3,
+    }
+    if spec["video"]:
+        over.update({"data.max_text_len": 96, "data.batch_size": 16})
+    return [f"--{k}={v}" for k, v in over.items()]
+
+
+def run_one(spec: dict, feats: Path, backbone: Path, out: Path, args) -> dict:
+    run_dir = out / spec["name"]
+    done = run_dir / "metrics.json"
+    if not done.is_file():
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)  # a world of one per run, on its own free port
+        cmd = [sys.executable, "vlds/train.py", *train_args(spec, feats, backbone, out, args)]
+        t0 = time.time()
+        log = run_dir.parent / f"{run_dir.name}.log"
+        with open(log, "w") as f:
+            p = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if p.returncode != 0:
+            tail = log.read_text()[-2000:]
+            raise RuntimeError(f"{spec['name']} failed (exit {p.returncode}); log {log}:\n{tail}")
+        result = json.loads(done.read_text())
+        result["wall_s"] = round(time.time() - t0, 1)
+        done.write_text(json.dumps(result, indent=2) + "\n")
+    return {**spec, "result": json.loads(done.read_text())}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    specs = run_specs(args)
+    if not args.report_only:
+        from tqdm import tqdm
+
+        from vlds.data.synthetic import ensure_synthetic
+
+        t0 = time.time()
+        down_root = ensure_synthetic()  # the default of `make train`
+        backbone = pretrain_backbone(down_root, out, args.pretrain_steps)
+        feats = extract_features(down_root, backbone, out)
+        timing = {"prepare_s": round(time.time() - t0, 1)}
+        with cf.ThreadPoolExecutor(args.parallel) as pool:
+            futures = [pool.submit(run_one, s, feats, backbone, out, args) for s in specs]
+            with tqdm(total=len(futures), desc="runs", dynamic_ncols=True) as bar:
+                for fut in cf.as_completed(futures):
+                    r = fut.result()
+                    bar.update(1)
+                    bar.set_postfix_str(r["name"])
+        timing["total_s"] = round(time.time() - t0, 1)
+        (out / "timing.json").write_text(json.dumps(timing) + "\n")
+    results = []
+    for s in specs:
+        done = out / s["name"] / "metrics.json"
+        if done.is_file():
+            results.append({**s, "result": json.loads(done.read_text())})
+    if not results:
+        raise SystemExit(f"no finished runs under {out}; run without --report-only first")
+    write_report(results, out)
+    print(f"report: {out / 'report.md'}, plot: {out / 'score_vs_params.png'}")
+
+
+if __name__ == "__main__":
+    main()

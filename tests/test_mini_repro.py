@@ -1,0 +1,140 @@
+"""bench/mini_repro.py: the report's numbers and verdicts from hand-made runs, and the whole
+pipeline (pretrain -> backbone -> cached features -> vlds/train.py runs -> report) at toy size."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.mini_report import findings, summarise, verdict, write_report
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fake_run(method, seed, scores, percent, video=False):
+    tasks = ("tvqa", "how2qa", "tvc", "yc2c") if video else ("vqa", "gqa", "nlvr", "caption")
+    metrics = {t: {"score": s} for t, s in zip(tasks, scores, strict=True)}
+    metrics["average"] = sum(scores) / 4
+    result = {
+        "metrics": metrics,
+        "params": {"percent": percent, "trainable": 10},
+        "step_time_s": 0.05 + seed / 100,
+        "peak_memory_bytes": 2e9 + seed,
+        "peak_memory_kind": "peak RSS",
+        "adapter_bytes": 1234,
+        "train_time_s": 9.0,
+    }
+    return {
+        "name": f"{method}/{seed}",
+        "video": video,
+        "method": method,
+        "seed": seed,
+        "result": result,
+    }
+
+
+@pytest.fixture
+def runs():
+    return [
+        fake_run("full_finetune", 0, (60, 50, 70, 100), 100.0),
+        fake_run("full_finetune", 1, (62, 52, 70, 104), 100.0),
+        fake_run("single_adapter", 0, (59, 50, 71, 100), 5.0),
+        fake_run("single_adapter", 1, (61, 50, 69, 104), 5.0),
+        fake_run("single_prompt", 0, (30, 30, 50, 60), 2.0),
+        fake_run("single_prompt", 1, (30, 30, 50, 64), 2.0),
+        fake_run("single_adapter", 0, (70, 70, 40, 100), 4.0, video=True),
+    ]
+
+
+def test_summary_is_hand_computed(runs):
+    image = summarise(runs, video=False)
+    assert list(image) == ["full_finetune", "single_adapter", "single_prompt"]  # paper order
+    full = image["full_finetune"]
+    assert full["seeds"] == 2 and full["percent"] == 100.0
+    assert full["scores"]["vqa"] == pytest.approx((61.0, 2**0.5))  # mean, sample std
+    assert full["average"] == pytest.approx((71.0, 2**0.5))  # (70, 72)
+    assert full["step_ms"] == pytest.approx(55.0) and full["peak_gb"] == pytest.approx(2.0)
+    video = summarise(runs, video=True)
+    assert list(video) == ["single_adapter"] and video["single_adapter"]["average"][1] == 0.0
+
+
+@pytest.mark.parametrize(
+    "gap, paper_gap, noise, expected",
+    [
+        (-0.5, -0.2, 1.0, "reproduced"),  # no difference in the paper, none here
+        (-4.0, -0.2, 1.0, "not reproduced"),  # no difference in the paper, a clear one here
+        (-10.0, -18.6, 2.0, "reproduced"),  # far behind in both
+        (-1.0, -18.6, 0.0, "not reproduced"),  # behind, but not far: does not show the claim
+        (+3.0, -18.6, 2.0, "not reproduced"),  # opposite sign
+        (-3.0, -1.5, 1.0, "reproduced"),  # a little behind, beyond the noise
+        (-0.5, -1.5, 1.0, "within seed noise"),
+        (+3.0, -1.5, 1.0, "not reproduced"),
+    ],
+)
+def test_verdicts(gap, paper_gap, noise, expected):
+    assert verdict(gap, paper_gap, noise) == expected
+
+
+def test_findings_and_files(runs, tmp_path):
+    image = summarise(runs, video=False)
+    lines = findings(image, summarise(runs, video=True))
+    adapter = next(
+        x for x in lines if x.startswith("- Single adapter matches full fine-tuning (im")
+    )
+    assert "= -0.5 points" in adapter and "**reproduced**" in adapter  # 70.5 vs 71.0
+    prompt = next(x for x in lines if x.startswith("- Prompt tuning"))
+    assert "= -28.0 points" in prompt and "**reproduced**" in prompt  # 43.0 vs 71.0
+    write_report(runs, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| single_adapter | 2 | 5.00 | 60.0 ± 1.4 | 50.0 ± 0.0 |" in report
+    assert (tmp_path / "score_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "results.json").read_text())["image"]["single_prompt"]
+
+
+def test_unknown_method_is_refused():
+    p = subprocess.run(
+        [sys.executable, "bench/mini_repro.py", "--methods", "single_adapter,adapterz"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "unknown method(s) ['adapterz']" in p.stderr
+
+
+def test_pretrained_backbone_loads_and_trains_through_vlds_train(shapes_root, tmp_path):
+    """The pipeline at toy size: pretrain (2 steps), save the backbone, cache features with its
+    tower, train one method through `python vlds/train.py` on them, report."""
+    import torch
+
+    from bench import mini_repro as M
+    from vlds.model.vision import VisionTower
+
+    backbone = M.pretrain_backbone(shapes_root, tmp_path, steps=2, images=16, cache=tmp_path)
+    info = json.loads((backbone / "pretrain.json").read_text())
+    assert info["steps"] == 2 and {"caption", "text"} <= set(info["loss"][-1])
+    # the tower file is what training loads, and pretraining changed it (not the random init)
+    torch.manual_seed(0)
+    random_tower = VisionTower("vlds-tiny-rn", "", 3)
+    trained = VisionTower("vlds-tiny-rn", str(backbone / "clip.pt"), 3)
+    conv = "visual.conv1.weight"
+    assert not torch.equal(random_tower.state_dict()[conv], trained.state_dict()[conv])
+    feats = M.extract_features(shapes_root, backbone, tmp_path)
+    args = M.parse_args(["--epochs", "1", "--eval-samples", "8", "--out", str(tmp_path)])
+    spec = {
+        "name": "image/single_adapter/seed0",
+        "video": False,
+        "method": "single_adapter",
+        "seed": 0,
+        "lr": 1e-3,
+    }
+    run = M.run_one(spec, feats, backbone, tmp_path, args)["result"]
+    config = json.loads((tmp_path / spec["name"] / "config.json").read_text())
+    assert config["model"]["lm"] == str(backbone / "lm") and config["data"]["features"] == "true"
+    assert run["metrics"]["vqa"]["n"] == 8 and run["wall_s"] > 0
+    write_report([{**spec, "result": run}], tmp_path)
+    assert "| single_adapter | 1 |" in (tmp_path / "report.md").read_text()
