@@ -49,8 +49,9 @@ VIDEO_METHODS = ("single_adapter", "full_finetune")
 # The recipe's learning rates (REFERENCE.md); methods not named there use the adapters' 1e-3.
 IMAGE_LR = {"multiple_adapters": 3e-4, "full_finetune": 1e-4}
 VIDEO_LR = {"full_finetune": 3e-5}
-# The backbone: a T5 of 2.3M parameters. PEFT sizes keep the paper's proportions to d_model
-# (768 there): reduction factor 8, LoRA rank d/6, Hyperformer embeddings 2d/3, prompt MLP ~d.
+# The backbone: a T5 of 0.8M parameters (d 96, 3 + 3 layers, vocabulary 512). PEFT sizes keep
+# the paper's ratios to d (768 there): reduction factor 8, LoRA rank d/6, Hyperformer
+# embeddings 2d/3, prompt MLP ~d; 20 prompt vectors (40 there) before 40 text tokens.
 MODEL = {"model.d_model": 96, "model.num_layers": 3, "model.num_heads": 4, "model.d_ff": 384}
 PEFT = {
     "peft.reduction_factor": 8,
@@ -71,7 +72,7 @@ def parse_args(argv):
     p.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma list")
     p.add_argument("--seeds", default="0,1,2", help="comma list of train.seed values")
     p.add_argument("--no-video", action="store_true", help="skip the video runs")
-    p.add_argument("--epochs", type=int, default=3, help="downstream epochs per run")
+    p.add_argument("--epochs", type=int, default=4, help="downstream epochs per run")
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--eval-samples", type=int, default=300, help="validation samples per task")

@@ -67,6 +67,7 @@ def test_summary_is_hand_computed(runs):
     [
         (-0.5, -0.2, 1.0, "reproduced"),  # no difference in the paper, none here
         (-4.0, -0.2, 1.0, "not reproduced"),  # no difference in the paper, a clear one here
+        (-11.6, 0.0, 18.0, "within seed noise"),  # a gap the seeds' spread covers: cannot tell
         (-10.0, -18.6, 2.0, "reproduced"),  # far behind in both
         (-1.0, -18.6, 0.0, "not reproduced"),  # behind, but not far: does not show the claim
         (+3.0, -18.6, 2.0, "not reproduced"),  # opposite sign
