@@ -317,8 +317,11 @@ def run_one(spec: dict, feats: Path, backbone: Path, out: Path, args) -> dict:
             "MKL_NUM_THREADS": "1",
             "TOKENIZERS_PARALLELISM": "false",
         }
-        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(k, None)  # a world of one per run, on its own free port
+        for k in list(env):  # a world of one per run, on its own free port, even under srun
+            if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") or (
+                k.startswith("SLURM_")
+            ):
+                env.pop(k)
         cmd = [sys.executable, "vlds/train.py", *train_args(spec, feats, backbone, out, args)]
         t0 = time.time()
         log = run_dir.parent / f"{run_dir.name}.log"
@@ -330,7 +333,22 @@ def run_one(spec: dict, feats: Path, backbone: Path, out: Path, args) -> dict:
         result = json.loads(done.read_text())
         result["wall_s"] = round(time.time() - t0, 1)
         done.write_text(json.dumps(result, indent=2) + "\n")
+    check_same_settings(run_dir, train_args(spec, feats, backbone, out, args))
     return {**spec, "result": json.loads(done.read_text())}
+
+
+def check_same_settings(run_dir: Path, argv: list[str]) -> None:
+    """A finished run is reused only if it was trained with these settings (a re-run with other
+    --epochs or --eval-samples must not mix old and new runs in one table)."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    for arg in argv:
+        key, value = arg[2:].split("=", 1)
+        section, name = key.split(".")
+        if key != "train.out_dir" and str(saved[section][name]) != value:
+            raise SystemExit(
+                f"{run_dir} was trained with {key}={saved[section][name]}, this experiment "
+                f"asks for {value}: delete that folder to redo it, or pass another --out"
+            )
 
 
 def main(argv=None) -> None:

@@ -137,5 +137,10 @@ def test_pretrained_backbone_loads_and_trains_through_vlds_train(shapes_root, tm
     config = json.loads((tmp_path / spec["name"] / "config.json").read_text())
     assert config["model"]["lm"] == str(backbone / "lm") and config["data"]["features"] == "true"
     assert run["metrics"]["vqa"]["n"] == 8 and run["wall_s"] > 0
+    # the finished run is reused as it is, but never under other settings
+    assert M.run_one(spec, feats, backbone, tmp_path, args)["result"] == run
+    other = M.parse_args(["--epochs", "2", "--eval-samples", "8", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="trained with train.epochs=1, this experiment asks for 2"):
+        M.run_one(spec, feats, backbone, tmp_path, other)
     write_report([{**spec, "result": run}], tmp_path)
     assert "| single_adapter | 1 |" in (tmp_path / "report.md").read_text()
