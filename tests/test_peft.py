@@ -18,11 +18,13 @@ def test_zero_up_projection_reproduces_the_base_model(arch):
             a.up.bias.zero_()
     base.eval(), model.eval()
     b = image_batch(tok, tower)
-    assert torch.equal(base(b), model(b))
-    # ... and a non-zero adapter changes it: the hooks are live
+    # Compared as inference (no_grad): with autograd on, the two models differ in which weights
+    # require grad, and CPU BLAS may then pick kernels that round the last bit differently.
     with torch.no_grad():
+        assert torch.equal(base(b), model(b))
+        # ... and a non-zero adapter changes it: the hooks are live
         next(iter(model.peft.values())).up.bias.normal_()  # not constant: LN removes that
-    assert not torch.equal(base(b), model(b))
+        assert not torch.equal(base(b), model(b))
 
 
 @pytest.mark.parametrize("arch", ["t5", "bart"])
