@@ -48,14 +48,16 @@ def test_a_broken_nodelist_is_refused(bad):
         expand_nodelist(bad)
 
 
-def _clean_env(monkeypatch):
+def _clean_env(monkeypatch, launch_vars: dict | None = None):
+    """No launch or SLURM variable but `launch_vars` (set through monkeypatch)."""
     for k in list(os.environ):
         if is_launch_var(k):
             monkeypatch.delenv(k)
+    for k, v in (launch_vars or {}).items():
+        monkeypatch.setenv(k, v)
 
 
 def test_slurm_variables_give_rank_world_and_master(monkeypatch):
-    _clean_env(monkeypatch)
     env = {
         "SLURM_PROCID": "5",
         "SLURM_NTASKS": "8",
@@ -63,22 +65,15 @@ def test_slurm_variables_give_rank_world_and_master(monkeypatch):
         "SLURM_JOB_NODELIST": "gpu[003-005,009],cpu1",
         "SLURM_JOB_ID": "123456",
     }
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
+    _clean_env(monkeypatch, env)
     info = world_info_from_env()
     assert (info.rank, info.local_rank, info.world_size) == (5, 1, 8)
     assert os.environ["MASTER_ADDR"] == "gpu003"
     assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
     # a job step on part of the allocation rendezvouses on its own first node, with its own
     # task count; an exported MASTER_* (slurm/train.sbatch) wins
-    _clean_env(monkeypatch)
-    for k, v in {
-        **env,
-        "SLURM_STEP_NODELIST": "gpu[005,009]",
-        "SLURM_STEP_NUM_TASKS": "4",
-        "MASTER_PORT": "29999",
-    }.items():
-        monkeypatch.setenv(k, v)
+    step = {"SLURM_STEP_NODELIST": "gpu[005,009]", "SLURM_STEP_NUM_TASKS": "4"}
+    _clean_env(monkeypatch, {**env, **step, "MASTER_PORT": "29999"})
     info = world_info_from_env()
     assert info.world_size == 4
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("gpu005", "29999")
@@ -87,14 +82,15 @@ def test_slurm_variables_give_rank_world_and_master(monkeypatch):
 def test_a_single_slurm_task_rendezvouses_locally(monkeypatch):
     """`srun -n1` or a shell in an interactive allocation: a world of one on a free local port,
     not the job's first node on the job-derived port (which another job step may hold)."""
-    _clean_env(monkeypatch)
-    for k, v in {
-        "SLURM_PROCID": "0",
-        "SLURM_NTASKS": "1",
-        "SLURM_JOB_NODELIST": "gpu[003-004]",
-        "SLURM_JOB_ID": "123456",
-    }.items():
-        monkeypatch.setenv(k, v)
+    _clean_env(
+        monkeypatch,
+        {
+            "SLURM_PROCID": "0",
+            "SLURM_NTASKS": "1",
+            "SLURM_JOB_NODELIST": "gpu[003-004]",
+            "SLURM_JOB_ID": "123456",
+        },
+    )
     info = world_info_from_env()
     assert (info.rank, info.world_size) == (0, 1)
     assert os.environ["MASTER_ADDR"] == "127.0.0.1"
@@ -102,7 +98,6 @@ def test_a_single_slurm_task_rendezvouses_locally(monkeypatch):
 
 
 def test_torchrun_variables_win_over_slurm(monkeypatch):
-    _clean_env(monkeypatch)
     torchrun = {
         "RANK": "3",
         "WORLD_SIZE": "4",
@@ -110,8 +105,7 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
         "MASTER_ADDR": "h1",
         "MASTER_PORT": "1234",
     }
-    for k, v in {**torchrun, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}.items():
-        monkeypatch.setenv(k, v)
+    _clean_env(monkeypatch, {**torchrun, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
     info = world_info_from_env()
     assert (info.rank, info.local_rank, info.world_size) == (3, 3, 4)
     assert os.environ["MASTER_ADDR"] == "h1"
