@@ -63,14 +63,14 @@ def photo(rng, w=640, h=480) -> bytes:
 
 
 def write_split(root: Path, task: str, payloads: list[dict], recs: list[dict], **extra) -> None:
-    from vlds.data import shardio
+    from vlds.data.prep import shardwrite
 
     d = root / task
     d.mkdir(parents=True, exist_ok=True)
-    with shardio.open_shard(d / "train-00000.tar") as tar:
+    with shardwrite.open_shard(d / "train-00000.tar") as tar:
         for i, (payload, rec) in enumerate(zip(payloads, recs, strict=True)):
-            shardio.write_sample(tar, f"{task}-{i:07d}", {"json": rec, **payload})
-    shardio.write_index(d, task, "train", [{"url": "train-00000.tar", "samples": len(recs)}],
+            shardwrite.write_sample(tar, f"{task}-{i:07d}", {"json": rec, **payload})
+    shardwrite.write_index(d, task, "train", [{"url": "train-00000.tar", "samples": len(recs)}],
                         **extra)  # fmt: skip
 
 
@@ -84,14 +84,9 @@ def stream_rate(root, task, tok, batch, seconds, decode_only=False, loader=False
     """Samples/s of TrainStream (one process) over a split: whole batches, or (decode_only) the
     raw read + Preprocess of samples without tokenising/collating, or (loader) whole batches
     through a DataLoader with one worker process (wall rate only: the work is in the worker)."""
-    from vlds.data.stream import (
-        Collator,
-        Preprocess,
-        SkipCounter,
-        TrainStream,
-        load_index,
-        slot_stream,
-    )
+    from vlds.data.decode import Collator, Preprocess
+    from vlds.data.shardio import SkipCounter, load_index
+    from vlds.data.stream import TrainStream, slot_stream
     from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
     idx = load_index(root, task, "train")
@@ -123,7 +118,7 @@ def stream_rate(root, task, tok, batch, seconds, decode_only=False, loader=False
 
 
 def bench_jpeg(root, tok, seconds, rng) -> list:
-    from vlds.data.stream import Preprocess
+    from vlds.data.decode import Preprocess
     from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
     jpgs = [photo(rng) for _ in range(64)]
@@ -149,7 +144,7 @@ def bench_jpeg(root, tok, seconds, rng) -> list:
 
 
 def bench_video(root, tok, seconds, rng) -> list:
-    from vlds.data.video import decode_frames, encode_video
+    from vlds.data.prep.video import decode_frames, encode_video
 
     n, t = 64, 8
     frames = [rng.integers(0, 255, (t, 224, 224, 3), dtype=np.uint8) for _ in range(4)]
@@ -175,7 +170,7 @@ def bench_video(root, tok, seconds, rng) -> list:
 
 
 def bench_features(root, tok, seconds, rng) -> list:
-    from vlds.data.stream import load_npy
+    from vlds.data.shardio import load_npy
 
     n = 1024
     feats = rng.standard_normal((8, 36, 2048)).astype(np.float16)

@@ -13,7 +13,7 @@
    (`--model.lm=DIR --model.vision_pretrained=FILE`). The visual embedding is not kept: as in
    the paper, every run learns its own from scratch.
 3. Features: the downstream shards go through the frozen pretrained tower once
-   (`python -m vlds.data.extract`), as users cache CLIP features for real runs.
+   (`python -m vlds.data.prep.extract`), as users cache CLIP features for real runs.
 4. Runs: `python vlds/train.py` per (method, seed): every method of vlds.peft on the four image
    tasks together, and the single adapter and full fine-tuning on the four video tasks, each
    with the recipe's learning rate (adapters/Compacter/Hyperformer/LoRA/prompts 1e-3, multiple
@@ -105,7 +105,8 @@ def pretrain_spec(images: int = 4000):
 
 def describe(scene) -> str:
     """Every object of a scene in words: 'a large red circle in the top left, ...'."""
-    from vlds.data.synthetic import POSITION, _an
+    from vlds.data.synthetic import POSITION
+    from vlds.data.synthetic.language import _an
 
     return ", ".join(
         f"{_an(f'{o.size} {o.color} {o.kind}')} {POSITION[o.cell]}" for o in scene.objects
@@ -236,7 +237,7 @@ def extract_features(down_root: Path, backbone: Path, out: Path) -> Path:
     cmd = [
         sys.executable,
         "-m",
-        "vlds.data.extract",
+        "vlds.data.prep.extract",
         "--shards",
         str(down_root),
         "--tasks",

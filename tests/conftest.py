@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 
+import vlds.engine  # noqa: F401  (registers every config section's check, as entry points do)
 from tests.helpers import is_launch_var
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

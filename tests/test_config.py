@@ -6,7 +6,6 @@ from vlds.config import (
     PRESETS,
     ConfigError,
     build_config,
-    check_reduction_factor,
     config_from_dict,
     global_batch,
     parse_cli,
@@ -93,13 +92,59 @@ def test_round_trip_through_json():
 
 
 def test_reduction_factor_must_divide_d_model():
-    check_reduction_factor(8, 768)
+    from vlds.peft import METHODS
+
+    def check(method, r, d_model=768):
+        peft = build_config("tiny", {"peft.method": method, "peft.reduction_factor": str(r)}).peft
+        METHODS[method](peft, ["vqa"]).check(d_model, "t5")
+
+    check("single_adapter", 8)
     with pytest.raises(
         ConfigError, match=r"reduction_factor=7 does not divide d_model=768.*one of"
     ):
-        check_reduction_factor(7, 768)
+        check("single_adapter", 7)
     with pytest.raises(ConfigError, match="does not divide"):
         validate(build_config("tiny", {"peft.reduction_factor": "3"}))
+    # one check, by the method's own flag: methods without a bottleneck ignore the factor
+    assert {m for m, c in METHODS.items() if c.uses_bottleneck} == {
+        "single_adapter", "multiple_adapters", "half_shared_adapter", "hyperformer",
+        "single_compacter", "multiple_compacters",
+    }  # fmt: skip
+    check("single_lora", 7)
+    validate(build_config("tiny", {"peft.method": "single_lora", "peft.reduction_factor": "3"}))
+
+
+def test_every_owner_registers_its_check():
+    from vlds.config import CHECKS
+
+    owners = {name.rsplit(".", 1)[0] for name in CHECKS}
+    assert owners == {
+        "vlds.data.tasks", "vlds.data.mixing", "vlds.data.decode", "vlds.peft.registry",
+        "vlds.kernels",
+    }  # fmt: skip
+
+
+def test_field_roles_replace_hand_kept_key_lists():
+    from vlds.config import keys_with_role
+
+    match, run = set(keys_with_role("match")), set(keys_with_role("run"))
+    assert not match & run
+    # what a resume must keep: the model, the method, the data order and the batches
+    assert {"model.arch", "model.lm", "model.d_model", "peft.method", "peft.reduction_factor",
+            "data.tasks", "data.batch_size", "data.task_batch_scale", "data.split",
+            "data.mixing", "data.mixing_weights", "data.mixing_temperature",
+            "train.grad_accum", "train.global_batch_size", "train.seed"} <= match  # fmt: skip
+    # where and how a run executes or is scored (left out of a tuned best_config.json)
+    assert {"data.num_workers", "eval.max_samples", "eval.caption_beams", "eval.every",
+            "train.out_dir", "train.resume", "train.save_every", "train.keep_last",
+            "train.log_every", "train.handle_signals", "eval.java_metrics"} <= run  # fmt: skip
+    assert "train.lr" not in match | run and "peft.fused_kernel" not in match | run
+
+
+def test_grad_accum_and_global_batch_cannot_disagree():
+    cfg = build_config("tiny", {"train.grad_accum": "2", "train.global_batch_size": "64"})
+    with pytest.raises(ConfigError, match="both set; give one"):
+        validate(cfg)
 
 
 def test_global_batch_identity_and_divisibility():

@@ -1,4 +1,4 @@
-"""Cached CLIP features (python -m vlds.data.extract): layout, parity with pixels, resume, the
+"""Cached CLIP features (python -m vlds.data.prep.extract): layout, parity with pixels, resume, the
 config checks, and a training run on feature shards.
 
     pytest tests/test_extract.py
@@ -22,8 +22,10 @@ import torch
 from tests.helpers import tiny
 from vlds.config import build_config
 from vlds.data.build import check_features
-from vlds.data.extract import main as extract_main
-from vlds.data.stream import Collator, DataError, Preprocess, TrainStream, load_index
+from vlds.data.decode import Collator, Preprocess
+from vlds.data.prep.extract import main as extract_main
+from vlds.data.shardio import DataError, load_index
+from vlds.data.stream import TrainStream
 from vlds.data.synthetic import SyntheticSpec, write_task_split
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 

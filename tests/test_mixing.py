@@ -15,16 +15,10 @@ import torch
 
 from vlds.config import ConfigError, build_config, validate
 from vlds.data.build import DataBuilder
-from vlds.data.stream import (
-    Collator,
-    DataError,
-    Preprocess,
-    TrainStream,
-    epoch_schedule,
-    load_index,
-    mixing_counts,
-    reader_split_notes,
-)
+from vlds.data.decode import Collator, Preprocess
+from vlds.data.mixing import epoch_schedule, mixing_counts
+from vlds.data.shardio import DataError, load_index
+from vlds.data.stream import TrainStream, reader_split_notes
 from vlds.data.synthetic import SyntheticSpec, write_task_split
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 

@@ -6,7 +6,7 @@ import torchvision.transforms.functional as TF
 
 from tests.helpers import byte_tokenizer, image_batch, tiny
 from vlds.data.synthetic import random_scene, render_scene
-from vlds.model.build import build_lm
+from vlds.model.build import build_lm, vocab_of
 from vlds.model.vision import (
     CLIP_MEAN,
     CLIP_STD,
@@ -150,7 +150,7 @@ def test_vision_weights_load_from_a_local_checkpoint(tmp_path):
 def test_language_model_loads_from_a_local_directory(tmp_path, arch):
     """The real loading path (hub name or directory), exercised offline via save_pretrained."""
     cfg, tok, _, _ = tiny(arch)
-    lm = build_lm(cfg, tok).eval()  # no PEFT hooks: the plain backbone
+    lm = build_lm(cfg, *vocab_of(tok)).eval()  # no PEFT hooks: the plain backbone
     lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     cfg2, *_ = tiny(arch)
@@ -160,7 +160,7 @@ def test_language_model_loads_from_a_local_directory(tmp_path, arch):
 
     tok2 = build_tokenizer(cfg2)
     assert tok2("vqa: hi").input_ids == tok("vqa: hi").input_ids
-    lm2 = build_lm(cfg2, tok2).eval()
+    lm2 = build_lm(cfg2, *vocab_of(tok2)).eval()
     ids = torch.tensor([tok("caption: a red circle").input_ids])
     dec = torch.tensor([[0, 5, 6]])
     torch.testing.assert_close(
@@ -176,4 +176,4 @@ def test_arch_mismatch_with_a_pretrained_model_is_explained(tmp_path):
     from vlds.config import ConfigError
 
     with pytest.raises(ConfigError, match="is a t5 model but model.arch='bart'"):
-        build_lm(cfg, byte_tokenizer())
+        build_lm(cfg, *vocab_of(byte_tokenizer()))

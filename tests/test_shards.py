@@ -1,4 +1,4 @@
-"""Shard writers for the public releases (python -m vlds.data.shards): tiny inputs in each
+"""Shard writers for the public releases (python -m vlds.data.prep.shards): tiny inputs in each
 format (json/jsonl annotations, PIL-made images in folders, zips and tars, PyAV-made videos,
 feature files) are converted, and the shards are checked against vlds/data/tasks.py, read by
 the stream, and trained on.
@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlds.data.shards import main as shards_main
-from vlds.data.stream import Collator, Preprocess, TrainStream, load_index
+from vlds.data.decode import Collator, Preprocess
+from vlds.data.prep.shards import main as shards_main
+from vlds.data.shardio import load_index
+from vlds.data.stream import TrainStream
 from vlds.data.tasks import ALL_TASKS, TASKS
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
@@ -149,7 +151,7 @@ def make_release(root: Path) -> dict:
 def make_video_release(root: Path) -> dict:
     """VALUE-style jsonl for the four video tasks, a subtitle jsonl, 6 two-second mp4 clips
     (one truncated) and per-video feature files (.npy and .npz)."""
-    from vlds.data.video import encode_video
+    from vlds.data.prep.video import encode_video
 
     p: dict = {}
     vids = root / "videos"
@@ -408,7 +410,7 @@ def test_converted_shards_train(image_shards, shapes_root, tmp_path):
 
 
 def test_every_registry_task_has_a_converter():
-    from vlds.data.converters import ALIASES, converters
+    from vlds.data.prep.converters import ALIASES, converters
 
     table = converters()
     assert sorted(c.task for c in table.values()) == sorted(ALL_TASKS)

@@ -8,16 +8,10 @@ import tarfile
 import pytest
 import torch
 
-from vlds.data.stream import (
-    Collator,
-    DataError,
-    EvalStream,
-    Preprocess,
-    TrainStream,
-    epoch_schedule,
-    load_index,
-    task_batch_sizes,
-)
+from vlds.data.decode import Collator, Preprocess
+from vlds.data.mixing import epoch_schedule, task_batch_sizes
+from vlds.data.shardio import DataError, load_index
+from vlds.data.stream import EvalStream, TrainStream
 from vlds.data.synthetic import SyntheticSpec, write_task_split
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
@@ -219,7 +213,7 @@ def _rewrite(shard, change):
 
 
 def test_bad_samples_of_every_kind_are_skipped_and_counted(tmp_path, tokenizer):
-    from vlds.data.stream import SkipCounter, _raw_samples
+    from vlds.data.shardio import SkipCounter, read_samples
 
     write_task_split(tmp_path, "vqa", "train", 24, SyntheticSpec(samples_per_shard=12))
     write_task_split(tmp_path, "tvqa", "train", 8, SyntheticSpec(samples_per_shard=8))
@@ -243,7 +237,7 @@ def test_bad_samples_of_every_kind_are_skipped_and_counted(tmp_path, tokenizer):
         ),
     )
     counter = SkipCounter()
-    keys = [s["__key__"] for s in _raw_samples(str(second), counter, 12)]
+    keys = [s["__key__"] for s in read_samples(str(second), counter, 12)]
     assert 0 < len(keys) < 12 and counter.count >= 12 - len(keys)  # the rest is kept
     batches = _ids(_stream(tmp_path, tokenizer, tasks=("vqa", "tvqa")))
     seen = {i for _, ids in batches for i in ids}
@@ -280,7 +274,7 @@ def test_too_many_bad_samples_stop_with_the_shard_names(tmp_path, tokenizer):
 def test_tar_reader_agrees_with_webdataset(tmp_path, fmt, mode):
     import webdataset as wds
 
-    from vlds.data.stream import SkipCounter, _raw_samples
+    from vlds.data.shardio import SkipCounter, read_samples
 
     deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: ustar prefix, GNU/pax long names
     members = [("a.json", b"{}"), ("a.png", b"x" * 700), ("a.notes.txt", b"skipped"),
@@ -294,7 +288,7 @@ def test_tar_reader_agrees_with_webdataset(tmp_path, fmt, mode):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     errors = SkipCounter()
-    ours = [{k: v for k, v in s.items() if k != "__url__"} for s in _raw_samples(str(path), errors)]
+    ours = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples(str(path), errors)]
     theirs = [
         {k: v for k, v in s.items() if k in ("__key__", "json", "png", "img0.jpg")}
         for s in wds.tariterators.tarfile_samples([{"url": str(path)}])
@@ -304,7 +298,7 @@ def test_tar_reader_agrees_with_webdataset(tmp_path, fmt, mode):
 
 
 def test_tar_reader_stops_at_a_corrupt_header(tmp_path):
-    from vlds.data.stream import SkipCounter, _raw_samples
+    from vlds.data.shardio import SkipCounter, read_samples
 
     write_task_split(tmp_path, "vqa", "train", 4, SyntheticSpec(samples_per_shard=4))
     shard = tmp_path / "vqa" / "train-00000.tar"
@@ -313,6 +307,6 @@ def test_tar_reader_stops_at_a_corrupt_header(tmp_path):
     data[second + 5] ^= 0xFF
     shard.write_bytes(bytes(data))
     errors = SkipCounter()
-    keys = [s["__key__"] for s in _raw_samples(str(shard), errors, 4)]
+    keys = [s["__key__"] for s in read_samples(str(shard), errors, 4)]
     assert keys == ["vqa-train-0000000", "vqa-train-0000001"]
     assert errors.count == 1 + 2  # the corrupt header, then samples 2 and 3 missing

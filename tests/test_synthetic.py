@@ -1,4 +1,4 @@
-"""Tests of the shapes world (vlds.data.synthetic): schema, determinism, correctness, caching.
+"""Tests of the shapes world (vlds/data/synthetic/): schema, determinism, correctness, caching.
 
     pytest tests/test_synthetic.py
 
@@ -26,7 +26,11 @@ import pytest
 from PIL import Image
 
 from vlds.data import synthetic as S
-from vlds.data.tasks import ALL_TASKS, IMAGE_TASKS, TASKS, majority_answer
+from vlds.data.prep.shardwrite import SCHEMA_VERSION
+from vlds.data.shardio import load_index, read_records
+from vlds.data.synthetic import package
+from vlds.data.synthetic.language import _rng
+from vlds.data.tasks import ALL_TASKS, IMAGE_TASKS, TASKS, majority_answer, majority_baseline
 
 SMALL = S.SyntheticSpec(
     train_per_task=20,
@@ -122,7 +126,7 @@ def test_index_matches_tar_contents(dataset):
             index = json.loads((dataset / task / f"{split}.index.json").read_text())
             assert set(index) == {"task", "split", "total", "schema_version", "shards"}
             assert (index["task"], index["split"], index["total"]) == (task, split, n)
-            assert index["schema_version"] == S.SCHEMA_VERSION == 2
+            assert index["schema_version"] == SCHEMA_VERSION == 2
             counts = [len(tar_samples(dataset / task / s["url"])) for s in index["shards"]]
             assert counts == [s["samples"] for s in index["shards"]] and sum(counts) == n
 
@@ -250,7 +254,7 @@ def test_vqa_hand_checked_scene():
 
 def records_with_visuals(task: str, n: int, spec=SMALL):
     for i in range(n):
-        rec, visual = S.GENERATORS[task](S._rng(spec, task, "train", i), task, "train", i, spec)
+        rec, visual = S.GENERATORS[task](_rng(spec, task, "train", i), task, "train", i, spec)
         # The record must be exactly what make_sample writes.
         assert {"task": task, **rec} == S.make_sample(task, "train", i, spec, render=False)["json"]
         yield rec, visual
@@ -470,14 +474,14 @@ def test_ensure_synthetic_env_default_and_lost_rename(tmp_path, monkeypatch):
     spec = S.SyntheticSpec(**{**vars(SMALL), "seed": 8})
     monkeypatch.setenv("VLDS_CACHE", str(tmp_path))
     final = tmp_path / f"shapes-{S.spec_hash(spec)}"
-    generate = S._generate
+    generate = package._generate
 
     def racing_generate(out, spec, workers):
         # Another host finishes first: its complete copy appears before our rename.
         generate(out, spec, workers)
         generate(final, spec, workers)
 
-    monkeypatch.setattr(S, "_generate", racing_generate)
+    monkeypatch.setattr(package, "_generate", racing_generate)
     assert S.ensure_synthetic(None, spec) == final
     assert (final / "COMPLETE").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name, f"{final.name}.lock"]
@@ -495,13 +499,25 @@ def test_two_processes_racing_get_the_same_folder(tmp_path):
 
 
 def test_majority_baseline(dataset):
-    train = Counter(majority_answer(r["answers"]) for r in S.read_records(dataset, "vqa", "train"))
+    def records(task, split):
+        return list(read_records(load_index(dataset, task, split)))
+
+    train = Counter(majority_answer(r["answers"]) for r in records("vqa", "train"))
     constant = train.most_common(1)[0][0]
-    val = [majority_answer(r["answers"]) for r in S.read_records(dataset, "vqa", "val")]
-    assert S.majority_baseline(dataset) == sum(a == constant for a in val) / len(val)
-    assert 0.0 <= S.majority_baseline(dataset, "nlvr") <= 1.0
+    val = [r["answers"] for r in records("vqa", "val")]
+    # official VQA accuracy by hand: mean over the 10 leave-one-out subsets of min(1, matches/3)
+    per_q = [
+        sum(
+            min(1.0, sum(a == constant for j, a in enumerate(ans) if j != i) / 3) for i in range(10)
+        )
+        / 10
+        for ans in val
+    ]
+    got = majority_baseline("vqa", records("vqa", "train"), records("vqa", "val"))
+    assert got == pytest.approx(100 * sum(per_q) / len(per_q))
+    assert 0.0 <= majority_baseline("nlvr", records("nlvr", "train"), records("nlvr", "val")) <= 100
     with pytest.raises(ValueError):
-        S.majority_baseline(dataset, "caption")
+        majority_baseline("caption", records("caption", "train"), records("caption", "val"))
 
 
 def test_cli_prints_a_summary(tmp_path, capsys):

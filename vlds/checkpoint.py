@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from vlds import faults
+from vlds.config import keys_with_role
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -246,26 +247,15 @@ def resolve_resume(resume: str, out_dir: Path) -> tuple[Path, str] | None:
 
 
 def check_compatible(state: dict, cfg, world_size: int) -> None:
-    """A resume must use the same model, method, tasks, data order, world size and batches."""
+    """A resume must use the same model, method, tasks, data order, world size and batches: every
+    config field marked "match" in vlds/config.py, and the world size."""
     old = state.get("config", {})
     problems = []
-    for section, key in (
-        ("model", "arch"),
-        ("model", "lm"),
-        ("model", "d_model"),
-        ("peft", "method"),
-        ("peft", "reduction_factor"),
-        ("data", "tasks"),
-        ("data", "batch_size"),
-        ("train", "grad_accum"),
-        ("data", "split"),  # the data order: a resume must replay the same stream
-        ("data", "mixing"),
-        ("data", "mixing_weights"),
-        ("data", "mixing_temperature"),
-    ):
-        was, now = old.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+    for key in keys_with_role("match"):  # every field marked "must match on resume"
+        section, _, name = key.partition(".")
+        was, now = old.get(section, {}).get(name), getattr(getattr(cfg, section), name)
         if was is not None and was != now:
-            problems.append(f"{section}.{key} was {was!r}, now {now!r}")
+            problems.append(f"{key} was {was!r}, now {now!r}")
     if state.get("world_size", world_size) != world_size:
         problems.append(f"world size was {state['world_size']}, now {world_size}")
     if problems:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -23,47 +24,77 @@ class ConfigError(ValueError):
     """A configuration problem found before any work started."""
 
 
+# ---- field roles ----------------------------------------------------------------------------
+# A field's role is kept beside it, not in hand-kept key lists elsewhere:
+# - MATCH: part of what a checkpoint trains or the order it reads its data in; a resume must use
+#   the same value (vlds.checkpoint.check_compatible compares every such field);
+# - RUN: where and how a run executes or is scored, not what it trains (a tuned winner's
+#   best_config.json leaves these out).
+
+
+def _match(default):
+    return field(default=default, metadata={"role": "match"})
+
+
+def _run(default):
+    return field(default=default, metadata={"role": "run"})
+
+
+def keys_with_role(role: str) -> list[str]:
+    """Every "section.key" whose field is marked `role` ("match" or "run")."""
+    return [
+        f"{section}.{f.name}"
+        for section in SECTIONS
+        for f in fields(_SECTION_TYPES[section])
+        if f.metadata.get("role") == role
+    ]
+
+
 @dataclass
 class ModelConfig:
-    arch: str = "t5"  # "t5" | "bart": how the language model is built when lm == "random"
+    arch: str = _match("t5")  # "t5" | "bart": how the language model is built when lm == "random"
     # "random": a randomly initialised encoder-decoder of the sizes below (tests, benchmarks,
     # the embedded default); otherwise a hub name ("t5-base", "facebook/bart-base") or a local
     # directory written by save_pretrained.
-    lm: str = "random"
-    d_model: int = 64
-    num_layers: int = 2  # encoder layers; the decoder gets the same number
-    num_heads: int = 4
-    d_ff: int = 128
-    dropout: float = 0.1
+    lm: str = _match("random")
+    d_model: int = _match(64)
+    num_layers: int = _match(2)  # encoder layers; the decoder gets the same number
+    num_heads: int = _match(4)
+    d_ff: int = _match(128)
+    dropout: float = _match(0.1)
     # "" = the tokenizer that belongs to `lm` (hub name or local dir); "synthetic" = the
     # shapes-world sentencepiece model written next to the embedded data; or a directory.
-    tokenizer: str = "synthetic"
-    extra_tokens: int = 0  # the reference adds 200 special tokens to bart-base's vocabulary
+    tokenizer: str = _match("synthetic")
+    extra_tokens: int = _match(0)  # the reference adds 200 special tokens to bart-base's vocabulary
     # open_clip model name ("RN101", "ViT-B-32", or the embedded "vlds-tiny-rn") and weights:
     # "" = random (tests), "openai" (hub), or a path to a checkpoint file.
-    vision: str = "vlds-tiny-rn"
-    vision_pretrained: str = ""
-    grid_pool: int = 6  # ResNet layer4 grid is adaptively max-pooled to grid_pool x grid_pool
-    max_frames: int = 64  # video: frames resampled to this many (max-pool down, zero-pad up)
+    vision: str = _match("vlds-tiny-rn")
+    vision_pretrained: str = _match("")
+    # ResNet layer4 grid is adaptively max-pooled to grid_pool x grid_pool
+    grid_pool: int = _match(6)
+    # video: frames resampled to this many (max-pool down, zero-pad up)
+    max_frames: int = _match(64)
 
 
 @dataclass
 class PeftConfig:
-    method: str = "single_adapter"
-    reduction_factor: int = 8  # bottleneck = d_model // reduction_factor
+    method: str = _match("single_adapter")
+    reduction_factor: int = _match(8)  # bottleneck = d_model // reduction_factor
     # None = the method's default (the paper trains LayerNorms with adapters, not with LoRA)
-    train_layernorms: bool | None = None
-    phm_n: int = 2  # Compacter: W = sum_i kron(A_i, B_i), i < n
-    hyper_task_dim: int = 512  # Hyperformer task embedding
-    hyper_layer_dim: int = 512  # Hyperformer layer embedding
-    hyper_hidden: int = 128  # hypernetwork Linear(task + layer -> hidden) -> ReLU -> ...
-    hyper_proj: int = 8  # ... -> Linear(hidden -> p) -> LayerNorm(p), p feeds the generators
-    lora_rank: int = 128
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    lora_train_biases: bool = True  # the reference also trains every bias of the model
-    prompt_length: int = 40  # encoder prompt vectors
-    prompt_hidden: int = 800  # reparameterisation Linear(d -> hidden) -> tanh -> Linear(-> d)
+    train_layernorms: bool | None = _match(None)
+    phm_n: int = _match(2)  # Compacter: W = sum_i kron(A_i, B_i), i < n
+    hyper_task_dim: int = _match(512)  # Hyperformer task embedding
+    hyper_layer_dim: int = _match(512)  # Hyperformer layer embedding
+    hyper_hidden: int = _match(128)  # hypernetwork Linear(task + layer -> hidden) -> ReLU -> ...
+    # ... -> Linear(hidden -> p) -> LayerNorm(p), p feeds the generators
+    hyper_proj: int = _match(8)
+    lora_rank: int = _match(128)
+    lora_alpha: float = _match(32.0)
+    lora_dropout: float = _match(0.1)
+    lora_train_biases: bool = _match(True)  # the reference also trains every bias of the model
+    prompt_length: int = _match(40)  # encoder prompt vectors
+    # reparameterisation Linear(d -> hidden) -> tanh -> Linear(-> d)
+    prompt_hidden: int = _match(800)
     # Fused Triton adapter kernels: "auto" = on CUDA tensors when triton imports, "on", "off"
     fused_kernel: str = "auto"
 
@@ -73,28 +104,29 @@ class DataConfig:
     # "" = the embedded synthetic shapes world (generated on first use into the cache);
     # otherwise a folder with {task}/{split}.index.json and the shards it names.
     root: str = ""
-    tasks: str = "vqa,gqa,nlvr,caption"
-    train_split: str = "train"
+    tasks: str = _match("vqa,gqa,nlvr,caption")
+    train_split: str = _match("train")
     val_split: str = "val"
-    batch_size: int = 32  # micro-batch per rank (every task; see task_batch_scale)
+    batch_size: int = _match(32)  # micro-batch per rank (every task; see task_batch_scale)
     # Per-task multipliers of batch_size, e.g. "gqa=1.67,nlvr=0.33" (the reference's per-task
     # batch sizes); empty = all tasks use batch_size.
-    task_batch_scale: str = ""
-    num_workers: int = 1
-    shuffle_buffer: int = 256
-    max_text_len: int = 40  # encoder text tokens (video tasks use up to 600 in the reference)
-    max_target_len: int = 20
+    task_batch_scale: str = _match("")
+    num_workers: int = _run(1)
+    shuffle_buffer: int = _match(256)
+    # encoder text tokens (video tasks use up to 600 in the reference)
+    max_text_len: int = _match(40)
+    max_target_len: int = _match(20)
     # Steps per task in an epoch: "proportional" to its batch count (the reference),
     # "weights" (data.mixing_weights, e.g. "vqa=2,gqa=1,nlvr=1,caption=1": every task), or
     # "temperature" (batch counts ^ (1 / data.mixing_temperature); 1 = proportional, large =
     # uniform). The epoch keeps the proportional number of steps; small tasks repeat.
-    mixing: str = "proportional"
-    mixing_weights: str = ""
-    mixing_temperature: float = 2.0
+    mixing: str = _match("proportional")
+    mixing_weights: str = _match("")
+    mixing_temperature: float = _match(2.0)
     # "shard": each rank/worker reads its own shards (least I/O); "global": all read the same
     # stream and slice each global batch, so results do not depend on the number of ranks
-    split: str = "shard"
-    # Cached CLIP features (python -m vlds.data.extract): "auto" = use feats.npy where the
+    split: str = _match("shard")
+    # Cached CLIP features (python -m vlds.data.prep.extract): "auto" = use feats.npy where the
     # shards have it, "true" = require feature shards, "false" = pixels only.
     features: str = "auto"
     # JPEG decoding in PIL's draft mode (DCT-domain downscale, 2-3x faster); false = full decode
@@ -115,27 +147,33 @@ class TrainConfig:
     adam_eps: float = 1e-6
     warmup_ratio: float = 0.1
     grad_clip: float = 5.0
-    grad_accum: int = 1
-    global_batch_size: int = 0  # 0 = batch_size x grad_accum x world; else must divide
-    seed: int = 0
+    grad_accum: int = _match(1)
+    global_batch_size: int = _match(0)  # 0 = batch_size x grad_accum x world; else must divide
+    seed: int = _match(0)
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" | "fp32"
-    out_dir: str = "runs/{preset}"  # a fresh run moves an earlier one aside
-    resume: str = ""  # "" | "latest" | a checkpoint folder
+    out_dir: str = _run("runs/{preset}")  # a fresh run moves an earlier one aside
+    resume: str = _run("")  # "" | "latest" | a checkpoint folder
     init_from: str = ""  # start a new run from an adapter export (fresh optimizer)
     max_bad_steps: int = 5  # non-finite steps in a row before the run stops
-    log_every: int = 10
-    save_every: int = 0  # steps; 0 = at the end of each epoch
-    keep_last: int = 2
+    log_every: int = _run(10)
+    save_every: int = _run(0)  # steps; 0 = at the end of each epoch
+    keep_last: int = _run(2)
+    # SIGTERM/SIGUSR1 save a checkpoint and stop; false where the host handles preemption
+    # itself (Ray Tune runs trials in a worker thread, where handlers cannot be installed)
+    handle_signals: bool = _run(True)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps; 0 = at the end of each epoch
-    max_samples: int = 0  # per task; 0 = the whole validation split
-    batch_size: int = 64
+    every: int = _run(0)  # steps; 0 = at the end of each epoch
+    max_samples: int = _run(0)  # per task; 0 = the whole validation split
+    batch_size: int = _run(64)
     qa_beams: int = 1  # greedy for QA (reference)
-    caption_beams: int = 5  # beam 5 for captions (reference)
+    caption_beams: int = _run(5)  # beam 5 for captions (reference)
     max_new_tokens: int = 20
+    # PTBTokenizer + METEOR start two JVMs per caption evaluation (~10 s on 2 cores); false =
+    # basic tokenisation, no METEOR (CIDEr, the caption score, needs neither)
+    java_metrics: bool = _run(True)
 
 
 @dataclass
@@ -159,6 +197,13 @@ class Config:
 
 
 SECTIONS = ("model", "peft", "data", "train", "eval")
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "peft": PeftConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
 
 
 # ---- presets --------------------------------------------------------------------------------
@@ -387,77 +432,51 @@ def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
     return build_config(preset, {**file_overrides, **overrides}), rest
 
 
+# ---- validation -----------------------------------------------------------------------------
+# The config checks what needs no other module; each owner of a section's meaning (the task
+# registry, the mixing schedule, the PEFT registry, the kernels) registers its own check with
+# `@config_check`, and `validate` calls them all. Importing vlds.engine (the construction path)
+# imports every owner, so every entry point that builds a run validates it fully.
+CHECKS: dict[str, Callable[[Config], None]] = {}
+
+
+def config_check(fn: Callable[[Config], None]) -> Callable[[Config], None]:
+    """Register `fn(cfg)` (raises ConfigError) to run in `validate`; keyed by its qualname."""
+    CHECKS[f"{fn.__module__}.{fn.__qualname__}"] = fn
+    return fn
+
+
 def validate(cfg: Config) -> None:
     """Semantic checks that need no model, data or process group: fail before any work."""
-    from vlds.data.tasks import IMAGE_TASKS, TASKS, VIDEO_TASKS
-    from vlds.peft import METHODS
-
-    tasks = cfg.task_list
-    if not tasks:
-        raise ConfigError("data.tasks is empty; give e.g. --data.tasks=vqa,gqa,nlvr,caption")
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ConfigError(f"unknown task(s) {unknown} in data.tasks; valid: {', '.join(TASKS)}")
-    if any(t in IMAGE_TASKS for t in tasks) and any(t in VIDEO_TASKS for t in tasks):
-        raise ConfigError(
-            "data.tasks mixes image and video tasks, whose visual features differ (grid tokens "
-            "vs frame embeddings); train them in separate runs, as the paper does"
+    if not CHECKS:
+        raise RuntimeError(
+            "no section checks are registered: import vlds.engine (it imports every owner of "
+            "a config section) before calling vlds.config.validate"
         )
+    if not cfg.task_list:
+        raise ConfigError("data.tasks is empty; give e.g. --data.tasks=vqa,gqa,nlvr,caption")
     if cfg.model.arch not in ("t5", "bart"):
         raise ConfigError(f"model.arch={cfg.model.arch!r}; valid: t5, bart")
-    if cfg.peft.method not in METHODS:
-        raise ConfigError(
-            f"unknown PEFT method {cfg.peft.method!r}; valid methods: {', '.join(METHODS)}"
-        )
-    check_reduction_factor(cfg.peft.reduction_factor, cfg.model.d_model)
-    METHODS[cfg.peft.method](cfg.peft, tasks).check(cfg.model.d_model, cfg.model.arch)
-    from vlds.kernels import check_mode
-
-    check_mode(cfg.peft.fused_kernel)
     if cfg.data.batch_size < 1 or cfg.eval.batch_size < 1 or cfg.train.grad_accum < 1:
         raise ConfigError("data.batch_size, eval.batch_size and train.grad_accum must be >= 1")
+    if cfg.train.global_batch_size > 0 and cfg.train.grad_accum != 1:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} and train.grad_accum="
+            f"{cfg.train.grad_accum} are both set; give one: the accumulation steps follow from "
+            f"the global batch (global = data.batch_size x grad_accum x world size)"
+        )
     if cfg.train.precision not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}; valid: auto, bf16, fp32")
     if cfg.data.split not in ("shard", "global"):
         raise ConfigError(f"data.split={cfg.data.split!r}; valid: shard, global")
-    check_data(cfg)
+    if not 0.0 <= cfg.data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError("train.warmup_ratio must be in [0, 1)")
-
-
-def check_data(cfg: Config) -> None:
-    """The data section's values: mixing, its weights, feature mode, bad-data threshold."""
-    from vlds.data.stream import FEATURE_MODES, MIXING, DataError, parse_mixing_weights
-
-    d = cfg.data
-    if d.mixing not in MIXING:
-        raise ConfigError(f"data.mixing={d.mixing!r}; valid: {', '.join(MIXING)}")
-    if d.mixing == "weights":
-        try:
-            parse_mixing_weights(d.mixing_weights, cfg.task_list)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
-    elif d.mixing_weights:
-        raise ConfigError(
-            f"data.mixing_weights is set but data.mixing={d.mixing!r}; add --data.mixing=weights"
-        )
-    if d.mixing == "temperature" and not d.mixing_temperature > 0:
-        raise ConfigError(f"data.mixing_temperature={d.mixing_temperature} must be > 0 (e.g. 2)")
-    if d.features not in FEATURE_MODES:
-        raise ConfigError(f"data.features={d.features!r}; valid: {', '.join(FEATURE_MODES)}")
-    if not 0.0 <= d.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
-    if d.num_workers < 0:
-        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
-
-
-def check_reduction_factor(r: int, d_model: int) -> None:
-    if r < 1 or d_model % r:
-        divisors = [k for k in (1, 2, 4, 8, 16, 32, 64) if d_model % k == 0]
-        raise ConfigError(
-            f"peft.reduction_factor={r} does not divide d_model={d_model} (the bottleneck is "
-            f"d_model / r); choose one of {divisors}"
-        )
+    for check in CHECKS.values():
+        check(cfg)
 
 
 def global_batch(cfg: Config, world_size: int) -> tuple[int, int]:

@@ -12,10 +12,11 @@
 The model is rebuilt from the config stored in the checkpoint's adapter_config.json the way
 vlds/train.py builds it (seeded with train.seed, so frozen random backbones come back bit for
 bit), the adapter is loaded, and each task is decoded with the same code and settings as the
-in-loop evaluation (vlds.eval.loop; beams and batch size from the config's eval section), on one
-process (GPU when there is one, in the run's precision). Written to --out (default
-{checkpoint}/../eval-{split}): one official-format prediction file per task (see
-vlds/eval/submission.py) and metrics.json. Exit status 2 on bad input, with the reason.
+in-loop evaluation (vlds.eval.loop.evaluate_tasks, loaders from vlds.data.build; beams and
+batch size from the config's eval section), on one process (GPU when there is one, in the
+run's precision). Written to --out (default {checkpoint}/../eval-{split}): one official-format
+prediction file per task (see vlds/eval/submission.py) and metrics.json. Exit status 2 on bad
+input, with the reason.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ log = logging.getLogger("vlds.evaluate")
 def reference_rows(shards: Path, task: str, split: str, max_samples: int = 0) -> dict:
     """{id: (references, meta)} of a split's first `max_samples` records (0 = all), the same
     samples the in-loop evaluation reads, without decoding any pixels."""
-    from vlds.data.build import _records
-    from vlds.data.stream import META_FIELDS, load_index
+    from vlds.data.decode import META_FIELDS
+    from vlds.data.shardio import load_index, read_records
     from vlds.data.tasks import get_task
 
     t = get_task(task)
     out = {}
-    for rec in _records(load_index(shards, task, split), max_samples):
+    for rec in read_records(load_index(shards, task, split), max_samples):
         out[str(rec["id"])] = (t.references(rec), {k: rec[k] for k in META_FIELDS if k in rec})
     return out
 
@@ -81,10 +82,12 @@ def evaluate_checkpoint(
 
     from vlds.checkpoint import ADAPTER_CONFIG, load_adapter
     from vlds.config import ConfigError, config_from_dict
-    from vlds.data.build import preprocess_and_collate
-    from vlds.data.stream import EvalStream, load_index
-    from vlds.eval.loop import evaluate
+    from vlds.data.build import DataBuilder
+    from vlds.distributed import WorldInfo
+    from vlds.engine import use_bf16
+    from vlds.eval.loop import evaluate_tasks
     from vlds.model.build import build_model, build_tokenizer, build_tower
+    from vlds.model.vision import tower_image_size
 
     adapter = _adapter_dir(Path(checkpoint))
     cfg = config_from_dict(json.loads((adapter / ADAPTER_CONFIG).read_text())["config"])
@@ -98,42 +101,22 @@ def evaluate_checkpoint(
     cfg.data.root, cfg.data.val_split = str(shards), split
     cfg.eval.max_samples = max_samples
     cfg.eval.batch_size = batch_size or cfg.eval.batch_size
-    indexes = {t: load_index(shards, t, split) for t in tasks}  # a missing split fails first
 
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
-    # As vlds/train.py: the frozen random weights are a function of the seed and build order.
-    torch.manual_seed(cfg.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(cfg, Path(shards))
-    tower = build_tower(cfg)
+    # The loaders first: a missing split fails before any model is built.
+    image_size = tower_image_size(cfg.model.vision)
+    data = DataBuilder(cfg, Path(shards), tokenizer, image_size, WorldInfo(0, 0, 1), train=False,
+                       eval_tasks=tasks)  # fmt: skip
+    tower = build_tower(cfg)  # seeded as in training: frozen random weights come back exactly
     model = build_model(cfg, tokenizer, tower)
     load_adapter(model, adapter)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     model.to(device, dtype)
     tower.to(device, dtype)
-
-    # Decoding and batching as in training; task ids come from the trained task list, so
-    # per-task modules route as in training.
-    preprocess, collate = preprocess_and_collate(cfg, tokenizer, tower.image_size)
-    loaders = {
-        t: torch.utils.data.DataLoader(
-            EvalStream(
-                idx,
-                preprocess,
-                collate,
-                rank=0,
-                world=1,
-                batch_size=cfg.eval.batch_size,
-                max_samples=max_samples,
-            ),
-            batch_size=None,
-            num_workers=0,
-        )
-        for t, idx in indexes.items()
-    }
     overrides = {"vqa": _metric("vqa", legacy_vqa)}
-    return evaluate(model, tower, loaders, tokenizer, cfg, device, metrics=overrides)
+    return evaluate_tasks(model, tower, data.eval_loaders(), tokenizer, cfg, device,
+                          metrics=overrides)  # fmt: skip
 
 
 def parse_args(argv):

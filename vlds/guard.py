@@ -35,9 +35,9 @@ def any_rank(flag: bool, device) -> bool:
 class Preemption:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, signals=SIGNALS):
         self.received: int | None = None
-        for sig in self.SIGNALS:
+        for sig in signals:
             signal.signal(sig, self._handler)
 
     def _handler(self, signum, _frame):

@@ -21,24 +21,28 @@ config/data/checkpoint (before any training), 3 too many non-finite steps in a r
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from vlds.config import ConfigError, global_batch, parse_cli, validate
+from vlds.config import ConfigError, parse_cli, validate
+from vlds.engine import (
+    DEFAULT_DS_CONFIG,
+    build_engine,
+    deepspeed_config,
+    is_zero3,
+    use_bf16,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 log = logging.getLogger("vlds")
 
 
 def parse_launcher_args(rest: list[str]) -> str:
     """The launcher's own flags: --deepspeed FILE and --local_rank N (ignored: env has it)."""
-    ds_config, it = str(REPO / "ds_configs" / "zero2.json"), iter(rest)
+    ds_config, it = str(DEFAULT_DS_CONFIG), iter(rest)
     for arg in it:
         if arg.startswith("--deepspeed_config") or arg.startswith("--deepspeed"):
             ds_config = arg.split("=", 1)[1] if "=" in arg else next(it, "")
@@ -53,86 +57,37 @@ def parse_launcher_args(rest: list[str]) -> str:
     return ds_config
 
 
-def deepspeed_config(path: str, cfg, world: int, bf16: bool) -> dict:
-    """Read the JSON and fill its "auto" entries; a number that contradicts the run fails."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(
-            f"DeepSpeed config {p} does not exist; pass --deepspeed "
-            f"ds_configs/zero2.json or ds_configs/zero3.json"
-        )
-    ds = json.loads(p.read_text())
-    train_batch, accum = global_batch(cfg, world)
-    want = {
-        "train_batch_size": train_batch,
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.train.grad_clip,
-    }
-    for key, value in want.items():
-        if ds.get(key, "auto") not in ("auto", value):
-            raise ConfigError(
-                f"{p}: {key}={ds[key]} but the run needs {value} (from data."
-                f"batch_size, train.grad_accum and {world} rank(s)); set it to "
-                f'"auto" in the JSON'
-            )
-        ds[key] = value
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    ds.pop("fp16", None)  # T5 overflows in fp16 (reference); bf16 or fp32 only
-    return ds
-
-
-def lr_lambda(total: int, warmup: int):
-    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
-
-
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and norm weights (every 1-D tensor)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-
-
 def main(argv: list[str] | None = None, on_eval=None) -> dict:
-    """Run training; returns the final metrics (used by tests and the tuner).
-
-    on_eval(step, metrics, cfg) is called on every rank after each evaluation (Ray Tune reports
-    from it); metrics are identical on all ranks.
-    """
+    """The command line: `--preset`, `--config`, `--section.key=value`, `--deepspeed FILE`."""
     argv = sys.argv[1:] if argv is None else argv
+    cfg, rest = parse_cli(argv)
+    return run(cfg, parse_launcher_args(rest), on_eval=on_eval)
+
+
+def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
+    """Train `cfg` (a vlds.config.Config); returns the final metrics (tests, the tuner).
+
+    deepspeed_config_path: a DeepSpeed JSON (default ds_configs/zero2.json). on_eval(step, metrics,
+    cfg) is called on every rank after each evaluation (Ray Tune reports from it); metrics are
+    identical on all ranks.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
     # ---- everything that can be checked without work is checked first ------------------
-    cfg, rest = parse_cli(argv)
-    ds_path = parse_launcher_args(rest)
     validate(cfg)
     from vlds.distributed import init_distributed, world_info_from_env
 
     info = world_info_from_env()
-    use_cuda = torch.cuda.is_available()
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and use_cuda)
-    ds_config = deepspeed_config(ds_path, cfg, info.world_size, bf16)
-    zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    bf16 = use_bf16(cfg)
+    ds_config = deepspeed_config(deepspeed_config_path or DEFAULT_DS_CONFIG, cfg,
+                                 info.world_size, bf16)  # fmt: skip
     if cfg.data.root:
-        from vlds.data.stream import load_index
+        from vlds.data.shardio import load_index
 
         for t in cfg.task_list:  # a missing shard folder fails here, before any model is built
             for split in (cfg.data.train_split, cfg.data.val_split):
                 load_index(cfg.data.root, t, split)
     device = init_distributed(info)
-    import deepspeed
     import torch.distributed as dist
 
     from vlds.checkpoint import load_adapter, read_adapter
@@ -154,12 +109,11 @@ def main(argv: list[str] | None = None, on_eval=None) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
     dist.barrier()
-    torch.manual_seed(cfg.train.seed)  # frozen random weights are a function of the seed
 
     # ---- data, model, engine ------------------------------------------------------------
     data_root = build.data_root(cfg, info.is_main)
     tokenizer = build_tokenizer(cfg, data_root)
-    tower = build_tower(cfg).to(device)
+    tower = build_tower(cfg).to(device)  # seeds torch: random weights follow train.seed
     model = build_model(cfg, tokenizer, tower)
     if init is not None:  # a new run (fresh optimizer) from another run's trained weights
         load_adapter(model, cfg.train.init_from, loaded=init)
@@ -169,38 +123,19 @@ def main(argv: list[str] | None = None, on_eval=None) -> dict:
     total_steps = cfg.train.epochs * data.steps_per_epoch()
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
-    # the LR schedule counts optimizer steps, one per grad_accum micro-steps
-    opt_steps = math.ceil(total_steps / ds_config["gradient_accumulation_steps"])
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
-    )  # fmt: skip
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(opt_steps, int(cfg.train.warmup_ratio * opt_steps))
-    )
-    if zero3:
-        # The fused adapter path reads its modules' weights directly: ZeRO-3 must gather a
-        # whole adapter module at once (no-op for methods without adapters).
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from vlds.peft.adapter import zero3_leaf_classes
-
-        set_z3_leaf_modules(model, zero3_leaf_classes(), raise_if_not_found=False)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    engine = build_engine(cfg, model, ds_config, total_steps)
     if bf16:
         tower.to(torch.bfloat16)
 
     trainer = Trainer(cfg, engine, tower, data, tokenizer, info, device, total_steps,
-                      zero3=zero3, on_eval=on_eval)  # fmt: skip
+                      zero3=is_zero3(ds_config), on_eval=on_eval)  # fmt: skip
     trainer.load(found)
     return trainer.fit()
 
 
 if __name__ == "__main__":
     from vlds.checkpoint import CheckpointError
-    from vlds.data.stream import DataError
+    from vlds.data.shardio import DataError
     from vlds.guard import NonFiniteError
 
     try:

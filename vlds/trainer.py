@@ -88,7 +88,7 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = 0
         self.runlog = RunLog(self.out_dir, info.is_main)
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
-        self.preemption = Preemption()
+        self.preemption = Preemption(Preemption.SIGNALS if cfg.train.handle_signals else ())
         self._saved_at = -1
         self._evaluated = None  # (step, metrics, predictions)
         self.step_times: list[float] = []  # wall seconds of each train_step (no data wait)
@@ -132,12 +132,12 @@ class Trainer:
                      self.step, self.epoch, self.step_in_epoch)  # fmt: skip
 
     # ---- evaluation -----------------------------------------------------------------------
-    def evaluate(self):
-        from vlds.eval.loop import evaluate
+    def run_eval(self):
+        from vlds.eval.loop import evaluate_tasks
 
         if self._evaluated is not None and self._evaluated[0] == self.step:
             return self._evaluated[1], self._evaluated[2]
-        metrics, preds = evaluate(self.engine.module, self.tower, self.data.eval_loaders(),
+        metrics, preds = evaluate_tasks(self.engine.module, self.tower, self.data.eval_loaders(),
                                   self.tokenizer, self.cfg, self.device, self.zero3)  # fmt: skip
         scores = {t: m["score"] if isinstance(m, dict) else m for t, m in metrics.items()}
         self.runlog.write(
@@ -201,7 +201,7 @@ class Trainer:
                         "lr": self.engine.get_lr()[0], "elapsed_s": time.time() - t0,
                         "bad_steps_total": self.guard.total})  # fmt: skip
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self.evaluate()
+                    self.run_eval()
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                     self.checkpoint()
                 if self.preemption.requested(self.device):
@@ -212,7 +212,7 @@ class Trainer:
             else:  # the epoch ran to its end
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 if not cfg.eval.every:
-                    self.evaluate()
+                    self.run_eval()
                 if not cfg.train.save_every:
                     self.checkpoint()
         bar.close()
@@ -248,7 +248,7 @@ class Trainer:
         }
 
     def finish(self, train_time: float) -> dict:
-        metrics, preds = self.evaluate()
+        metrics, preds = self.run_eval()
         self.checkpoint()
         save_adapter(self.engine.module, self.cfg_dict, self.out_dir / "adapter",
                      self.info.is_main)  # fmt: skip
@@ -262,7 +262,7 @@ class Trainer:
 
             for t, rows in preds.items():  # the official submission formats
                 write_predictions(t, rows, self.out_dir)
-            from vlds.report import plot_run
+            from vlds.curves import plot_run
 
             plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
             for t, base in result["majority_baseline"].items():

@@ -1,25 +1,21 @@
-"""From a Config to data loaders: the data root, train loaders per epoch, eval loaders."""
+"""From a Config to data loaders: the data root, train loaders per epoch, eval loaders.
+
+The one place loaders are built: training (vlds/train.py) and the standalone evaluator
+(vlds/evaluate.py, `train=False`) decode and batch the same way, so both score the same inputs.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-from collections import Counter
 from pathlib import Path
 
 import torch
 
-from vlds.data.stream import (
-    Collator,
-    DataError,
-    EvalStream,
-    Preprocess,
-    TrainStream,
-    load_index,
-    reader_split_notes,
-    task_batch_sizes,
-)
-from vlds.data.tasks import majority_answer
+from vlds.data.decode import Collator, Preprocess
+from vlds.data.mixing import task_batch_sizes
+from vlds.data.shardio import DataError, load_index, read_records
+from vlds.data.stream import EvalStream, TrainStream, reader_split_notes
+from vlds.data.tasks import majority_baseline
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("vlds")
@@ -53,8 +49,8 @@ def check_features(cfg, indexes: dict) -> None:
             if mode == "true":
                 raise DataError(
                     f"data.features=true but {where} describes pixel shards; write feature "
-                    f"shards with python -m vlds.data.extract --shards {cfg.data.root} --tasks "
-                    f"{idx.task} --out DIR, or set --data.features=auto"
+                    f"shards with python -m vlds.data.prep.extract --shards {cfg.data.root} "
+                    f"--tasks {idx.task} --out DIR, or set --data.features=auto"
                 )
             continue
         if mode == "false":
@@ -102,8 +98,7 @@ class _Loader:
 
 
 def preprocess_and_collate(cfg, tokenizer, image_size: int) -> tuple[Preprocess, Collator]:
-    """Sample decoding and batching exactly as training does them (also used by the evaluator,
-    so the two score the same inputs)."""
+    """Sample decoding and batching as training does them."""
     d = cfg.data
     preprocess = Preprocess(
         image_size, CLIP_MEAN, CLIP_STD, features=d.features, draft=d.jpeg_draft
@@ -114,12 +109,17 @@ def preprocess_and_collate(cfg, tokenizer, image_size: int) -> tuple[Preprocess,
 
 
 class DataBuilder:
-    def __init__(self, cfg, root: Path, tokenizer, image_size: int, info):
+    """The loaders of a run. `train=False` (the evaluator) reads only the validation split of
+    `eval_tasks` (default: every task); task ids still follow cfg.data.tasks, so per-task
+    modules route as in training."""
+
+    def __init__(self, cfg, root: Path, tokenizer, image_size: int, info, *, train=True,
+                 eval_tasks=None):  # fmt: skip
         self.cfg, self.root, self.info = cfg, Path(root), info
         tasks = cfg.task_list
         d = cfg.data
-        self.train_idx = {t: load_index(root, t, d.train_split) for t in tasks}
-        self.val_idx = {t: load_index(root, t, d.val_split) for t in tasks}
+        self.train_idx = {t: load_index(root, t, d.train_split) for t in tasks} if train else {}
+        self.val_idx = {t: load_index(root, t, d.val_split) for t in eval_tasks or tasks}
         check_features(cfg, {**self.train_idx, **{f"val/{t}": i for t, i in self.val_idx.items()}})
         self.sizes = task_batch_sizes(tasks, d.batch_size, d.task_batch_scale)
         self.preprocess, self.collate = preprocess_and_collate(cfg, tokenizer, image_size)
@@ -189,26 +189,10 @@ class DataBuilder:
         }
 
     def majority_baselines(self) -> dict[str, float]:
-        """VQA-style accuracy of always answering the most common training answer (vqa only),
-        on the same validation samples the model is scored on."""
+        """VQA accuracy of always answering the most common training answer (vqa only), on the
+        same validation samples the model is scored on."""
         if "vqa" not in self.train_idx:
             return {}
-        from vlds.eval.metrics import vqa_accuracy
-
-        common = Counter(majority_answer(r["answers"]) for r in _records(self.train_idx["vqa"]))
-        top = common.most_common(1)[0][0]
-        val = list(_records(self.val_idx["vqa"], self.cfg.eval.max_samples))
-        return {"vqa": vqa_accuracy([top] * len(val), [r["answers"] for r in val])["score"]}
-
-
-def _records(index, limit: int = 0):
-    """The json records of a split, in shard order (no image decoding)."""
-    from vlds.data.stream import SkipCounter, _raw_samples
-
-    n = 0
-    for path, _ in index.shards:
-        for s in _raw_samples(path, SkipCounter()):
-            if limit and n >= limit:
-                return
-            yield json.loads(s["json"])
-            n += 1
+        train = read_records(self.train_idx["vqa"])
+        val = read_records(self.val_idx["vqa"], self.cfg.eval.max_samples)
+        return {"vqa": majority_baseline("vqa", train, val)}

@@ -27,6 +27,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from vlds.config import ConfigError, config_check
+
 IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
 VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
 ALL_TASKS = IMAGE_TASKS + VIDEO_TASKS
@@ -37,6 +39,21 @@ def majority_answer(answers: list[str]) -> str:
     counts = Counter(answers)
     best = max(counts.values())
     return next(a for a in answers if counts[a] == best)
+
+
+def majority_baseline(task: str, train_records, val_records) -> float:
+    """The task's score (its METRICS entry, 0-100) of always answering the most common
+    training answer (``majority_answer`` of each record's references): what a model must beat
+    to have learned anything from the images. QA tasks only."""
+    from vlds.eval.metrics import METRICS
+
+    t = get_task(task)
+    if t.generative_caption:
+        raise ValueError(f"{task} is a captioning task; a majority answer is not defined")
+    common = Counter(majority_answer(t.references(r)) for r in train_records)
+    top = common.most_common(1)[0][0]
+    refs = [t.references(r) for r in val_records]
+    return METRICS[task]([top] * len(refs), refs)["score"]
 
 
 def _ts(rec: dict) -> str:
@@ -140,6 +157,20 @@ TASKS: dict[str, Task] = {
         generative_caption=True,
     ),
 }
+
+
+@config_check
+def check_tasks(cfg) -> None:
+    """data.tasks: known names, and image or video tasks, not both."""
+    tasks = cfg.task_list
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ConfigError(f"unknown task(s) {unknown} in data.tasks; valid: {', '.join(TASKS)}")
+    if any(t in IMAGE_TASKS for t in tasks) and any(t in VIDEO_TASKS for t in tasks):
+        raise ConfigError(
+            "data.tasks mixes image and video tasks, whose visual features differ (grid tokens "
+            "vs frame embeddings); train them in separate runs, as the paper does"
+        )
 
 
 def get_task(name: str) -> Task:

@@ -58,18 +58,22 @@ def _basic_tokenize(d: dict) -> dict:
     return {k: [" ".join(re.findall(r"[a-z0-9]+", c.lower())) for c in v] for k, v in d.items()}
 
 
-def caption_scores(gts: dict, res: dict) -> dict:
-    """pycocoevalcap scores of raw {key: [refs]} against {key: [one prediction]}, 0-1 scale."""
+def caption_scores(gts: dict, res: dict, java: bool = True) -> dict:
+    """pycocoevalcap scores of raw {key: [refs]} against {key: [one prediction]}, 0-1 scale.
+
+    java=False skips the Java parts (PTBTokenizer, METEOR, SPICE) even where java is installed.
+    """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    java = have_java()
+    if java and not have_java():
+        _warn_once("java", "java not found: captions tokenised without PTBTokenizer, no METEOR")
+        java = False
     out: dict = {"tokenizer": "ptb" if java else "basic"}
     if java:
         gts, res = ptb_tokenize(gts, res)
     else:
-        _warn_once("java", "java not found: captions tokenised without PTBTokenizer, no METEOR")
         gts, res = _basic_tokenize(gts), _basic_tokenize(res)
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out.update({f"Bleu_{i + 1}": float(b) for i, b in enumerate(bleu)})
@@ -81,7 +85,7 @@ def caption_scores(gts: dict, res: dict) -> dict:
         del meteor  # its __del__ stops the Java process now rather than at exit
     out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    if spice_available():
+    if java and spice_available():
         from pycocoevalcap.spice.spice import Spice
 
         try:
@@ -97,12 +101,14 @@ def caption_scores(gts: dict, res: dict) -> dict:
     return out
 
 
-def caption_metrics(preds: list[str], refs: list[list[str]], meta: list[dict] | None = None):
+def caption_metrics(
+    preds: list[str], refs: list[list[str]], meta: list[dict] | None = None, java: bool = True
+):
     """{"score": CIDEr x 100, "n", Bleu_1..4, METEOR, ROUGE_L, CIDEr[, SPICE], "tokenizer"}."""
     if not preds:
         return {"score": 0.0, "n": 0}
     keys = range(len(preds))
     gts = {i: list(refs[i]) for i in keys}
     res = {i: [preds[i]] for i in keys}
-    scores = caption_scores(gts, res)
+    scores = caption_scores(gts, res, java=java)
     return {"score": 100.0 * scores["CIDEr"], "n": len(preds), **scores}

@@ -4,7 +4,7 @@ predictions are gathered, every sample counts exactly once, and rank 0 computes 
 
 Decoding follows the reference: greedy for QA, beam search for captions (cfg.eval.qa_beams /
 caption_beams), and NLVR2 by comparing the model's scores of "true" and "false". The standalone
-evaluator (vlds/evaluate.py) runs the same `evaluate` on one process.
+evaluator (vlds/evaluate.py) runs the same `evaluate_tasks` on one process.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vlds.data.tasks import get_task
-from vlds.eval.metrics import METRICS
+from vlds.eval.metrics import METRICS, task_metric
 from vlds.guard import any_rank
 
 
@@ -89,7 +89,7 @@ def _from_rank0(obj):
     return box[0]
 
 
-def evaluate(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False, metrics=None):
+def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False, metrics=None):
     """({task: metrics, "average": mean score}, {task: [{"id", "prediction", "meta"}]}), both
     identical on every rank. `metrics` overrides METRICS entries (e.g. the legacy VQA scorer)."""
     was_training = model.training
@@ -101,7 +101,7 @@ def evaluate(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False, m
             predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3)
         )
         rows.sort(key=lambda r: r[0])
-        metric = (metrics or {}).get(task_name)
+        metric = (metrics or {}).get(task_name) or task_metric(task_name, cfg.eval.java_metrics)
         results[task_name] = score_rows(task_name, rows, metric) if is_main else None
         predictions[task_name] = [{"id": r[0], "prediction": r[1], "meta": r[3]} for r in rows]
     results = _from_rank0(results)

@@ -39,4 +39,11 @@ METRICS = {
 
 vqa_legacy = partial(vqa_accuracy, legacy=True)
 
-__all__ = ["METRICS", "vqa_accuracy", "vqa_legacy", "exact_match", "caption_metrics"]
+
+def task_metric(task: str, java: bool = True):
+    """METRICS[task]; java=False scores captions without the JVM parts (eval.java_metrics)."""
+    metric = METRICS[task]
+    return partial(metric, java=False) if metric is caption_metrics and not java else metric
+
+
+__all__ = ["METRICS", "task_metric", "vqa_accuracy", "vqa_legacy", "exact_match", "caption_metrics"]

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from vlds.config import ConfigError
+from vlds.config import ConfigError, config_check
 from vlds.kernels.reference import adapter_reference
 
 MODES = ("auto", "on", "off")
@@ -31,6 +31,11 @@ __all__ = ["MODES", "adapter_forward", "adapter_reference", "check_mode", "use_f
 def check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ConfigError(f"peft.fused_kernel={mode!r}; valid: {', '.join(MODES)}")
+
+
+@config_check
+def check_fused_kernel(cfg) -> None:
+    check_mode(cfg.peft.fused_kernel)
 
 
 @functools.cache

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vlds.config import Config, ConfigError, check_reduction_factor
+import torch
+
+from vlds.config import Config, ConfigError
 from vlds.data.tasks import VIDEO_TASKS
 from vlds.model.vision import VisionTower
 from vlds.model.vl import VLModel
@@ -38,12 +40,12 @@ def build_tokenizer(cfg: Config, data_root: Path | None = None):
     return tok
 
 
-def build_lm(cfg: Config, tokenizer):
-    """The encoder-decoder: random of the configured size, or pretrained by name/path."""
+def build_lm(cfg: Config, vocab: int, pad: int, eos: int, bos: int | None = None):
+    """The encoder-decoder: random of the configured size, or pretrained by name/path.
+
+    vocab, pad, eos (and BART's bos, default pad) are what a tokenizer would give; benchmarks
+    pass t5-base's (32100, 0, 1) without one."""
     m = cfg.model
-    vocab = len(tokenizer)
-    pad = tokenizer.pad_token_id
-    eos = tokenizer.eos_token_id
     if m.lm == "random":
         if m.d_model % m.num_heads:
             raise ConfigError(
@@ -70,7 +72,7 @@ def build_lm(cfg: Config, tokenizer):
             return T5ForConditionalGeneration(config)
         from transformers import BartConfig, BartForConditionalGeneration
 
-        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad
+        bos = bos if bos is not None else pad
         config = BartConfig(
             vocab_size=vocab,
             d_model=m.d_model,
@@ -100,7 +102,10 @@ def build_lm(cfg: Config, tokenizer):
             f"model.lm={m.lm!r} is a {hf_config.model_type} model but model.arch={m.arch!r}; "
             f"set --model.arch={hf_config.model_type}"
         )
-    check_reduction_factor(cfg.peft.reduction_factor, hf_config.d_model)
+    from vlds.peft import METHODS
+
+    # the hub model's width, not model.d_model, sizes the PEFT modules
+    METHODS[cfg.peft.method](cfg.peft, cfg.task_list).check(hf_config.d_model, m.arch)
     drop = {"dropout_rate": m.dropout} if m.arch == "t5" else {"dropout": m.dropout}
     lm = AutoModelForSeq2SeqLM.from_pretrained(m.lm, **drop)
     if vocab > lm.get_input_embeddings().num_embeddings:
@@ -112,7 +117,16 @@ def build_lm(cfg: Config, tokenizer):
     return lm
 
 
+def vocab_of(tokenizer) -> tuple[int, int, int, int | None]:
+    """(vocab, pad, eos, bos): what build_lm reads from a tokenizer."""
+    t = tokenizer
+    return len(t), t.pad_token_id, t.eos_token_id, t.bos_token_id
+
+
 def build_tower(cfg: Config) -> VisionTower:
+    """The frozen tower, after seeding torch with train.seed: a random tower (and the language
+    model built after it) is a function of the seed, in training, evaluation and extraction."""
+    torch.manual_seed(cfg.train.seed)
     return VisionTower(cfg.model.vision, cfg.model.vision_pretrained, cfg.model.grid_pool)
 
 
@@ -125,7 +139,7 @@ def build_model(cfg: Config, tokenizer, tower: VisionTower) -> VLModel:
     """VL model with the configured PEFT method injected and everything else frozen."""
     from vlds.peft import apply_peft
 
-    lm = build_lm(cfg, tokenizer)
+    lm = build_lm(cfg, *vocab_of(tokenizer))
     model = VLModel(lm, cfg.model.arch, feat_dim_for(cfg, tower))
     apply_peft(model, cfg.peft, cfg.task_list)
     return model

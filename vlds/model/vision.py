@@ -7,10 +7,14 @@ resampled in time to `max_frames` (max-pool when longer, zero-pad + mask when sh
 
 Every visual token carries a 5-d box (x1, y1, x2, y2, area) in [0, 1] for the position code of
 the visual embedding: its grid cell for images, its time slice (t/T, 0, (t+1)/T, 1) for frames.
+This module is the one place that layout is written: `image_tokens` and `frame_tokens` turn
+tower outputs, or the same outputs cached as features (vlds.data.decode), into the model's
+vis_feats / vis_boxes / vis_order / vis_mask inputs.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -76,6 +80,36 @@ def resample_frames(x: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, tor
     mask = torch.zeros(b, max_frames, dtype=torch.long, device=x.device)
     mask[:, :t] = 1
     return F.pad(x, (0, 0, 0, max_frames - t)), mask
+
+
+def image_tokens(feats: torch.Tensor, n_img: int) -> dict:
+    """(B, n_img * t, C) tokens of n_img square grids per sample -> the model's visual inputs:
+    each token's grid-cell box, image-order ids 0..n_img-1 (NLVR2's two images differ only by
+    that id) and a mask of ones."""
+    b, nt = feats.shape[:2]
+    t = nt // n_img
+    g = math.isqrt(t)
+    if g * g != t or t * n_img != nt:
+        raise ValueError(f"{nt} visual tokens are not {n_img} square grid(s)")
+    dev = feats.device
+    boxes = grid_boxes(g).to(dev).repeat(n_img, 1).expand(b, -1, -1)  # (B, n_img * t, 5)
+    order = torch.arange(n_img, device=dev).repeat_interleave(t).expand(b, -1)
+    mask = torch.ones(b, nt, dtype=torch.long, device=dev)
+    return {"vis_feats": feats, "vis_boxes": boxes, "vis_order": order, "vis_mask": mask}
+
+
+def frame_tokens(emb: torch.Tensor | list[torch.Tensor], max_frames: int) -> dict:
+    """Frame embeddings, (B, T, D) or a list of (T_i, D), -> the model's visual inputs:
+    resampled to max_frames (max-pool down, zero-pad + mask up), time-slice boxes, order 0."""
+    if isinstance(emb, torch.Tensor):
+        feats, mask = resample_frames(emb, max_frames)  # (B, max_frames, D), (B, max_frames)
+    else:
+        out = [resample_frames(e[None], max_frames) for e in emb]
+        feats, mask = torch.cat([x for x, _ in out]), torch.cat([m for _, m in out])
+    b, dev = feats.shape[0], feats.device
+    boxes = time_boxes(max_frames).to(dev).expand(b, -1, -1)
+    order = torch.zeros(b, max_frames, dtype=torch.long, device=dev)
+    return {"vis_feats": feats, "vis_boxes": boxes, "vis_order": order, "vis_mask": mask}
 
 
 def he_init_resnet(visual: nn.Module) -> None:
@@ -167,22 +201,7 @@ class VisionTower(nn.Module):
         if "images" in batch:
             imgs = batch["images"]
             b, n = imgs.shape[:2]
-            tokens, boxes = self.grid_tokens(imgs.flatten(0, 1))  # (B*n, t, C), (t, 5)
-            t = tokens.shape[1]
-            feats = tokens.reshape(b, n * t, -1)  # (B, n*t, C)
-            order = torch.arange(n, device=feats.device).repeat_interleave(t).expand(b, -1)
-            boxes = boxes.repeat(n, 1).expand(b, -1, -1)  # (B, n*t, 5)
-            mask = torch.ones(b, n * t, dtype=torch.long, device=feats.device)
-        else:
-            emb = self.frame_embeddings(batch["frames"])  # (B, T, D)
-            feats, mask = resample_frames(emb, max_frames)  # (B, max_frames, D)
-            b = feats.shape[0]
-            boxes = time_boxes(max_frames).to(feats.device).expand(b, -1, -1)
-            order = torch.zeros(b, max_frames, dtype=torch.long, device=feats.device)
-        return {
-            **batch,
-            "vis_feats": feats,
-            "vis_boxes": boxes,
-            "vis_order": order,
-            "vis_mask": mask,
-        }
+            tokens, _ = self.grid_tokens(imgs.flatten(0, 1))  # (B*n, t, C)
+            return {**batch, **image_tokens(tokens.reshape(b, n * tokens.shape[1], -1), n)}
+        emb = self.frame_embeddings(batch["frames"])  # (B, T, D)
+        return {**batch, **frame_tokens(emb, max_frames)}

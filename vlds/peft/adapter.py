@@ -91,6 +91,8 @@ class TaskAdapters(nn.Module):
 
 @register("single_adapter")
 class SingleAdapter(Method):
+    uses_bottleneck = True
+
     def make_linear(self, d_in: int, d_out: int) -> nn.Module:
         return linear(d_in, d_out)
 

@@ -92,6 +92,7 @@ class HyperSite(nn.Module):
 @register("hyperformer")
 class Hyperformer(Method):
     per_task = True
+    uses_bottleneck = True
 
     def inject(self, model: nn.Module) -> None:
         d, b = model.d_model, self.bottleneck(model.d_model)

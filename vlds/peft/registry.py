@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from vlds.config import ConfigError, PeftConfig
+from vlds.config import ConfigError, PeftConfig, config_check
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -29,6 +29,7 @@ class Method:
     """
 
     name = "?"
+    uses_bottleneck = False  # True: modules of width d_model / peft.reduction_factor
     train_layernorms = True  # the paper trains LayerNorms with adapters, not with LoRA/prompts
     per_task = False  # True: modules per task, samples routed by their task id
 
@@ -38,13 +39,12 @@ class Method:
 
     def check(self, d_model: int, arch: str) -> None:
         """Raise ConfigError when the method cannot be built on this backbone."""
-        bottleneck_methods = ("adapter", "compacter", "hyperformer")
-        if any(k in self.name for k in bottleneck_methods) and (
-            self.cfg.reduction_factor < 1 or d_model % self.cfg.reduction_factor
-        ):
+        r = self.cfg.reduction_factor
+        if self.uses_bottleneck and (r < 1 or d_model % r):
+            divisors = [k for k in (1, 2, 4, 8, 16, 32, 64) if d_model % k == 0]
             raise ConfigError(
-                f"peft.reduction_factor={self.cfg.reduction_factor} does not divide "
-                f"d_model={d_model}; {self.name} needs an integer bottleneck"
+                f"peft.reduction_factor={r} does not divide d_model={d_model} (the bottleneck "
+                f"of {self.name} is d_model / r); choose one of {divisors}"
             )
 
     def bottleneck(self, d_model: int) -> int:
@@ -52,3 +52,13 @@ class Method:
 
     def inject(self, model: nn.Module) -> None:
         raise NotImplementedError
+
+
+@config_check
+def check_method(cfg) -> None:
+    """peft.method is registered and can be built on the configured backbone."""
+    if cfg.peft.method not in METHODS:
+        raise ConfigError(
+            f"unknown PEFT method {cfg.peft.method!r}; valid methods: {', '.join(METHODS)}"
+        )
+    METHODS[cfg.peft.method](cfg.peft, cfg.task_list).check(cfg.model.d_model, cfg.model.arch)

@@ -1,10 +1,10 @@
 """Write training shards from the public releases: one task split per command.
 
-    python -m vlds.data.shards vqa --split train --out /data/vl-shards \
+    python -m vlds.data.prep.shards vqa --split train --out /data/vl-shards \
         --questions v2_OpenEnded_mscoco_{train,val}2014_questions.json \
         --annotations v2_mscoco_{train,val}2014_annotations.json \
         --karpathy dataset_coco.json --images /data/coco/train2014 /data/coco/val2014
-    python -m vlds.data.shards gqa|nlvr2|coco-caption|tvqa|how2qa|tvc|yc2c --help
+    python -m vlds.data.prep.shards gqa|nlvr2|coco-caption|tvqa|how2qa|tvc|yc2c --help
 
 Output: `{out}/{task}/{split}-NNNNN.tar` + `{split}.index.json`, with task the registry name
 (vqa, gqa, nlvr, caption, tvqa, how2qa, tvc, yc2c) and every sample a `json` record as
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vlds.data import shardio
-from vlds.data.converters import ALIASES, Converter, Item, converters
-from vlds.data.converters.sources import Sources, read, ref_name
+from vlds.data.prep import shardwrite
+from vlds.data.prep.converters import ALIASES, Converter, Item, converters
+from vlds.data.prep.converters.sources import Sources, read, ref_name
 
 # samples per shard by payload: ~150 MB of COCO jpgs; frames 32 x 224^2 x 3 = 4.8 MB a sample
 DEFAULT_SHARD = {"image": 1000, "frames": 32, "features": 1000}
@@ -78,7 +78,7 @@ def _npy(arr: np.ndarray) -> bytes:
 
 def build_sample(item: Item, opts: dict) -> dict:
     """An Item -> {member ext: bytes | record}; raises Skip(reason)."""
-    from vlds.data.video import VideoError, decode_frames, load_feature_file
+    from vlds.data.prep.video import VideoError, decode_frames, load_feature_file
 
     sample: dict = {"json": item.rec}
     try:
@@ -106,9 +106,9 @@ def build_sample(item: Item, opts: dict) -> dict:
 def write_shard(job: tuple) -> dict:
     """Write one planned shard; returns its stats for the progress file."""
     task_dir, split, shard, items, opts = job
-    url = shardio.shard_url(split, shard)
+    url = shardwrite.shard_url(split, shard)
     skipped, written, size, dims = Counter(), 0, 0, set()
-    with shardio.open_shard(Path(task_dir) / url) as tar:
+    with shardwrite.open_shard(Path(task_dir) / url) as tar:
         for item in items:
             try:
                 sample = build_sample(item, opts)
@@ -117,7 +117,7 @@ def write_shard(job: tuple) -> dict:
                 continue
             if "feats.npy" in sample:
                 dims.add(int(np.load(io.BytesIO(sample["feats.npy"])).shape[1]))
-            size += shardio.write_sample(tar, item.key, sample)
+            size += shardwrite.write_sample(tar, item.key, sample)
             written += 1
     file_bytes = (Path(task_dir) / url).stat().st_size
     return {"shard": shard, "url": url, "samples": written, "items": len(items), "bytes": size,
@@ -165,16 +165,16 @@ def run(args) -> dict:
     chunks = [items[i : i + per_shard] for i in range(0, len(items), per_shard)]
     task_dir = Path(args.out) / conv.task
     if not items:
-        raise shardio.ShardError(
+        raise shardwrite.ShardError(
             f"no {conv.task} sample could be planned from the inputs (skipped: "
             f"{dict(planned_skips) or 'none'}); check the annotation files and --split"
         )
     norm = {k: _resolved(k, v) for k, v in vars(args).items() if k not in NOT_IN_MANIFEST}
     spec = {"converter": conv.name, "task": conv.task, "split": args.split, "args": norm,
-            "inputs": shardio.fingerprint(conv.inputs(args)),
+            "inputs": shardwrite.fingerprint(conv.inputs(args)),
             "plan": {"items": len(items), "shards": len(chunks), "sha256": plan_hash(items),
                      "skipped": dict(planned_skips)}}  # fmt: skip
-    done = shardio.begin_split(task_dir, args.split, spec, overwrite=args.overwrite)
+    done = shardwrite.begin_split(task_dir, args.split, spec, overwrite=args.overwrite)
     opts = {k: getattr(args, k, None) for k in OPTION_KEYS}
     jobs = [(str(task_dir), args.split, k, chunk, opts) for k, chunk in enumerate(chunks)
             if k not in done]  # fmt: skip
@@ -185,20 +185,20 @@ def run(args) -> dict:
     if kind == "features":
         dims = sorted({d for s in ordered for d in s.get("dims", ())})
         if len(dims) > 1:
-            raise shardio.ShardError(f"feature files of different widths {dims} in one split")
+            raise shardwrite.ShardError(f"feature files of different widths {dims} in one split")
         extra["features"] = {"kind": "frames", "vision": args.feature_vision,
                              "pretrained": args.feature_pretrained, "dim": dims[0] if dims else 0,
                              "dtype": "float16", "source": "files"}  # fmt: skip
-    shardio.write_index(task_dir, conv.task, args.split,
+    shardwrite.write_index(task_dir, conv.task, args.split,
                         [s for s in ordered if s["samples"]], **extra)  # fmt: skip
-    summary = shardio.summarize([s for s in ordered if s["samples"]])
+    summary = shardwrite.summarize([s for s in ordered if s["samples"]])
     summary["skipped"] = dict(Counter(summary["skipped"]) + planned_skips)
     for s in ordered:  # shards left empty by skips still hold skip counts
         if not s["samples"]:
             summary["skipped"] = dict(Counter(summary["skipped"]) + Counter(s["skipped"]))
     summary["resumed_shards"] = len(done)
     if not args.quiet:
-        shardio.print_summary([(conv.task, args.split, summary)], time.perf_counter() - t0)
+        shardwrite.print_summary([(conv.task, args.split, summary)], time.perf_counter() - t0)
         print(f"-> {task_dir}/{args.split}.index.json"
               + (f" ({len(done)} shard(s) kept from an earlier run)" if done else ""))  # fmt: skip
     return summary
@@ -222,7 +222,7 @@ def _run_jobs(jobs, args, stats: dict, task_dir: Path, total: int) -> None:
 
     def done(s: dict) -> None:
         nonlocal skipped
-        shardio.record_shard(task_dir, args.split, s)
+        shardwrite.record_shard(task_dir, args.split, s)
         stats[s["shard"]] = s
         skipped += sum(s["skipped"].values())
         bar.update(s["items"])
@@ -241,7 +241,7 @@ def _run_jobs(jobs, args, stats: dict, task_dir: Path, total: int) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vlds.data.shards", description=__doc__.split("\n\n")[0],
+        prog="python -m vlds.data.prep.shards", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True, metavar="TASK")
@@ -265,7 +265,7 @@ def main(argv=None) -> dict:
     args.command = ALIASES.get(args.command, args.command)
     try:
         return run(args)
-    except (shardio.ShardError, FileNotFoundError, ValueError) as e:
+    except (shardwrite.ShardError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyError as e:

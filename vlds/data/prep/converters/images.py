@@ -1,15 +1,15 @@
 """VQAv2, GQA, NLVR2 and COCO Karpathy captions -> Items (records + image references).
 
-    python -m vlds.data.shards vqa --split train --out /data/vl-shards \
+    python -m vlds.data.prep.shards vqa --split train --out /data/vl-shards \
         --questions v2_OpenEnded_mscoco_train2014_questions.json \
                     v2_OpenEnded_mscoco_val2014_questions.json \
         --annotations v2_mscoco_train2014_annotations.json v2_mscoco_val2014_annotations.json \
         --karpathy dataset_coco.json --images /data/coco/train2014 /data/coco/val2014.zip
-    python -m vlds.data.shards gqa --split testdev --out /data/vl-shards \
+    python -m vlds.data.prep.shards gqa --split testdev --out /data/vl-shards \
         --questions testdev_balanced_questions.json --images /data/gqa/images
-    python -m vlds.data.shards nlvr2 --split train --out /data/vl-shards \
+    python -m vlds.data.prep.shards nlvr2 --split train --out /data/vl-shards \
         --annotations train.json --images /data/nlvr2/images/train
-    python -m vlds.data.shards coco-caption --split val --out /data/vl-shards \
+    python -m vlds.data.prep.shards coco-caption --split val --out /data/vl-shards \
         --karpathy dataset_coco.json --images /data/coco/val2014
 
 Karpathy splits (VQA with --karpathy, and captions): `--split train` takes Karpathy's "train"
@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from vlds.data.converters import Converter, Item, safe_key
-from vlds.data.converters.sources import safe_name
+from vlds.data.prep.converters import Converter, Item, safe_key
+from vlds.data.prep.converters.sources import safe_name
 
 KARPATHY = {"train": "train,restval", "val": "val", "test": "test"}
 

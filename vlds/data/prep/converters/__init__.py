@@ -4,7 +4,7 @@ Karpathy captions) and `value.py` (the VALUE video tasks TVQA, How2QA, TVC, YC2C
 A converter turns annotation files into a deterministic list of `Item`s: the json record that
 `vlds.data.tasks` defines (with "task" and "id") plus references to its visual payload inside
 the user's image/video folders or archives (`sources.Sources`). It never reads pixels: the
-shard writer (`vlds.data.shards`) reads, checks and writes them in parallel. Items that cannot
+shard writer (`vlds.data.prep.shards`) reads, checks and writes them in parallel. Items that cannot
 be planned (no annotation, image not found, a path outside the dataset root, ...) are counted
 under a reason in `skipped` instead.
 """
@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from vlds.data.converters.sources import Ref, Sources
+from vlds.data.prep.converters.sources import Ref, Sources
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def safe_key(text: str) -> str:
 
 
 def converters() -> dict[str, Converter]:
-    from vlds.data.converters import images, value
+    from vlds.data.prep.converters import images, value
 
     table = {c.name: c for c in (*images.CONVERTERS, *value.CONVERTERS)}
     return table

@@ -1,4 +1,4 @@
-"""Plots of a run: training loss per task and validation scores over steps (PNG)."""
+"""A run's curves.png: training loss per task and validation scores over steps."""
 
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """The VALUE video tasks (TVQA, How2QA, TVC, YC2C) -> Items: jsonl annotations, a subtitle
 jsonl, and either video files (frames are decoded by the writer) or per-video feature files.
 
-    python -m vlds.data.shards tvqa --split train --out /data/value-shards \
+    python -m vlds.data.prep.shards tvqa --split train --out /data/value-shards \
         --annotations tvqa_train.jsonl --subtitles tv_subtitles.jsonl \
         --features /data/value/clip-vit-b32       # {vid_name}.npy (T, 512), or .npz
-    python -m vlds.data.shards yc2c --split val --out /data/value-shards \
+    python -m vlds.data.prep.shards yc2c --split val --out /data/value-shards \
         --annotations yc2c_val.jsonl --subtitles yc2_subtitles.jsonl \
         --videos /data/yc2/videos.zip --num-frames 32 --frame-size 224
 
@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from vlds.data.converters import Converter, Item, safe_key
-from vlds.data.converters.images import read_jsonl
-from vlds.data.converters.sources import safe_name
-from vlds.data.video import FEATURE_EXTS, VIDEO_EXTS
+from vlds.data.prep.converters import Converter, Item, safe_key
+from vlds.data.prep.converters.images import read_jsonl
+from vlds.data.prep.converters.sources import safe_name
+from vlds.data.prep.video import FEATURE_EXTS, VIDEO_EXTS
 
 QA_TASKS = ("tvqa", "how2qa")
 

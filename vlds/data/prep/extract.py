@@ -1,9 +1,9 @@
 """Cache the frozen CLIP tower's outputs: pixel shards -> feature shards, same layout.
 
-    python -m vlds.data.extract --shards /data/vl-shards --tasks vqa,gqa,nlvr,caption \
+    python -m vlds.data.prep.extract --shards /data/vl-shards --tasks vqa,gqa,nlvr,caption \
         --splits train,val --out /data/vl-feats --vision RN101 --vision-pretrained openai \
         --grid-pool 6
-    python -m vlds.data.extract --shards /data/value-shards --tasks tvqa,how2qa,tvc,yc2c \
+    python -m vlds.data.prep.extract --shards /data/value-shards --tasks tvqa,how2qa,tvc,yc2c \
         --out /data/value-feats --vision ViT-B-32 --vision-pretrained openai
     deepspeed vlds/train.py --preset bart-base --data.root /data/vl-feats   # auto-detected
 
@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlds.data import shardio
-from vlds.data.stream import DataError, Preprocess, SkipCounter, _raw_samples, load_index
+from vlds.data.decode import Preprocess
+from vlds.data.prep import shardwrite
+from vlds.data.shardio import DataError, SkipCounter, load_index, read_samples
 from vlds.data.tasks import get_task
 from vlds.model.vision import CLIP_MEAN, CLIP_STD, VisionTower
 
@@ -53,7 +54,7 @@ class ShardFeed(torch.utils.data.IterableDataset):
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         for k, path in self.shards[w::nw]:
             errors = SkipCounter(every=10)
-            for s in _raw_samples(path, errors):
+            for s in read_samples(path, errors):
                 try:
                     visual = self.preprocess(s)["visual"]
                 except Exception as e:
@@ -97,7 +98,7 @@ class Extractor:
         for p, feats in zip(self.pending, out.split(counts), strict=True):
             feats = feats.reshape(-1, feats.shape[-1]).numpy().astype(self.dtype)  # (n, C)
             w = writers[p["shard"]]
-            w["bytes"] += shardio.write_sample(
+            w["bytes"] += shardwrite.write_sample(
                 w["tar"], p["key"], {"json": p["json"], "feats.npy": _npy(feats)}
             )
             w["samples"] += 1
@@ -126,7 +127,7 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
             "source_sha256": hashlib.sha256(index_file.read_bytes()).hexdigest(),
             "features": feats_meta, "jpeg_draft": not args.no_draft}  # fmt: skip
     out_dir = Path(args.out) / task
-    done = shardio.begin_split(out_dir, split, spec, overwrite=args.overwrite)
+    done = shardwrite.begin_split(out_dir, split, spec, overwrite=args.overwrite)
     urls = [Path(p).name for p, _ in src.shards]
     todo = [(k, p) for k, (p, _) in enumerate(src.shards) if k not in done]
     feed = ShardFeed(todo, Preprocess(tower.image_size, CLIP_MEAN, CLIP_STD, features="false",
@@ -141,7 +142,7 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
     for item in loader:
         k = item["shard"]
         if k not in writers:
-            cm = shardio.open_shard(out_dir / urls[k])
+            cm = shardwrite.open_shard(out_dir / urls[k])
             writers[k] = {"cm": cm, "tar": cm.__enter__(), "samples": 0, "bytes": 0}
         if "end" not in item:
             ex.pending.append(item)
@@ -154,20 +155,20 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
         s = {"shard": k, "url": urls[k], "samples": w["samples"], "items": src.shards[k][1],
              "bytes": w["bytes"], "file_bytes": (out_dir / urls[k]).stat().st_size,
              "skipped": {"undecodable sample": item["bad"]} if item["bad"] else {}}  # fmt: skip
-        shardio.record_shard(out_dir, split, s)
+        shardwrite.record_shard(out_dir, split, s)
         stats[k] = s
         bar.update(s["items"])
     bar.close()
     kept = [stats[k] for k in sorted(stats) if stats[k]["samples"]]
-    shardio.write_index(out_dir, task, split, kept, features=feats_meta)
+    shardwrite.write_index(out_dir, task, split, kept, features=feats_meta)
     tok = Path(args.shards) / "tokenizer"
     if tok.is_dir() and not (Path(args.out) / "tokenizer").exists():
         shutil.copytree(tok, Path(args.out) / "tokenizer")  # synthetic data's own tokenizer
-    return shardio.summarize(kept) | {"resumed_shards": len(done)}
+    return shardwrite.summarize(kept) | {"resumed_shards": len(done)}
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vlds.data.extract",
+    p = argparse.ArgumentParser(prog="python -m vlds.data.prep.extract",
                                 description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("--shards", required=True, help="root of pixel shards ({task}/{split}...)")
     p.add_argument("--tasks", required=True, help="comma-separated, e.g. vqa,gqa,nlvr,caption")
@@ -208,11 +209,11 @@ def main(argv=None) -> dict:
         for t in tasks:
             for s in splits:
                 rows.append((t, s, extract_split(args, tower, t, s, device)))
-    except (DataError, shardio.ShardError, ValueError) as e:
+    except (DataError, shardwrite.ShardError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if not args.quiet:
-        shardio.print_summary(rows, time.perf_counter() - t0)
+        shardwrite.print_summary(rows, time.perf_counter() - t0)
         print(f"-> {args.out}: train with --data.root={args.out} (features are auto-detected)")
     return {(t, s): r for t, s, r in rows}
 

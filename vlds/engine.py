@@ -1,0 +1,120 @@
+"""One construction path for the DeepSpeed engine: the precision rule, the DeepSpeed JSON with
+its "auto" entries filled, AdamW parameter groups, the LR schedule and `build_engine`.
+
+Used by vlds/train.py, vlds/evaluate.py (the precision rule) and every benchmark script, so a
+benchmark measures the engine a run trains with. Importing this module also imports every owner
+of a config section's check (tasks, mixing, decoding, PEFT methods, kernels): an entry point
+that imports it validates a config fully with `vlds.config.validate`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+import vlds.data.decode  # noqa: F401  (registers the data.features check)
+import vlds.data.mixing  # noqa: F401  (registers the data.mixing checks)
+import vlds.data.tasks  # noqa: F401  (registers the data.tasks check)
+import vlds.kernels  # noqa: F401  (registers the peft.fused_kernel check)
+import vlds.peft  # noqa: F401  (registers the peft.method check)
+from vlds.config import Config, ConfigError, global_batch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2.json"
+
+
+def use_bf16(cfg: Config) -> bool:
+    """The precision rule: bf16 when asked, or "auto" on a GPU; fp32 otherwise (T5 overflows in
+    fp16, so fp16 is never used)."""
+    return cfg.train.precision == "bf16" or (
+        cfg.train.precision == "auto" and torch.cuda.is_available()
+    )
+
+
+def deepspeed_config(path: str | Path, cfg: Config, world: int, bf16: bool) -> dict:
+    """Read the JSON and fill its "auto" entries; a number that contradicts the run fails."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(
+            f"DeepSpeed config {p} does not exist; pass --deepspeed "
+            f"ds_configs/zero2.json or ds_configs/zero3.json"
+        )
+    ds = json.loads(p.read_text())
+    train_batch, accum = global_batch(cfg, world)
+    want = {
+        "train_batch_size": train_batch,
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.train.grad_clip,
+    }
+    for key, value in want.items():
+        if ds.get(key, "auto") not in ("auto", value):
+            raise ConfigError(
+                f"{p}: {key}={ds[key]} but the run needs {value} (from data."
+                f"batch_size, train.grad_accum and {world} rank(s)); set it to "
+                f'"auto" in the JSON'
+            )
+        ds[key] = value
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds.pop("fp16", None)  # T5 overflows in fp16 (reference); bf16 or fp32 only
+    return ds
+
+
+def lr_lambda(total: int, warmup: int):
+    """Linear warm-up over `warmup` steps, then linear decay to 0 at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and norm weights (every 1-D tensor)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def is_zero3(ds_config: dict) -> bool:
+    return ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+
+
+def build_engine(cfg: Config, model, ds_config: dict, total_steps: int):
+    """The DeepSpeed engine over `model`: AdamW on its trainable parameters only (client torch
+    optimizer: no JIT build), the warm-up/decay schedule over the optimizer steps of
+    `total_steps` micro-steps, and under ZeRO-3 whole adapter modules gathered at once."""
+    import deepspeed
+
+    t = cfg.train
+    # the LR schedule counts optimizer steps, one per grad_accum micro-steps
+    opt_steps = math.ceil(total_steps / ds_config["gradient_accumulation_steps"])
+    optimizer = torch.optim.AdamW(
+        param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+        eps=t.adam_eps,
+    )  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(opt_steps, int(t.warmup_ratio * opt_steps))
+    )
+    if is_zero3(ds_config):
+        # The fused adapter path reads its modules' weights directly: ZeRO-3 must gather a
+        # whole adapter module at once (no-op for methods without adapters).
+        from deepspeed.utils import set_z3_leaf_modules
+
+        from vlds.peft.adapter import zero3_leaf_classes
+
+        set_z3_leaf_modules(model, zero3_leaf_classes(), raise_if_not_found=False)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
