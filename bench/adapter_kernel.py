@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # `python bench/adapter_kernel.py` from a checkout
 
 TARGETS = {"copy_fraction": 0.8, "speedup_vs_eager": 1.8}
+VOCAB, PAD, EOS = 32128, 0, 1  # t5-base: its embedding rows (the tokenizer has 32100 + padding)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -132,19 +133,16 @@ def kernel_rows(args, copy_gbs: float) -> list[dict]:
             for phase, ms in time_passes(fn, inputs, dy, args).items():
                 gbs = nbytes[phase] / ms / 1e6
                 rows.append(
-                    {"b": b, "impl": name, "pass": phase, "ms": ms, "GB/s": gbs,
-                     "copy": gbs / copy_gbs}
-                )  # fmt: skip
+                    {
+                        "b": b,
+                        "impl": name,
+                        "pass": phase,
+                        "ms": ms,
+                        "GB/s": gbs,
+                        "copy": gbs / copy_gbs,
+                    }
+                )
     return rows
-
-
-class _Vocab:
-    """What build_lm reads from a tokenizer: the size and the special ids (t5-base's)."""
-
-    pad_token_id, eos_token_id = 0, 1
-
-    def __len__(self) -> int:
-        return 32128
 
 
 def e2e_setup(n: int, device: str, dtype):
@@ -159,16 +157,16 @@ def e2e_setup(n: int, device: str, dtype):
     from vlds.peft import apply_peft
 
     cfg = build_config("t5-base-random", {"peft.method": "single_adapter", "data.tasks": "vqa"})
-    torch.manual_seed(0)
-    model = VLModel(build_lm(cfg, _Vocab()), "t5", feat_dim=2048)
+    torch.manual_seed(cfg.train.seed)  # no tower here: build_tower would seed
+    model = VLModel(build_lm(cfg, VOCAB, PAD, EOS), cfg.model.arch, feat_dim=2048)
     apply_peft(model, cfg.peft, cfg.task_list)
     model.to(device, dtype).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tt, tv, tl, vocab = 20, 36, 5, len(_Vocab())
+    tt, tv, tl = 20, 36, 5
     batch = {
-        "input_ids": torch.randint(2, vocab, (n, tt)),
+        "input_ids": torch.randint(2, VOCAB, (n, tt)),
         "attention_mask": torch.ones(n, tt, dtype=torch.long),
-        "labels": torch.randint(2, vocab, (n, tl)),
+        "labels": torch.randint(2, VOCAB, (n, tl)),
         "vis_feats": torch.randn(n, tv, 2048).relu().to(dtype),  # CLIP RN101 grid-like
         "vis_boxes": grid_boxes(6).expand(n, -1, -1).contiguous(),  # (n, 36, 5)
         "vis_order": torch.zeros(n, tv, dtype=torch.long),
@@ -232,8 +230,10 @@ def print_rows(rows: list[dict], copy_gbs: float) -> None:
     eager = {(r["b"], r["pass"]): r["ms"] for r in rows if r["impl"] == "eager"}
     for r in rows:
         speedup = eager[r["b"], r["pass"]] / r["ms"]
-        print(f"{r['b']:>4} {r['pass']:<8} {r['impl']:<8} {r['ms']:>8.3f} {r['GB/s']:>8.0f} "
-              f"{100 * r['copy']:>6.1f}% {speedup:>7.2f}x")  # fmt: skip
+        print(
+            f"{r['b']:>4} {r['pass']:<8} {r['impl']:<8} {r['ms']:>8.3f} {r['GB/s']:>8.0f} "
+            f"{100 * r['copy']:>6.1f}% {speedup:>7.2f}x"
+        )
     for b in sorted({r["b"] for r in rows}, reverse=True):
         by = {r["impl"]: r for r in rows if r["b"] == b and r["pass"] == "fwd+bwd"}
         f = by["fused"]
@@ -242,8 +242,10 @@ def print_rows(rows: list[dict], copy_gbs: float) -> None:
             by["eager"]["ms"] / f["ms"] >= TARGETS["speedup_vs_eager"],
             "compile" not in by or f["ms"] < by["compile"]["ms"],
         ]
-        print(f"b={b} fwd+bwd targets (>=80% copy, >=1.8x eager, < compile): "
-              f"{' '.join('PASS' if c else 'FAIL' for c in checks)}")  # fmt: skip
+        print(
+            f"b={b} fwd+bwd targets (>=80% copy, >=1.8x eager, < compile): "
+            f"{' '.join('PASS' if c else 'FAIL' for c in checks)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,9 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     print_rows(kernel_rows(args, copy_gbs), copy_gbs)
     if not args.no_e2e:
         t = e2e_step_ms(args)
-        print(f"\nend to end, t5-base-sized single_adapter step, batch {args.e2e_batch}: "
-              f"fused off {t['off']:.1f} ms, on {t['on']:.1f} ms "
-              f"({t['off'] / t['on']:.2f}x)")  # fmt: skip
+        print(
+            f"\nend to end, t5-base-sized single_adapter step, batch {args.e2e_batch}: "
+            f"fused off {t['off']:.1f} ms, on {t['on']:.1f} ms "
+            f"({t['off'] / t['on']:.2f}x)"
+        )
     return 0
 
 

@@ -70,14 +70,21 @@ def write_split(root: Path, task: str, payloads: list[dict], recs: list[dict], *
     with shardwrite.open_shard(d / "train-00000.tar") as tar:
         for i, (payload, rec) in enumerate(zip(payloads, recs, strict=True)):
             shardwrite.write_sample(tar, f"{task}-{i:07d}", {"json": rec, **payload})
-    shardwrite.write_index(d, task, "train", [{"url": "train-00000.tar", "samples": len(recs)}],
-                        **extra)  # fmt: skip
+    shardwrite.write_index(
+        d, task, "train", [{"url": "train-00000.tar", "samples": len(recs)}], **extra
+    )
 
 
 def vqa_rec(i: int) -> dict:
-    return {"task": "vqa", "id": str(i), "question": f"what color is the thing number {i}?",
-            "answers": ["red"] * 6 + ["blue"] * 4, "answer_type": "other",
-            "question_type": "what color", "image_id": i}  # fmt: skip
+    return {
+        "task": "vqa",
+        "id": str(i),
+        "question": f"what color is the thing number {i}?",
+        "answers": ["red"] * 6 + ["blue"] * 4,
+        "answer_type": "other",
+        "question_type": "what color",
+        "image_id": i,
+    }
 
 
 def stream_rate(root, task, tok, batch, seconds, decode_only=False, loader=False):
@@ -99,8 +106,17 @@ def stream_rate(root, task, tok, batch, seconds, decode_only=False, loader=False
     def batches():
         epoch = 0
         while True:
-            yield from TrainStream({task: idx}, {task: batch}, pre, col, rank=0, world=1,
-                                   seed=0, epoch=epoch, shuffle_buffer=64)  # fmt: skip
+            yield from TrainStream(
+                {task: idx},
+                {task: batch},
+                pre,
+                col,
+                rank=0,
+                world=1,
+                seed=0,
+                epoch=epoch,
+                shuffle_buffer=64,
+            )
             epoch += 1
 
     if not loader:
@@ -111,8 +127,9 @@ def stream_rate(root, task, tok, batch, seconds, decode_only=False, loader=False
         def __iter__(self):
             return batches()
 
-    it = iter(torch.utils.data.DataLoader(Epochs(), batch_size=None, num_workers=1,
-                                          prefetch_factor=4))  # fmt: skip
+    it = iter(
+        torch.utils.data.DataLoader(Epochs(), batch_size=None, num_workers=1, prefetch_factor=4)
+    )
     wall, _ = rate(lambda: next(it), seconds, batch)
     return wall, float("nan")
 
@@ -125,20 +142,39 @@ def bench_jpeg(root, tok, seconds, rng) -> list:
     full, draft = (Preprocess(224, CLIP_MEAN, CLIP_STD, draft=d) for d in (False, True))
     cycle = iter(jpgs * 10**6)
     rows = [
-        ("JPEG 640x480 -> 224 tensor, full decode", rate(lambda: full.image(next(cycle)), seconds),
-         "images", TARGETS["jpeg"]),
-        ("JPEG 640x480 -> 224 tensor, draft mode (default)",
-         rate(lambda: draft.image(next(cycle)), seconds), "images", TARGETS["jpeg"]),
-    ]  # fmt: skip
+        (
+            "JPEG 640x480 -> 224 tensor, full decode",
+            rate(lambda: full.image(next(cycle)), seconds),
+            "images",
+            TARGETS["jpeg"],
+        ),
+        (
+            "JPEG 640x480 -> 224 tensor, draft mode (default)",
+            rate(lambda: draft.image(next(cycle)), seconds),
+            "images",
+            TARGETS["jpeg"],
+        ),
+    ]
     n = 512
-    write_split(root, "vqa", [{"jpg": jpgs[i % 64]} for i in range(n)],
-                [vqa_rec(i) for i in range(n)])  # fmt: skip
-    rows.append(("JPEG stream: tar + json + draft decode + tokenise + collate (batch 32)",
-                 stream_rate(root, "vqa", tok, 32, seconds), "samples",
-                 TARGETS["jpeg"]))  # fmt: skip
-    rows.append(("JPEG stream through a DataLoader, 1 worker process (batch 32)",
-                 stream_rate(root, "vqa", tok, 32, seconds, loader=True), "samples",
-                 TARGETS["jpeg"]))  # fmt: skip
+    write_split(
+        root, "vqa", [{"jpg": jpgs[i % 64]} for i in range(n)], [vqa_rec(i) for i in range(n)]
+    )
+    rows.append(
+        (
+            "JPEG stream: tar + json + draft decode + tokenise + collate (batch 32)",
+            stream_rate(root, "vqa", tok, 32, seconds),
+            "samples",
+            TARGETS["jpeg"],
+        )
+    )
+    rows.append(
+        (
+            "JPEG stream through a DataLoader, 1 worker process (batch 32)",
+            stream_rate(root, "vqa", tok, 32, seconds, loader=True),
+            "samples",
+            TARGETS["jpeg"],
+        )
+    )
     print(f"  jpeg: {np.mean([len(j) for j in jpgs]) / 1e3:.0f} kB average", file=sys.stderr)
     return rows
 
@@ -148,24 +184,45 @@ def bench_video(root, tok, seconds, rng) -> list:
 
     n, t = 64, 8
     frames = [rng.integers(0, 255, (t, 224, 224, 3), dtype=np.uint8) for _ in range(4)]
-    recs = [{"task": "tvc", "id": str(i), "captions": ["someone moves"], "subtitles": "hi",
-             "ts": [0.0, 1.0], "vid_name": f"v{i}"} for i in range(n)]  # fmt: skip
+    recs = [
+        {
+            "task": "tvc",
+            "id": str(i),
+            "captions": ["someone moves"],
+            "subtitles": "hi",
+            "ts": [0.0, 1.0],
+            "vid_name": f"v{i}",
+        }
+        for i in range(n)
+    ]
     buf = []
     for i in range(n):
         b = io.BytesIO()
         np.save(b, frames[i % 4])
         buf.append({"frames.npy": b.getvalue()})
     write_split(root, "tvc", buf, recs)
-    rows = [("video frames.npy (8 x 224^2) -> tensors, stream (batch 8)",
-             stream_rate(root, "tvc", tok, 8, seconds), "clips", None)]  # fmt: skip
+    rows = [
+        (
+            "video frames.npy (8 x 224^2) -> tensors, stream (batch 8)",
+            stream_rate(root, "tvc", tok, 8, seconds),
+            "clips",
+            None,
+        )
+    ]
     clip = Path(root) / "clip.mp4"
     base = rng.integers(0, 255, (23, 40, 3), dtype=np.uint8)
     from PIL import Image
 
     big = np.asarray(Image.fromarray(base).resize((640, 360), Image.BICUBIC))
     encode_video(clip, np.stack([np.roll(big, 4 * k, axis=1) for k in range(100)]), fps=10)
-    rows.append(("PyAV: 8 frames from a 10 s 640x360 clip (shard writer)",
-                 rate(lambda: decode_frames(clip, 8, 224), seconds), "clips", None))  # fmt: skip
+    rows.append(
+        (
+            "PyAV: 8 frames from a 10 s 640x360 clip (shard writer)",
+            rate(lambda: decode_frames(clip, 8, 224), seconds),
+            "clips",
+            None,
+        )
+    )
     return rows
 
 
@@ -179,22 +236,42 @@ def bench_features(root, tok, seconds, rng) -> list:
         b = io.BytesIO()
         np.save(b, feats[i % 8])
         payloads.append({"feats.npy": b.getvalue()})
-    meta = {"kind": "grid", "vision": "RN101", "pretrained": "openai", "grid_pool": 6,
-            "dim": 2048, "dtype": "float16"}  # fmt: skip
+    meta = {
+        "kind": "grid",
+        "vision": "RN101",
+        "pretrained": "openai",
+        "grid_pool": 6,
+        "dim": 2048,
+        "dtype": "float16",
+    }
     write_split(root / "f", "vqa", payloads, [vqa_rec(i) for i in range(n)], features=meta)
     one = payloads[0]["feats.npy"]
     return [
-        ("feats.npy (36 x 2048 fp16) header + view alone", rate(lambda: load_npy(one), seconds),
-         "samples", None),
-        ("cached features: tar + json + feats (decode only)",
-         stream_rate(root / "f", "vqa", tok, 64, seconds, decode_only=True), "samples",
-         TARGETS["features"]),
-        ("cached features: whole batches (tokenise + collate, batch 64)",
-         stream_rate(root / "f", "vqa", tok, 64, seconds), "samples", TARGETS["features"]),
-        ("cached features through a DataLoader, 1 worker process (batch 64)",
-         stream_rate(root / "f", "vqa", tok, 64, seconds, loader=True), "samples",
-         TARGETS["features"]),
-    ]  # fmt: skip
+        (
+            "feats.npy (36 x 2048 fp16) header + view alone",
+            rate(lambda: load_npy(one), seconds),
+            "samples",
+            None,
+        ),
+        (
+            "cached features: tar + json + feats (decode only)",
+            stream_rate(root / "f", "vqa", tok, 64, seconds, decode_only=True),
+            "samples",
+            TARGETS["features"],
+        ),
+        (
+            "cached features: whole batches (tokenise + collate, batch 64)",
+            stream_rate(root / "f", "vqa", tok, 64, seconds),
+            "samples",
+            TARGETS["features"],
+        ),
+        (
+            "cached features through a DataLoader, 1 worker process (batch 64)",
+            stream_rate(root / "f", "vqa", tok, 64, seconds, loader=True),
+            "samples",
+            TARGETS["features"],
+        ),
+    ]
 
 
 def bench_tokenizers(fast, seconds) -> list:
@@ -212,11 +289,19 @@ def bench_tokenizers(fast, seconds) -> list:
         return call
 
     return [
-        ("tokenise a batch, T5TokenizerFast (real presets)", rate(tokenise(fast), seconds, 64),
-         "samples", None),
-        ("tokenise a batch, sentencepiece T5Tokenizer (tiny preset)",
-         rate(tokenise(slow), seconds, 64), "samples", None),
-    ]  # fmt: skip
+        (
+            "tokenise a batch, T5TokenizerFast (real presets)",
+            rate(tokenise(fast), seconds, 64),
+            "samples",
+            None,
+        ),
+        (
+            "tokenise a batch, sentencepiece T5Tokenizer (tiny preset)",
+            rate(tokenise(slow), seconds, 64),
+            "samples",
+            None,
+        ),
+    ]
 
 
 def bench_step_share(steps: int) -> list:
@@ -224,16 +309,15 @@ def bench_step_share(steps: int) -> list:
     from vlds.config import build_config
     from vlds.data.build import DataBuilder
     from vlds.data.synthetic import ensure_synthetic
+    from vlds.engine import param_groups
     from vlds.model.build import build_model, build_tokenizer, build_tower
-    from vlds.train import param_groups
 
     cfg = build_config("tiny")
     root = ensure_synthetic()
-    torch.manual_seed(0)
     tok = build_tokenizer(cfg, root)
-    tower = build_tower(cfg)
+    tower = build_tower(cfg)  # seeds torch with train.seed (0)
     model = build_model(cfg, tok, tower)
-    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-3)
+    opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=1e-3)
     info = type("Info", (), {"rank": 0, "world_size": 1, "is_main": False})()
     data = DataBuilder(cfg, root, tok, tower.image_size, info)
     it = iter(data.train_loader(0))

@@ -172,9 +172,8 @@ def pretrain_backbone(
             "train.seed": 0,
         },
     )
-    torch.manual_seed(0)
     tok = build_tokenizer(cfg, down_root)
-    tower = build_tower(cfg)
+    tower = build_tower(cfg)  # seeds torch with train.seed: tower and T5 weights follow it
     model = build_model(cfg, tok, tower)
     tower.requires_grad_(True)
     data = DataBuilder(cfg, pre_root, tok, tower.image_size, WorldInfo(0, 0, 1))

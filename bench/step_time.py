@@ -4,19 +4,23 @@
     python bench/step_time.py --batch 8 --steps 5 --json runs/bench/step_time.json
     python bench/step_time.py --methods single_adapter,full_finetune --text-len 20 --target-len 5
 
-One step = DeepSpeed engine forward + backward + step under ZeRO-2 (ds_configs/zero2.json filled
-by vlds.train.deepspeed_config), with torch AdamW as the client optimizer and the warm-up/decay
-schedule exactly as vlds/train.py builds them. The model is a CLIP-T5 with random weights at
-t5-base sizes (d_model 768, 12 + 12 layers, 12 heads, d_ff 3072, vocab 32128) and a VQA-like
-batch: 20 text tokens, 36 visual tokens (random 2048-d CLIP-RN101-like 6x6 grid features) and a
-5-token target. The frozen CLIP tower runs outside the engine under no_grad in training, so it
-is not part of the timed step: the batch carries the visual features directly.
+One step = DeepSpeed engine forward + backward + step under ZeRO-2 (ds_configs/zero2.json), the
+engine built by vlds.engine (deepspeed_config + build_engine: torch AdamW as the client optimizer,
+the warm-up/decay schedule) exactly as vlds/train.py builds it, at the precision of
+vlds.engine.use_bf16. The run config is the "t5-base-random" preset (build_config), the
+language model vlds.model.build.build_lm's with t5-base's vocabulary (32128 embedding rows,
+pad 0, eos 1): a CLIP-T5 with random weights at t5-base sizes (d_model 768, 12 + 12 layers, 12
+heads, d_ff 3072) and a VQA-like batch: 20 text tokens, 36 visual tokens (random 2048-d
+CLIP-RN101-like 6x6 grid features) and a 5-token target. The frozen CLIP tower runs outside the
+engine under no_grad in training, so it is not part of the timed step: the batch carries the
+visual features directly.
 
 CPU: fp32, default batch 16; CUDA: bf16, default batch 64. Each method runs in its own
-subprocess (`--worker METHOD`), so one configuration's allocations cannot leak into another's
-peak. Memory: CUDA reports torch.cuda.max_memory_allocated; CPU reports the worker's peak RSS
-and the peak increase over the RSS measured after imports (torch, DeepSpeed, transformers:
-identical for every method), which is what the adapter/full memory ratio is taken on.
+subprocess (handed the parent's parsed flags as one JSON, `--args-json`), so one
+configuration's allocations cannot leak into another's peak. Memory: CUDA reports
+torch.cuda.max_memory_allocated; CPU reports the worker's peak RSS and the peak increase over
+the RSS measured after imports (torch, DeepSpeed, transformers: identical for every method),
+which is what the adapter/full memory ratio is taken on.
 
 The workers are alive together and step in turn (A, B, then B, A, ...), never at the same
 time: on a shared machine the speed of the cores drifts over minutes, and running the methods
@@ -47,12 +51,14 @@ BASELINE = "full_finetune"
 GRID = 6  # CLIP RN101 layer4 grid max-pooled to 6 x 6 = 36 visual tokens (model.grid_pool)
 FEAT_DIM = 2048  # RN101 layer4 channels
 BUSY = 0.05  # other processes' share of the CPUs above which a step's time is suspect
-# What the parent passes on to each worker: everything that shapes the model or the step.
-WORKER_FLAGS = ("batch", "steps", "warmup", "text_len", "target_len", "d_model", "layers")
-WORKER_FLAGS += ("heads", "d_ff", "vocab", "reduction_factor")
+PRESET = "t5-base-random"  # t5-base sizes, random weights (vlds.config)
+VOCAB, PAD, EOS = 32128, 0, 1  # t5-base: its embedding rows (the tokenizer has 32100 + padding)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from vlds.config import build_config
+
+    base = build_config(PRESET)  # the defaults of the model sizes
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=0, help="micro-batch (0: 16 on CPU, 64 on GPU)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -62,18 +68,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target-len", type=int, default=5, help="target tokens per sample")
     p.add_argument("--json", default="", help="write the rows to this JSON file")
     hidden = argparse.SUPPRESS
-    # Model sizes: t5-base by default; tests shrink them to run in seconds.
-    p.add_argument("--d-model", type=int, default=768, help=hidden)
-    p.add_argument("--layers", type=int, default=12, help=hidden)
-    p.add_argument("--heads", type=int, default=12, help=hidden)
-    p.add_argument("--d-ff", type=int, default=3072, help=hidden)
-    p.add_argument("--vocab", type=int, default=32128, help=hidden)
-    p.add_argument("--reduction-factor", type=int, default=8, help=hidden)
+    # Model sizes: the preset's (t5-base) by default; tests shrink them to run in seconds.
+    m = base.model
+    p.add_argument("--d-model", type=int, default=m.d_model, help=hidden)
+    p.add_argument("--layers", type=int, default=m.num_layers, help=hidden)
+    p.add_argument("--heads", type=int, default=m.num_heads, help=hidden)
+    p.add_argument("--d-ff", type=int, default=m.d_ff, help=hidden)
+    p.add_argument("--vocab", type=int, default=VOCAB, help=hidden)
+    p.add_argument("--reduction-factor", type=int, default=base.peft.reduction_factor, help=hidden)
     # Internal: the parent re-invokes this script once per method and drives it step by step.
     p.add_argument("--worker", default="", help=hidden)
     p.add_argument("--row-out", default="", help=hidden)
     p.add_argument("--reply-fd", type=int, default=-1, help=hidden)
+    # A worker's whole namespace (the parent's parsed flags plus the three above), as JSON.
+    p.add_argument("--args-json", default="", help=hidden)
     args = p.parse_args(argv)
+    if args.args_json:
+        return argparse.Namespace(**json.loads(args.args_json))
     if min(args.steps, args.text_len, args.target_len) < 1 or args.warmup < 0:
         p.error("--steps, --text-len and --target-len must be >= 1, --warmup >= 0")
     return args
@@ -124,7 +135,7 @@ def build_config_for(args, method: str):
     from vlds.config import build_config
 
     return build_config(
-        "t5-base-random",
+        PRESET,
         {
             "model.d_model": args.d_model,
             "model.num_layers": args.layers,
@@ -144,31 +155,15 @@ def build_config_for(args, method: str):
 
 
 def build_vl_model(cfg, vocab: int):
-    """Random CLIP-T5 of the configured sizes with the PEFT method applied."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
+    """Random CLIP-T5 of the configured sizes with the PEFT method applied, as
+    vlds.model.build.build_model builds it, without a tokenizer (t5-base's pad 0 and eos 1) and
+    without a tower (its RN101 grid width, FEAT_DIM, given)."""
+    from vlds.model.build import build_lm
     from vlds.model.vl import VLModel
     from vlds.peft import apply_peft
 
-    m = cfg.model
-    # T5Config directly rather than vlds.model.build.build_lm, which sizes the vocabulary from
-    # a tokenizer. t5-base: relu FFN, tied input/output embeddings, pad 0 = decoder start, eos 1.
-    t5 = T5Config(
-        vocab_size=vocab,
-        d_model=m.d_model,
-        d_ff=m.d_ff,
-        d_kv=m.d_model // m.num_heads,
-        num_layers=m.num_layers,
-        num_decoder_layers=m.num_layers,
-        num_heads=m.num_heads,
-        dropout_rate=m.dropout,  # on, as in training: the benchmark times training steps
-        feed_forward_proj="relu",
-        tie_word_embeddings=True,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    model = VLModel(T5ForConditionalGeneration(t5), "t5", feat_dim=FEAT_DIM)
+    # dropout on, as in training: the benchmark times training steps
+    model = VLModel(build_lm(cfg, vocab, PAD, EOS), cfg.model.arch, FEAT_DIM)
     apply_peft(model, cfg.peft, cfg.task_list)
     return model
 
@@ -203,12 +198,12 @@ def run_worker(args, commands, replies) -> dict:
     import torch
 
     from vlds.distributed import init_distributed, world_info_from_env
-    from vlds.train import deepspeed_config, lr_lambda, param_groups
+    from vlds.engine import DEFAULT_DS_CONFIG, build_engine, deepspeed_config, use_bf16
 
     method = args.worker
     info = world_info_from_env()  # a bare process becomes a world of one on a free port
     device = init_distributed(info)
-    import deepspeed
+    import deepspeed  # noqa: F401  (counted in the post-import RSS)
     import transformers.models.t5.modeling_t5  # noqa: F401  (counted in the post-import RSS)
 
     from vlds.checkpoint import ADAPTER_WEIGHTS, save_adapter
@@ -219,30 +214,20 @@ def run_worker(args, commands, replies) -> dict:
     rss_after_imports = rss_bytes()
 
     cfg = build_config_for(args, method)
-    torch.manual_seed(cfg.train.seed)  # the same random base weights for every method
+    bf16 = use_bf16(cfg)
+    # The same random base weights for every method. (Training seeds in build_tower, which
+    # then draws the tower's weights; the benchmark builds no tower.)
+    torch.manual_seed(cfg.train.seed)
     model = build_vl_model(cfg, args.vocab)
     rss_after_build = rss_bytes()
     counts = count_parameters(model)
-    zero2 = str(REPO / "ds_configs" / "zero2.json")
-    ds_config = deepspeed_config(zero2, cfg, info.world_size, bf16=cuda)
-    # Client optimizer and schedule exactly as vlds/train.py: AdamW over the trainable
-    # parameters in two decay groups, linear warm-up then decay over the steps we run.
-    total = args.warmup + args.steps
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.train.weight_decay),
-        lr=cfg.train.lr,
-        betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-        eps=cfg.train.adam_eps,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total, int(cfg.train.warmup_ratio * total))
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
-    )
+    # ZeRO-2; AdamW over the trainable parameters in two decay groups, linear warm-up then
+    # decay over the steps we run: the engine vlds/train.py builds.
+    ds_config = deepspeed_config(DEFAULT_DS_CONFIG, cfg, info.world_size, bf16)
+    engine = build_engine(cfg, model, ds_config, args.warmup + args.steps)
     engine.train()
     rss_after_engine = rss_bytes()
-    batch = make_batch(args, device, torch.bfloat16 if cuda else torch.float32)
+    batch = make_batch(args, device, torch.bfloat16 if bf16 else torch.float32)
 
     def sync():
         if cuda:
@@ -279,7 +264,7 @@ def run_worker(args, commands, replies) -> dict:
     row = {
         "method": method,
         "device": torch.cuda.get_device_name(device) if cuda else cpu_name(),
-        "dtype": "bf16" if cuda else "fp32",
+        "dtype": "bf16" if bf16 else "fp32",
         "batch": args.batch,
         "text_len": args.text_len,
         "vis_tokens": GRID * GRID,
@@ -323,11 +308,11 @@ class Worker:
         self.method = method
         self.row_path = tmp / f"{method}.json"
         self.log_path = tmp / f"{method}.log"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", method]
-        for key in WORKER_FLAGS:
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         read_fd, write_fd = os.pipe()
-        cmd += ["--row-out", str(self.row_path), "--reply-fd", str(write_fd)]
+        # The parent's parsed flags, all of them, with this worker's own three set.
+        own = {"worker": method, "row_out": str(self.row_path), "reply_fd": write_fd}
+        spec = json.dumps({**vars(args), **own})
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--args-json", spec]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"):
             env.pop(key, None)  # every worker is its own world of one, on its own port
@@ -462,6 +447,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import torch
 
+    from vlds.engine import use_bf16
     from vlds.peft import METHODS
 
     cuda = torch.cuda.is_available()
@@ -470,8 +456,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise SystemExit(f"unknown method(s) {unknown or methods}; valid: {', '.join(METHODS)}")
+    bf16 = use_bf16(build_config_for(args, methods[0]))  # the workers' precision
     device = torch.cuda.get_device_name(0) if cuda else cpu_name()
-    print(f"device: {device}, {'bf16' if cuda else 'fp32'}, ZeRO-2, 1 rank")
+    print(f"device: {device}, {'bf16' if bf16 else 'fp32'}, ZeRO-2, 1 rank")
     print(
         f"CLIP-T5 (random weights): d_model {args.d_model}, {args.layers}+{args.layers} layers, "
         f"{args.heads} heads, d_ff {args.d_ff}, vocab {args.vocab}; batch {args.batch} x "

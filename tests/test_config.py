@@ -107,9 +107,13 @@ def test_reduction_factor_must_divide_d_model():
         validate(build_config("tiny", {"peft.reduction_factor": "3"}))
     # one check, by the method's own flag: methods without a bottleneck ignore the factor
     assert {m for m, c in METHODS.items() if c.uses_bottleneck} == {
-        "single_adapter", "multiple_adapters", "half_shared_adapter", "hyperformer",
-        "single_compacter", "multiple_compacters",
-    }  # fmt: skip
+        "single_adapter",
+        "multiple_adapters",
+        "half_shared_adapter",
+        "hyperformer",
+        "single_compacter",
+        "multiple_compacters",
+    }
     check("single_lora", 7)
     validate(build_config("tiny", {"peft.method": "single_lora", "peft.reduction_factor": "3"}))
 
@@ -119,9 +123,12 @@ def test_every_owner_registers_its_check():
 
     owners = {name.rsplit(".", 1)[0] for name in CHECKS}
     assert owners == {
-        "vlds.data.tasks", "vlds.data.mixing", "vlds.data.decode", "vlds.peft.registry",
+        "vlds.data.tasks",
+        "vlds.data.mixing",
+        "vlds.data.decode",
+        "vlds.peft.registry",
         "vlds.kernels",
-    }  # fmt: skip
+    }
 
 
 def test_field_roles_replace_hand_kept_key_lists():
@@ -130,14 +137,37 @@ def test_field_roles_replace_hand_kept_key_lists():
     match, run = set(keys_with_role("match")), set(keys_with_role("run"))
     assert not match & run
     # what a resume must keep: the model, the method, the data order and the batches
-    assert {"model.arch", "model.lm", "model.d_model", "peft.method", "peft.reduction_factor",
-            "data.tasks", "data.batch_size", "data.task_batch_scale", "data.split",
-            "data.mixing", "data.mixing_weights", "data.mixing_temperature",
-            "train.grad_accum", "train.global_batch_size", "train.seed"} <= match  # fmt: skip
+    assert {
+        "model.arch",
+        "model.lm",
+        "model.d_model",
+        "peft.method",
+        "peft.reduction_factor",
+        "data.tasks",
+        "data.batch_size",
+        "data.task_batch_scale",
+        "data.split",
+        "data.mixing",
+        "data.mixing_weights",
+        "data.mixing_temperature",
+        "train.grad_accum",
+        "train.global_batch_size",
+        "train.seed",
+    } <= match
     # where and how a run executes or is scored (left out of a tuned best_config.json)
-    assert {"data.num_workers", "eval.max_samples", "eval.caption_beams", "eval.every",
-            "train.out_dir", "train.resume", "train.save_every", "train.keep_last",
-            "train.log_every", "train.handle_signals", "eval.java_metrics"} <= run  # fmt: skip
+    assert {
+        "data.num_workers",
+        "eval.max_samples",
+        "eval.caption_beams",
+        "eval.every",
+        "train.out_dir",
+        "train.resume",
+        "train.save_every",
+        "train.keep_last",
+        "train.log_every",
+        "train.handle_signals",
+        "eval.java_metrics",
+    } <= run
     assert "train.lr" not in match | run and "peft.fused_kernel" not in match | run
 
 

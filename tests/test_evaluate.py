@@ -30,16 +30,44 @@ def run(cmd, timeout=300):
 
 def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     out = tmp_path / "run"
-    run([str(BIN / "deepspeed"), "--num_gpus", "1", "--master_port", str(free_port()),
-         "vlds/train.py", "--deepspeed", "ds_configs/zero2.json", f"--data.root={shapes_root}",
-         f"--train.out_dir={out}", "--data.batch_size=16", "--train.max_steps=3",
-         "--eval.max_samples=16", "--eval.batch_size=8", "--eval.caption_beams=2",
-         "--data.num_workers=1"])  # fmt: skip
+    run(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "1",
+            "--master_port",
+            str(free_port()),
+            "vlds/train.py",
+            "--deepspeed",
+            "ds_configs/zero2.json",
+            f"--data.root={shapes_root}",
+            f"--train.out_dir={out}",
+            "--data.batch_size=16",
+            "--train.max_steps=3",
+            "--eval.max_samples=16",
+            "--eval.batch_size=8",
+            "--eval.caption_beams=2",
+            "--data.num_workers=1",
+        ]
+    )
     trained = json.loads((out / "metrics.json").read_text())["metrics"]
 
     ev = tmp_path / "eval"
-    run([sys.executable, "-m", "vlds.evaluate", "--checkpoint", str(out / "adapter"),
-         "--shards", str(shapes_root), "--max-samples", "16", "--out", str(ev)])  # fmt: skip
+    run(
+        [
+            sys.executable,
+            "-m",
+            "vlds.evaluate",
+            "--checkpoint",
+            str(out / "adapter"),
+            "--shards",
+            str(shapes_root),
+            "--max-samples",
+            "16",
+            "--out",
+            str(ev),
+        ]
+    )
     evaluated = json.loads((ev / "metrics.json").read_text())["metrics"]
     tasks = ("vqa", "gqa", "nlvr", "caption")
     assert set(trained) == set(evaluated) == {*tasks, "average"}

@@ -45,9 +45,26 @@ def pixel_root(tmp_path_factory, shapes_root):
 
 
 def extract(pixel_root, out, *extra) -> dict:
-    argv = ["--shards", pixel_root, "--tasks", "vqa,nlvr,tvqa", "--out", out,
-            "--vision", "vlds-tiny-rn", "--vision-pretrained", "", "--grid-pool", 3,
-            "--batch-size", 16, "--workers", 0, "--quiet", *extra]  # fmt: skip
+    argv = [
+        "--shards",
+        pixel_root,
+        "--tasks",
+        "vqa,nlvr,tvqa",
+        "--out",
+        out,
+        "--vision",
+        "vlds-tiny-rn",
+        "--vision-pretrained",
+        "",
+        "--grid-pool",
+        3,
+        "--batch-size",
+        16,
+        "--workers",
+        0,
+        "--quiet",
+        *extra,
+    ]
     return extract_main([str(a) for a in argv])
 
 
@@ -87,9 +104,17 @@ def test_feature_shards_keep_the_layout(pixel_root, feats32):
 
 
 def batches(root, task, tok, n=3):
-    stream = TrainStream({task: load_index(root, task, "train")}, {task: 4},
-                         Preprocess(96, CLIP_MEAN, CLIP_STD), Collator(tok, [task], 96, 20, 8),
-                         rank=0, world=1, seed=0, epoch=0, shuffle_buffer=8)  # fmt: skip
+    stream = TrainStream(
+        {task: load_index(root, task, "train")},
+        {task: 4},
+        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Collator(tok, [task], 96, 20, 8),
+        rank=0,
+        world=1,
+        seed=0,
+        epoch=0,
+        shuffle_buffer=8,
+    )
     return list(stream)[:n]
 
 
@@ -154,10 +179,20 @@ def test_config_checks_feature_shards(pixel_root, feats32):
 
 def test_training_on_extracted_features(feats32, tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "vlds/train.py", f"--data.root={feats32}", f"--train.out_dir={run}",
-           "--data.tasks=vqa,nlvr", "--data.features=true", "--data.batch_size=4",
-           "--data.num_workers=1", "--train.max_steps=2", "--eval.max_samples=4",
-           "--eval.batch_size=4", "--train.log_every=1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "vlds/train.py",
+        f"--data.root={feats32}",
+        f"--train.out_dir={run}",
+        "--data.tasks=vqa,nlvr",
+        "--data.features=true",
+        "--data.batch_size=4",
+        "--data.num_workers=1",
+        "--train.max_steps=2",
+        "--eval.max_samples=4",
+        "--eval.batch_size=4",
+        "--train.log_every=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -40,16 +40,28 @@ def indexes(root, tasks=TASKS):
 
 
 def stream(root, tok, rank=0, world=1, epoch=0, **mix):
-    return TrainStream(indexes(root), {t: 4 for t in TASKS}, Preprocess(96, CLIP_MEAN, CLIP_STD),
-                       Collator(tok, list(TASKS), 40, 20), rank=rank, world=world, seed=0,
-                       epoch=epoch, shuffle_buffer=8, **mix)  # fmt: skip
+    return TrainStream(
+        indexes(root),
+        {t: 4 for t in TASKS},
+        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Collator(tok, list(TASKS), 40, 20),
+        rank=rank,
+        world=world,
+        seed=0,
+        epoch=epoch,
+        shuffle_buffer=8,
+        **mix,
+    )
 
 
 def test_mixing_counts():
     batches = {"vqa": 60, "gqa": 30, "nlvr": 10}
     assert mixing_counts(batches, "proportional") == batches
     assert mixing_counts(batches, "weights", "vqa=1,gqa=1,nlvr=2") == {
-        "vqa": 25, "gqa": 25, "nlvr": 50}  # fmt: skip
+        "vqa": 25,
+        "gqa": 25,
+        "nlvr": 50,
+    }
     # temperature: T = 1 is proportional, larger T flattens towards uniform; total kept
     assert mixing_counts(batches, "temperature", temperature=1.0) == batches
     t2 = mixing_counts(batches, "temperature", temperature=2.0)
@@ -69,9 +81,12 @@ def test_mixing_counts():
 
 @pytest.mark.parametrize(
     "mix",
-    [{}, {"mixing": "weights", "weights": "vqa=1,gqa=3,nlvr=1"},
-     {"mixing": "temperature", "temperature": 3.0}],
-)  # fmt: skip
+    [
+        {},
+        {"mixing": "weights", "weights": "vqa=1,gqa=3,nlvr=1"},
+        {"mixing": "temperature", "temperature": 3.0},
+    ],
+)
 def test_every_rank_computes_the_same_schedule(root, mix):
     idx, sizes = indexes(root), {t: 4 for t in TASKS}
     per_rank = [epoch_schedule(idx, sizes, 2, 0, 0, **mix) for _ in range(2)]
@@ -108,8 +123,15 @@ def test_fewer_shards_than_readers_is_explained_once(root, tokenizer, caplog):
     notes = reader_split_notes(indexes(root), world=2, workers=2)
     assert len(notes) == 2 and notes[0].startswith("task gqa: 1 shard(s) < 2 rank(s) x 2")
     assert "every 4-th sample" in notes[0] and notes[1].startswith("task nlvr: 2 shard(s)")
-    cfg = build_config("tiny", {"data.root": str(root), "data.tasks": "vqa,gqa,nlvr",
-                                "data.val_split": "train", "data.num_workers": "2"})  # fmt: skip
+    cfg = build_config(
+        "tiny",
+        {
+            "data.root": str(root),
+            "data.tasks": "vqa,gqa,nlvr",
+            "data.val_split": "train",
+            "data.num_workers": "2",
+        },
+    )
     with caplog.at_level(logging.INFO, logger="vlds"):
         DataBuilder(cfg, root, tokenizer, 96, SimpleNamespace(rank=0, world_size=2, is_main=True))
         DataBuilder(cfg, root, tokenizer, 96, SimpleNamespace(rank=1, world_size=2, is_main=False))
@@ -121,14 +143,16 @@ def test_fewer_shards_than_readers_is_explained_once(root, tokenizer, caplog):
     [
         ({"data.mixing": "random"}, "data.mixing='random'; valid: proportional, weights"),
         ({"data.mixing": "weights"}, "gives no weight to"),
-        ({"data.mixing": "weights", "data.mixing_weights": "vqa=1,gqa=1,nlvr=1,caption=x"},
-         "needs a weight > 0"),
+        (
+            {"data.mixing": "weights", "data.mixing_weights": "vqa=1,gqa=1,nlvr=1,caption=x"},
+            "needs a weight > 0",
+        ),
         ({"data.mixing_weights": "vqa=2"}, "add --data.mixing=weights"),
         ({"data.mixing": "temperature", "data.mixing_temperature": "0"}, "must be > 0"),
         ({"data.features": "yes"}, "data.features='yes'; valid: auto, true, false"),
         ({"data.max_bad_fraction": "2"}, "must be in \\[0, 1\\]"),
     ],
-)  # fmt: skip
+)
 def test_config_rejects_bad_data_settings(overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate(build_config("tiny", overrides))

@@ -82,16 +82,33 @@ def make_release(root: Path) -> dict:
         if i != 7:
             data = picture(i, "JPEG") if i != 8 else b"\xff\xd8 not really a jpeg"
             (coco / "train2014" / f"COCO_train2014_{i:012d}.jpg").write_bytes(data)
-    write_zip(coco / "val2014.zip", {f"val2014/COCO_val2014_{i:012d}.jpg": picture(i, "JPEG")
-                                     for i in range(101, 105)})  # fmt: skip
+    write_zip(
+        coco / "val2014.zip",
+        {f"val2014/COCO_val2014_{i:012d}.jpg": picture(i, "JPEG") for i in range(101, 105)},
+    )
     p["coco_images"] = [coco / "train2014", coco / "val2014.zip"]
-    split_of = {**{i: "train" for i in range(1, 5)}, **{i: "restval" for i in range(5, 9)},
-                101: "val", 102: "val", 103: "test", 104: "test"}  # fmt: skip
-    karpathy = {"images": [
-        {"filepath": "train2014" if i < 100 else "val2014", "cocoid": i, "split": s,
-         "filename": f"COCO_{'train' if i < 100 else 'val'}2014_{i:012d}.jpg",
-         "sentences": [{"raw": f"a {c} thing number {i}. ", "tokens": []} for c in COLORS[:3]]}
-        for i, s in split_of.items()]}  # fmt: skip
+    split_of = {
+        **{i: "train" for i in range(1, 5)},
+        **{i: "restval" for i in range(5, 9)},
+        101: "val",
+        102: "val",
+        103: "test",
+        104: "test",
+    }
+    karpathy = {
+        "images": [
+            {
+                "filepath": "train2014" if i < 100 else "val2014",
+                "cocoid": i,
+                "split": s,
+                "filename": f"COCO_{'train' if i < 100 else 'val'}2014_{i:012d}.jpg",
+                "sentences": [
+                    {"raw": f"a {c} thing number {i}. ", "tokens": []} for c in COLORS[:3]
+                ],
+            }
+            for i, s in split_of.items()
+        ]
+    }
     p["karpathy"] = root / "dataset_coco.json"
     p["karpathy"].write_text(json.dumps(karpathy))
     for sub, ids in (("train2014", range(1, 9)), ("val2014", range(101, 105))):
@@ -99,31 +116,47 @@ def make_release(root: Path) -> dict:
         for i in ids:
             for k in range(2):
                 qid = i * 10 + k
-                qs.append({"image_id": i, "question": f"what color is thing {k}?",
-                           "question_id": qid})  # fmt: skip
+                qs.append(
+                    {"image_id": i, "question": f"what color is thing {k}?", "question_id": qid}
+                )
                 answers = [COLORS[(i + k) % 4]] * 7 + ["pink"] * 3
-                anns.append({
-                    "question_id": qid, "image_id": i, "question_type": "what color",
-                    "answer_type": "other", "multiple_choice_answer": answers[0],
-                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
-                                for j, a in enumerate(answers)],
-                })  # fmt: skip
+                anns.append(
+                    {
+                        "question_id": qid,
+                        "image_id": i,
+                        "question_type": "what color",
+                        "answer_type": "other",
+                        "multiple_choice_answer": answers[0],
+                        "answers": [
+                            {"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                            for j, a in enumerate(answers)
+                        ],
+                    }
+                )
         p[f"q_{sub}"] = root / f"v2_OpenEnded_mscoco_{sub}_questions.json"
         p[f"q_{sub}"].write_text(json.dumps({"data_subtype": sub, "questions": qs}))
         p[f"a_{sub}"] = root / f"v2_mscoco_{sub}_annotations.json"
         p[f"a_{sub}"].write_text(json.dumps({"annotations": anns[:-1]}))  # last: no annotation
 
     # GQA: images in an uncompressed tar, one escaping member ("../evil.jpg")
-    gqa = {f"images/{n}.jpg": picture(200 + i, "JPEG") for i, n in enumerate(
-        ["2354786", "2375429", "n161313", "2400001"])}  # fmt: skip
+    gqa = {
+        f"images/{n}.jpg": picture(200 + i, "JPEG")
+        for i, n in enumerate(["2354786", "2375429", "n161313", "2400001"])
+    }
     gqa["../evil.jpg"] = picture(299, "JPEG")
     p["gqa_images"] = root / "gqa_images.tar"
     write_tar(p["gqa_images"], gqa)
     for split, ids in (("train", ["2354786", "2375429", "n161313", "2400001"]), ("val", None)):
         ids = ids or ["2400001", "n161313", "2354786", "missing9"]
-        qs = {f"{split}{j:05d}": {"imageId": im, "question": f"is the sky {COLORS[j % 4]}?",
-                                  "answer": "yes" if j % 2 else "no", "fullAnswer": "..."}
-              for j, im in enumerate(ids * 2)}  # fmt: skip
+        qs = {
+            f"{split}{j:05d}": {
+                "imageId": im,
+                "question": f"is the sky {COLORS[j % 4]}?",
+                "answer": "yes" if j % 2 else "no",
+                "fullAnswer": "...",
+            }
+            for j, im in enumerate(ids * 2)
+        }
         p[f"gqa_{split}"] = root / f"{split}_balanced_questions.json"
         p[f"gqa_{split}"].write_text(json.dumps(qs))
 
@@ -139,9 +172,15 @@ def make_release(root: Path) -> dict:
                     (d / f"{split}-{n}-{pair}-img{img}.png").write_bytes(
                         picture(1000 + n * 10 + pair * 2 + img, "PNG", (100, 80))
                     )
-                rows.append({"identifier": f"{split}-{n}-{pair}-0", "sentence": f"statement {n}",
-                             "label": "True" if (n + pair) % 2 else "False",
-                             "left_url": "http://x", "right_url": "http://y"})  # fmt: skip
+                rows.append(
+                    {
+                        "identifier": f"{split}-{n}-{pair}-0",
+                        "sentence": f"statement {n}",
+                        "label": "True" if (n + pair) % 2 else "False",
+                        "left_url": "http://x",
+                        "right_url": "http://y",
+                    }
+                )
         p[f"nlvr_{split}"] = jsonl(root / f"nlvr_{split}.json", rows)
     p["nlvr_images"] = [nl]
     p.update(make_video_release(root))
@@ -170,22 +209,43 @@ def make_video_release(root: Path) -> dict:
             np.save(feats / f"{name}.npy", arr)
     data = (vids / f"{names[5]}.mp4").read_bytes()
     (vids / f"{names[5]}.mp4").write_bytes(data[: len(data) // 3])  # truncated: undecodable
-    subs = [{"vid_name": n, "sub": [{"start": 0.0, "end": 0.9, "text": f"Alice: hi {i}"},
-                                    {"start": 1.0, "end": 2.0, "text": "Bob: bye"}]}
-            for i, n in enumerate(names)]  # fmt: skip
+    subs = [
+        {
+            "vid_name": n,
+            "sub": [
+                {"start": 0.0, "end": 0.9, "text": f"Alice: hi {i}"},
+                {"start": 1.0, "end": 2.0, "text": "Bob: bye"},
+            ],
+        }
+        for i, n in enumerate(names)
+    ]
     p["subtitles"] = jsonl(root / "subtitles.jsonl", subs)
     for task in ("tvqa", "how2qa"):
         n_choices = 5 if task == "tvqa" else 4
-        rows = [{"qid": 100 + i, "q": f"what does Alice say {i}?", "vid_name": n,
-                 "ts": [0.5, 1.5] if i % 2 else "0.2-1.8", "answer_idx": i % n_choices,
-                 **{f"a{k}": f"answer {k}" for k in range(n_choices)}}
-                for i, n in enumerate(names)]  # fmt: skip
+        rows = [
+            {
+                "qid": 100 + i,
+                "q": f"what does Alice say {i}?",
+                "vid_name": n,
+                "ts": [0.5, 1.5] if i % 2 else "0.2-1.8",
+                "answer_idx": i % n_choices,
+                **{f"a{k}": f"answer {k}" for k in range(n_choices)},
+            }
+            for i, n in enumerate(names)
+        ]
         rows.append({**rows[0], "qid": 999, "vid_name": "../../etc/passwd"})
         p[task] = jsonl(root / f"{task}_train.jsonl", rows)
     for task in ("tvc", "yc2c"):
-        rows = [{"vid_name": n, "clip_id": 500 + i, "ts": [0.0, 2.0], "duration": 2.0,
-                 "descs": [{"desc": f"someone does thing {i}"}, {"desc": "a second one"}]}
-                for i, n in enumerate(names)]  # fmt: skip
+        rows = [
+            {
+                "vid_name": n,
+                "clip_id": 500 + i,
+                "ts": [0.0, 2.0],
+                "duration": 2.0,
+                "descs": [{"desc": f"someone does thing {i}"}, {"desc": "a second one"}],
+            }
+            for i, n in enumerate(names)
+        ]
         p[task] = jsonl(root / f"{task}_train.jsonl", rows)
     p["videos"], p["features"] = vids, feats
     return p
@@ -227,14 +287,29 @@ def check_schema(root: Path, task: str, split: str) -> list[dict]:
 def image_args(release, task: str, split: str) -> list:
     r = release
     if task == "vqa":
-        return ["vqa", "--questions", r["q_train2014"], r["q_val2014"], "--annotations",
-                r["a_train2014"], r["a_val2014"], "--karpathy", r["karpathy"],
-                "--images", *r["coco_images"]]  # fmt: skip
+        return [
+            "vqa",
+            "--questions",
+            r["q_train2014"],
+            r["q_val2014"],
+            "--annotations",
+            r["a_train2014"],
+            r["a_val2014"],
+            "--karpathy",
+            r["karpathy"],
+            "--images",
+            *r["coco_images"],
+        ]
     if task == "gqa":
         return ["gqa", "--questions", r[f"gqa_{split}"], "--images", r["gqa_images"]]
     if task == "nlvr":
-        return ["nlvr2", "--annotations", r["nlvr_dev" if split == "val" else "nlvr_train"],
-                "--images", *r["nlvr_images"]]  # fmt: skip
+        return [
+            "nlvr2",
+            "--annotations",
+            r["nlvr_dev" if split == "val" else "nlvr_train"],
+            "--images",
+            *r["nlvr_images"],
+        ]
     return ["coco-caption", "--karpathy", r["karpathy"], "--images", *r["coco_images"]]
 
 
@@ -246,8 +321,9 @@ def image_shards(release, tmp_path_factory):
     for task in ("vqa", "gqa", "nlvr", "caption"):
         for split in ("train", "val"):
             args = image_args(release, task, split)
-            summaries[task, split] = convert(*args, "--split", split, "--out", out,
-                                             "--samples-per-shard", 5)  # fmt: skip
+            summaries[task, split] = convert(
+                *args, "--split", split, "--out", out, "--samples-per-shard", 5
+            )
     return out, summaries
 
 
@@ -256,10 +332,14 @@ def test_vqa_karpathy_split_records_and_original_bytes(release, image_shards):
     recs = check_schema(out, "vqa", "train")
     # Karpathy train + restval = images 1-8; image 7 is missing, 8 does not decode, and the
     # last question (81, of image 8) has no annotation
-    assert sorted(int(r["id"]) for r in recs) == [i * 10 + k for i in (1, 2, 3, 4, 5, 6)
-                                                  for k in (0, 1)]  # fmt: skip
+    assert sorted(int(r["id"]) for r in recs) == [
+        i * 10 + k for i in (1, 2, 3, 4, 5, 6) for k in (0, 1)
+    ]
     assert summaries["vqa", "train"]["skipped"] == {
-        "image not found": 2, "undecodable image": 1, "no annotation": 1}  # fmt: skip
+        "image not found": 2,
+        "undecodable image": 1,
+        "no annotation": 1,
+    }
     r = next(x for x in recs if x["id"] == "31")
     assert r["answers"] == ["red"] * 7 + ["pink"] * 3 and r["image_id"] == 3
     assert (r["answer_type"], r["question_type"]) == ("other", "what color")
@@ -273,8 +353,19 @@ def test_vqa_karpathy_split_records_and_original_bytes(release, image_shards):
 
 def test_vqa_official_split_without_karpathy(release, tmp_path):
     r = release
-    s = convert("vqa", "--split", "val", "--out", tmp_path, "--questions", r["q_val2014"],
-                "--annotations", r["a_val2014"], "--images", *r["coco_images"])  # fmt: skip
+    s = convert(
+        "vqa",
+        "--split",
+        "val",
+        "--out",
+        tmp_path,
+        "--questions",
+        r["q_val2014"],
+        "--annotations",
+        r["a_val2014"],
+        "--images",
+        *r["coco_images"],
+    )
     assert s["samples"] == 7 and s["skipped"] == {"no annotation": 1}
 
 
@@ -284,7 +375,9 @@ def test_gqa_nlvr_caption_schema(release, image_shards):
     assert len(gqa) == 8 and all(set(x["_payload"]) == {"jpg"} for x in gqa)
     assert {x["image_id"] for x in gqa} == {2354786, 2375429, "n161313", 2400001}
     assert summaries["gqa", "val"]["skipped"] == {
-        "image not found": 2, "archive/folder entries outside the dataset root": 1}  # fmt: skip
+        "image not found": 2,
+        "archive/folder entries outside the dataset root": 1,
+    }
     nlvr = check_schema(out, "nlvr", "train")
     assert len(nlvr) == 8 and all(set(x["_payload"]) == {"img0.png", "img1.png"} for x in nlvr)
     x = next(x for x in nlvr if x["id"] == "train-2-1-0")
@@ -300,10 +393,24 @@ def test_gqa_nlvr_caption_schema(release, image_shards):
 def test_video_tasks_from_videos_and_feature_files(release, tmp_path):
     r, out = release, tmp_path
     common = ["--subtitles", r["subtitles"], "--out", out, "--split", "train"]
-    s = convert("tvqa", "--annotations", r["tvqa"], "--videos", r["videos"], "--num-frames", 4,
-                "--frame-size", 32, "--window", "ts", *common)  # fmt: skip
+    s = convert(
+        "tvqa",
+        "--annotations",
+        r["tvqa"],
+        "--videos",
+        r["videos"],
+        "--num-frames",
+        4,
+        "--frame-size",
+        32,
+        "--window",
+        "ts",
+        *common,
+    )
     assert s["samples"] == 5 and s["skipped"] == {
-        "undecodable video": 1, "path outside the dataset root": 1}  # fmt: skip
+        "undecodable video": 1,
+        "path outside the dataset root": 1,
+    }
     recs = check_schema(out, "tvqa", "train")
     x = next(x for x in recs if x["id"] == "101")
     assert x["ts"] == [0.5, 1.5] and len(x["choices"]) == 5 and x["answer_idx"] == 1
@@ -314,15 +421,35 @@ def test_video_tasks_from_videos_and_feature_files(release, tmp_path):
     assert np.all(np.diff(level) > 0) and 40 < level[0] < level[-1] < 200
     assert next(x for x in recs if x["id"] == "100")["ts"] == [0.2, 1.8]  # "0.2-1.8" parsed
 
-    s = convert("how2qa", "--annotations", r["how2qa"], "--videos", r["videos"],
-                "--num-frames", 2, "--frame-size", 24, "--gzip-frames", *common)  # fmt: skip
+    s = convert(
+        "how2qa",
+        "--annotations",
+        r["how2qa"],
+        "--videos",
+        r["videos"],
+        "--num-frames",
+        2,
+        "--frame-size",
+        24,
+        "--gzip-frames",
+        *common,
+    )
     h = check_schema(out, "how2qa", "train")
     assert all(len(x["choices"]) == 4 and set(x["_payload"]) == {"frames.npy.gz"} for x in h)
 
     for task in ("tvc", "yc2c"):
-        s = convert(task, "--annotations", r[task], "--features", r["features"],
-                    "--feature-vision", "vlds-tiny-rn", "--feature-pretrained", "",
-                    *common)  # fmt: skip
+        s = convert(
+            task,
+            "--annotations",
+            r[task],
+            "--features",
+            r["features"],
+            "--feature-vision",
+            "vlds-tiny-rn",
+            "--feature-pretrained",
+            "",
+            *common,
+        )
         assert s["samples"] == 6 and not s["skipped"]
         recs = check_schema(out, task, "train")
         x = next(x for x in recs if x["id"] == "503")
@@ -331,13 +458,26 @@ def test_video_tasks_from_videos_and_feature_files(release, tmp_path):
         want = np.random.default_rng(3).standard_normal((8, 16)).astype(np.float16)
         assert feats.dtype == np.float16 and np.array_equal(feats, want)  # from the .npz
         index = load_index(out, task, "train")
-        assert index.features == {"kind": "frames", "vision": "vlds-tiny-rn", "pretrained": "",
-                                  "dim": 16, "dtype": "float16", "source": "files"}  # fmt: skip
+        assert index.features == {
+            "kind": "frames",
+            "vision": "vlds-tiny-rn",
+            "pretrained": "",
+            "dim": 16,
+            "dtype": "float16",
+            "source": "files",
+        }
 
 
 def test_rerun_resumes_and_refuses_different_arguments(release, tmp_path, capsys):
-    args = [*image_args(release, "nlvr", "train"), "--split", "train", "--out", tmp_path,
-            "--samples-per-shard", 3]  # fmt: skip
+    args = [
+        *image_args(release, "nlvr", "train"),
+        "--split",
+        "train",
+        "--out",
+        tmp_path,
+        "--samples-per-shard",
+        3,
+    ]
     first = convert(*args)
     task = tmp_path / "nlvr"
     tars = sorted(task.glob("train-*.tar"))
@@ -376,20 +516,50 @@ def test_parallel_writers_give_the_same_bytes(release, tmp_path):
 def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenizer):
     out, _ = image_shards
     idx = {t: load_index(out, t, "train") for t in ("vqa", "nlvr")}
-    stream = TrainStream(idx, {"vqa": 4, "nlvr": 2}, Preprocess(96, CLIP_MEAN, CLIP_STD),
-                         Collator(tokenizer, ["vqa", "nlvr"], 40, 20), rank=0, world=1, seed=0,
-                         epoch=0, shuffle_buffer=4)  # fmt: skip
+    stream = TrainStream(
+        idx,
+        {"vqa": 4, "nlvr": 2},
+        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Collator(tokenizer, ["vqa", "nlvr"], 40, 20),
+        rank=0,
+        world=1,
+        seed=0,
+        epoch=0,
+        shuffle_buffer=4,
+    )
     batches = list(stream)
     assert len(batches) == 3 + 4
     shapes = {b["task"]: b["images"].shape for b in batches}
     assert shapes == {"vqa": (4, 1, 3, 96, 96), "nlvr": (2, 2, 3, 96, 96)}
     r = release
-    convert("tvc", "--annotations", r["tvc"], "--videos", r["videos"], "--num-frames", 3,
-            "--frame-size", 40, "--subtitles", r["subtitles"], "--out", tmp_path, "--split",
-            "train")  # fmt: skip
-    stream = TrainStream({"tvc": load_index(tmp_path, "tvc", "train")}, {"tvc": 2},
-                         Preprocess(96, CLIP_MEAN, CLIP_STD), Collator(tokenizer, ["tvc"], 40, 20),
-                         rank=0, world=1, seed=0, epoch=0, shuffle_buffer=4)  # fmt: skip
+    convert(
+        "tvc",
+        "--annotations",
+        r["tvc"],
+        "--videos",
+        r["videos"],
+        "--num-frames",
+        3,
+        "--frame-size",
+        40,
+        "--subtitles",
+        r["subtitles"],
+        "--out",
+        tmp_path,
+        "--split",
+        "train",
+    )
+    stream = TrainStream(
+        {"tvc": load_index(tmp_path, "tvc", "train")},
+        {"tvc": 2},
+        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Collator(tokenizer, ["tvc"], 40, 20),
+        rank=0,
+        world=1,
+        seed=0,
+        epoch=0,
+        shuffle_buffer=4,
+    )
     assert [b["frames"].shape for b in stream] == [(2, 3, 3, 96, 96)] * 2
 
 
@@ -397,16 +567,31 @@ def test_converted_shards_train(image_shards, shapes_root, tmp_path):
     """The real entry point trains 2 steps on the four converted image tasks and evaluates."""
     out, _ = image_shards
     run = tmp_path / "run"
-    cmd = [sys.executable, "vlds/train.py", f"--data.root={out}", f"--train.out_dir={run}",
-           f"--model.tokenizer={shapes_root / 'tokenizer'}", "--data.batch_size=2",
-           "--data.num_workers=1", "--train.max_steps=2", "--eval.max_samples=2",
-           "--eval.batch_size=2", "--eval.caption_beams=1", "--train.log_every=1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "vlds/train.py",
+        f"--data.root={out}",
+        f"--train.out_dir={run}",
+        f"--model.tokenizer={shapes_root / 'tokenizer'}",
+        "--data.batch_size=2",
+        "--data.num_workers=1",
+        "--train.max_steps=2",
+        "--eval.max_samples=2",
+        "--eval.batch_size=2",
+        "--eval.caption_beams=1",
+        "--train.log_every=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     result = json.loads((run / "metrics.json").read_text())
-    assert result["step"] == 2 and set(result["metrics"]) == {"vqa", "gqa", "nlvr", "caption",
-                                                               "average"}  # fmt: skip
+    assert result["step"] == 2 and set(result["metrics"]) == {
+        "vqa",
+        "gqa",
+        "nlvr",
+        "caption",
+        "average",
+    }
 
 
 def test_every_registry_task_has_a_converter():

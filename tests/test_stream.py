@@ -255,10 +255,17 @@ def test_too_many_bad_samples_stop_with_the_shard_names(tmp_path, tokenizer):
     tolerant = _stream(tmp_path, tokenizer, tasks=("vqa",), bs=4, max_bad=1.0)
     assert len(_ids(tolerant)) == 12  # 1.0: never stops
     strict = TrainStream(
-        {"vqa": load_index(tmp_path, "vqa", "train")}, {"vqa": 4},
-        Preprocess(96, CLIP_MEAN, CLIP_STD), Collator(tokenizer, ["vqa"], 40, 20),
-        rank=0, world=1, seed=0, epoch=0, shuffle_buffer=8, max_bad_fraction=0.2,
-    )  # fmt: skip
+        {"vqa": load_index(tmp_path, "vqa", "train")},
+        {"vqa": 4},
+        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Collator(tokenizer, ["vqa"], 40, 20),
+        rank=0,
+        world=1,
+        seed=0,
+        epoch=0,
+        shuffle_buffer=8,
+        max_bad_fraction=0.2,
+    )
     with pytest.raises(DataError, match=r"data.max_bad_fraction=0.2.*train-00001.tar \(\d+\)"):
         list(strict)
     # raised in a DataLoader worker, it still reaches the user as its own one-line message
@@ -277,9 +284,15 @@ def test_tar_reader_agrees_with_webdataset(tmp_path, fmt, mode):
     from vlds.data.shardio import SkipCounter, read_samples
 
     deep = "d" * 60 + "/" + "e" * 60  # > 100 characters: ustar prefix, GNU/pax long names
-    members = [("a.json", b"{}"), ("a.png", b"x" * 700), ("a.notes.txt", b"skipped"),
-               (f"{deep}/b.json", b'{"k": 1}'), (f"{deep}/b.img0.jpg", b"y" * 513),
-               ("caf\u00e9.json", b"{}"), ("c.frames.npy", b"z" * 512)]  # fmt: skip
+    members = [
+        ("a.json", b"{}"),
+        ("a.png", b"x" * 700),
+        ("a.notes.txt", b"skipped"),
+        (f"{deep}/b.json", b'{"k": 1}'),
+        (f"{deep}/b.img0.jpg", b"y" * 513),
+        ("caf\u00e9.json", b"{}"),
+        ("c.frames.npy", b"z" * 512),
+    ]
     path = tmp_path / "shard.tar"
     with tarfile.open(path, mode, format=fmt) as tar:
         tar.addfile(tarfile.TarInfo("folder"), None)  # a directory-less entry of size 0

@@ -147,8 +147,13 @@ def save_checkpoint(
 
     engine.module_state_dict = trainable_state_dict
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, client_state=state,
-                               exclude_frozen_parameters=True, save_latest=False)  # fmt: skip
+        engine.save_checkpoint(
+            str(ckpt_dir),
+            tag=tmp_tag,
+            client_state=state,
+            exclude_frozen_parameters=True,
+            save_latest=False,
+        )
     finally:
         del engine.module_state_dict  # back to the class's method
     tmp = ckpt_dir / tmp_tag
@@ -168,8 +173,10 @@ def save_checkpoint(
         pointer = ckpt_dir / "latest.tmp"
         pointer.write_text(tag)
         os.replace(pointer, ckpt_dir / "latest")
-        tags = sorted((p for p in ckpt_dir.glob("step*") if p.is_dir()),
-                      key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)  # fmt: skip
+        tags = sorted(
+            (p for p in ckpt_dir.glob("step*") if p.is_dir()),
+            key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1,
+        )
         for old in tags[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():

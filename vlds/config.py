@@ -6,6 +6,12 @@ an unknown section, key or preset fails at once with the valid choices. The reso
 written as JSON into every run folder and checkpoint, and a JSON file can be read back with
 `--config FILE` (parsed, never executed).
 
+A leaf: it imports nothing from vlds. Each field carries its role ("match": a resume must keep
+it; "run": where and how a run executes, not what it trains); the owners of a section's meaning
+(tasks, mixing, decoding, PEFT, kernels) register their checks with `@config_check`. Longer than
+~400 lines for a reason: every key is defined, commented, typed, preset and checked here, in one
+place a user reads to learn the run's knobs.
+
     python -c "from vlds.config import build_config; print(build_config('tiny'))"
 """
 

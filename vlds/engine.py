@@ -100,9 +100,11 @@ def build_engine(cfg: Config, model, ds_config: dict, total_steps: int):
     # the LR schedule counts optimizer steps, one per grad_accum micro-steps
     opt_steps = math.ceil(total_steps / ds_config["gradient_accumulation_steps"])
     optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+        param_groups(model, t.weight_decay),
+        lr=t.lr,
+        betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,
-    )  # fmt: skip
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(opt_steps, int(t.warmup_ratio * opt_steps))
     )

@@ -106,8 +106,9 @@ def evaluate_checkpoint(
     tokenizer = build_tokenizer(cfg, Path(shards))
     # The loaders first: a missing split fails before any model is built.
     image_size = tower_image_size(cfg.model.vision)
-    data = DataBuilder(cfg, Path(shards), tokenizer, image_size, WorldInfo(0, 0, 1), train=False,
-                       eval_tasks=tasks)  # fmt: skip
+    data = DataBuilder(
+        cfg, Path(shards), tokenizer, image_size, WorldInfo(0, 0, 1), train=False, eval_tasks=tasks
+    )
     tower = build_tower(cfg)  # seeded as in training: frozen random weights come back exactly
     model = build_model(cfg, tokenizer, tower)
     load_adapter(model, adapter)
@@ -115,8 +116,9 @@ def evaluate_checkpoint(
     model.to(device, dtype)
     tower.to(device, dtype)
     overrides = {"vqa": _metric("vqa", legacy_vqa)}
-    return evaluate_tasks(model, tower, data.eval_loaders(), tokenizer, cfg, device,
-                          metrics=overrides)  # fmt: skip
+    return evaluate_tasks(
+        model, tower, data.eval_loaders(), tokenizer, cfg, device, metrics=overrides
+    )
 
 
 def parse_args(argv):

@@ -63,8 +63,9 @@ class NonFiniteGuard:
             return
         self.in_a_row += 1
         self.total += 1
-        log.warning("step %d skipped: %s (%d in a row, %d in total)", step, what,
-                    self.in_a_row, self.total)  # fmt: skip
+        log.warning(
+            "step %d skipped: %s (%d in a row, %d in total)", step, what, self.in_a_row, self.total
+        )
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
                 f"{self.in_a_row} non-finite steps in a row (last: step {step}, {what}); the run "

@@ -2,7 +2,7 @@
 
     deepspeed vlds/train.py --deepspeed ds_configs/zero2.json            # embedded default (tiny)
     deepspeed --num_gpus 8 vlds/train.py --deepspeed ds_configs/zero2.json \
-        --preset bart-base --data.root /data/vl-shards                  # the paper's setting
+        --preset bart-base --data.root=/data/vl-shards                  # the paper's setting
     torchrun --nproc_per_node 2 vlds/train.py --preset tiny --train.max_steps=20
     python vlds/train.py --preset tiny --peft.method=full_finetune       # one process, CPU ok
 
@@ -79,8 +79,9 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
 
     info = world_info_from_env()
     bf16 = use_bf16(cfg)
-    ds_config = deepspeed_config(deepspeed_config_path or DEFAULT_DS_CONFIG, cfg,
-                                 info.world_size, bf16)  # fmt: skip
+    ds_config = deepspeed_config(
+        deepspeed_config_path or DEFAULT_DS_CONFIG, cfg, info.world_size, bf16
+    )
     if cfg.data.root:
         from vlds.data.shardio import load_index
 
@@ -104,8 +105,11 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
             # A fresh run never overwrites or mixes with an earlier one: move it aside.
             aside = out_dir.with_name(f"{out_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
             out_dir.rename(aside)
-            log.info("moved the earlier run in %s to %s (continue a run with "
-                     "--train.resume=latest)", out_dir, aside)  # fmt: skip
+            log.info(
+                "moved the earlier run in %s to %s (continue a run with --train.resume=latest)",
+                out_dir,
+                aside,
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.json")
     dist.barrier()
@@ -127,8 +131,18 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     if bf16:
         tower.to(torch.bfloat16)
 
-    trainer = Trainer(cfg, engine, tower, data, tokenizer, info, device, total_steps,
-                      zero3=is_zero3(ds_config), on_eval=on_eval)  # fmt: skip
+    trainer = Trainer(
+        cfg,
+        engine,
+        tower,
+        data,
+        tokenizer,
+        info,
+        device,
+        total_steps,
+        zero3=is_zero3(ds_config),
+        on_eval=on_eval,
+    )
     trainer.load(found)
     return trainer.fit()
 

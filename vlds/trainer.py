@@ -29,8 +29,9 @@ log = logging.getLogger("vlds")
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}  # fmt: skip
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
 
 
 class RunLog:
@@ -66,8 +67,10 @@ def find_resume(cfg, world_size: int, is_main: bool) -> tuple[Path, str] | None:
     found = resolve_resume(cfg.train.resume, out_dir)
     if found is None:
         if cfg.train.resume == "latest" and is_main:
-            log.info("train.resume=latest: no checkpoint in %s yet, starting fresh",
-                     out_dir / "checkpoints")  # fmt: skip
+            log.info(
+                "train.resume=latest: no checkpoint in %s yet, starting fresh",
+                out_dir / "checkpoints",
+            )
         return None
     root, tag = found
     state = json.loads((root / tag / "trainer_state.json").read_text())
@@ -77,8 +80,19 @@ def find_resume(cfg, world_size: int, is_main: bool) -> tuple[Path, str] | None:
 
 
 class Trainer:
-    def __init__(self, cfg, engine, tower, data, tokenizer, info, device, total_steps,
-                 zero3=False, on_eval=None):  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        engine,
+        tower,
+        data,
+        tokenizer,
+        info,
+        device,
+        total_steps,
+        zero3=False,
+        on_eval=None,
+    ):
         self.cfg, self.engine, self.tower, self.data = cfg, engine, tower, data
         self.tokenizer, self.info, self.device = tokenizer, info, device
         self.total_steps, self.zero3, self.on_eval = total_steps, zero3, on_eval
@@ -95,17 +109,29 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "world_size": self.info.world_size, "bad_steps_total": self.guard.total,
-                "config": self.cfg_dict}  # fmt: skip
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "world_size": self.info.world_size,
+            "bad_steps_total": self.guard.total,
+            "config": self.cfg_dict,
+        }
 
     def checkpoint(self) -> None:
         if self._saved_at == self.step:
             return
         self._saved_at = self.step
         tag = f"step{self.step}"
-        path = save_checkpoint(self.engine, self.ckpt_dir, tag, self.state(), self.cfg_dict,
-                               self.info.is_main, self.cfg.train.keep_last)  # fmt: skip
+        path = save_checkpoint(
+            self.engine,
+            self.ckpt_dir,
+            tag,
+            self.state(),
+            self.cfg_dict,
+            self.info.is_main,
+            self.cfg.train.keep_last,
+        )
         if self.info.is_main:
             n = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
             size = checkpoint_bytes(path)
@@ -128,8 +154,13 @@ class Trainer:
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))
         if self.info.is_main:
-            log.info("resumed from %s at step %d (epoch %d, step %d of it)", root / tag,
-                     self.step, self.epoch, self.step_in_epoch)  # fmt: skip
+            log.info(
+                "resumed from %s at step %d (epoch %d, step %d of it)",
+                root / tag,
+                self.step,
+                self.epoch,
+                self.step_in_epoch,
+            )
 
     # ---- evaluation -----------------------------------------------------------------------
     def run_eval(self):
@@ -137,15 +168,23 @@ class Trainer:
 
         if self._evaluated is not None and self._evaluated[0] == self.step:
             return self._evaluated[1], self._evaluated[2]
-        metrics, preds = evaluate_tasks(self.engine.module, self.tower, self.data.eval_loaders(),
-                                  self.tokenizer, self.cfg, self.device, self.zero3)  # fmt: skip
+        metrics, preds = evaluate_tasks(
+            self.engine.module,
+            self.tower,
+            self.data.eval_loaders(),
+            self.tokenizer,
+            self.cfg,
+            self.device,
+            self.zero3,
+        )
         scores = {t: m["score"] if isinstance(m, dict) else m for t, m in metrics.items()}
         self.runlog.write(
             self.step, "eval", {t if t == "average" else f"{t}/score": v for t, v in scores.items()}
         )
         if self.info.is_main:
-            log.info("step %d eval: %s", self.step,
-                     ", ".join(f"{t} {v:.1f}" for t, v in scores.items()))  # fmt: skip
+            log.info(
+                "step %d eval: %s", self.step, ", ".join(f"{t} {v:.1f}" for t, v in scores.items())
+            )
         self._evaluated = (self.step, metrics, preds)
         if self.on_eval is not None:
             self.on_eval(self.step, metrics, self.cfg)
@@ -181,8 +220,13 @@ class Trainer:
 
         cfg, t0 = self.cfg, time.time()
         self.engine.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.info.is_main,
-                   desc="train", dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            disable=not self.info.is_main,
+            desc="train",
+            dynamic_ncols=True,
+        )
         preempted = False
         while self.step < self.total_steps and not preempted:
             loader = self.data.train_loader(self.epoch, skip_steps=self.step_in_epoch)
@@ -193,13 +237,21 @@ class Trainer:
                 self.step += 1
                 self.step_in_epoch += 1
                 bar.update(1)
-                if loss is not None and (self.step % cfg.train.log_every == 0
-                                         or self.step == self.total_steps):  # fmt: skip
+                if loss is not None and (
+                    self.step % cfg.train.log_every == 0 or self.step == self.total_steps
+                ):
                     bar.set_postfix(loss=f"{loss:.3f}", task=batch["task"])
-                    self.runlog.write(self.step, "train", {
-                        "loss": loss, f"loss/{batch['task']}": loss,
-                        "lr": self.engine.get_lr()[0], "elapsed_s": time.time() - t0,
-                        "bad_steps_total": self.guard.total})  # fmt: skip
+                    self.runlog.write(
+                        self.step,
+                        "train",
+                        {
+                            "loss": loss,
+                            f"loss/{batch['task']}": loss,
+                            "lr": self.engine.get_lr()[0],
+                            "elapsed_s": time.time() - t0,
+                            "bad_steps_total": self.guard.total,
+                        },
+                    )
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     self.run_eval()
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0:
@@ -250,12 +302,15 @@ class Trainer:
     def finish(self, train_time: float) -> dict:
         metrics, preds = self.run_eval()
         self.checkpoint()
-        save_adapter(self.engine.module, self.cfg_dict, self.out_dir / "adapter",
-                     self.info.is_main)  # fmt: skip
-        result = {"step": self.step, "train_time_s": round(train_time, 1), "metrics": metrics,
-                  "bad_steps_total": self.guard.total,
-                  "majority_baseline": self.data.majority_baselines(),
-                  **self.cost(self.out_dir / "adapter")}  # fmt: skip
+        save_adapter(self.engine.module, self.cfg_dict, self.out_dir / "adapter", self.info.is_main)
+        result = {
+            "step": self.step,
+            "train_time_s": round(train_time, 1),
+            "metrics": metrics,
+            "bad_steps_total": self.guard.total,
+            "majority_baseline": self.data.majority_baselines(),
+            **self.cost(self.out_dir / "adapter"),
+        }
         if self.info.is_main:
             (self.out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
             from vlds.eval.submission import write_predictions
@@ -266,10 +321,10 @@ class Trainer:
 
             plot_run(self.out_dir / "metrics.jsonl", self.out_dir / "curves.png")
             for t, base in result["majority_baseline"].items():
-                log.info("%s: score %.1f vs majority-answer baseline %.1f", t,
-                         metrics[t]["score"], base)  # fmt: skip
-            log.info("done: %d steps in %.0f s; outputs in %s", self.step, train_time,
-                     self.out_dir)  # fmt: skip
+                log.info(
+                    "%s: score %.1f vs majority-answer baseline %.1f", t, metrics[t]["score"], base
+                )
+            log.info("done: %d steps in %.0f s; outputs in %s", self.step, train_time, self.out_dir)
         self.runlog.close()
         if dist.is_initialized():
             dist.barrier()

@@ -61,11 +61,15 @@ def check_features(cfg, indexes: dict) -> None:
         want = {"vision": m.vision, "pretrained": m.vision_pretrained}
         if feats.get("kind") == "grid" and feats.get("resnet", True):
             want["grid_pool"] = m.grid_pool
-        diffs = [f"{k}={feats.get(k)!r} (config: {v!r})" for k, v in want.items()
-                 if feats.get(k) != v]  # fmt: skip
+        diffs = [
+            f"{k}={feats.get(k)!r} (config: {v!r})" for k, v in want.items() if feats.get(k) != v
+        ]
         if diffs:
-            fix = " ".join(f"--model.{'vision_' if k == 'pretrained' else ''}{k}={feats.get(k)}"
-                           for k in want if feats.get(k) != want[k])  # fmt: skip
+            fix = " ".join(
+                f"--model.{'vision_' if k == 'pretrained' else ''}{k}={feats.get(k)}"
+                for k in want
+                if feats.get(k) != want[k]
+            )
             raise DataError(
                 f"{where}: features were extracted with {', '.join(diffs)}; train with {fix}, "
                 f"or re-extract with the configured tower"
@@ -103,8 +107,9 @@ def preprocess_and_collate(cfg, tokenizer, image_size: int) -> tuple[Preprocess,
     preprocess = Preprocess(
         image_size, CLIP_MEAN, CLIP_STD, features=d.features, draft=d.jpeg_draft
     )
-    collate = Collator(tokenizer, cfg.task_list, d.max_text_len, d.max_target_len,
-                       max_frames=cfg.model.max_frames)  # fmt: skip
+    collate = Collator(
+        tokenizer, cfg.task_list, d.max_text_len, d.max_target_len, max_frames=cfg.model.max_frames
+    )
     return preprocess, collate
 
 
@@ -113,8 +118,9 @@ class DataBuilder:
     `eval_tasks` (default: every task); task ids still follow cfg.data.tasks, so per-task
     modules route as in training."""
 
-    def __init__(self, cfg, root: Path, tokenizer, image_size: int, info, *, train=True,
-                 eval_tasks=None):  # fmt: skip
+    def __init__(
+        self, cfg, root: Path, tokenizer, image_size: int, info, *, train=True, eval_tasks=None
+    ):
         self.cfg, self.root, self.info = cfg, Path(root), info
         tasks = cfg.task_list
         d = cfg.data

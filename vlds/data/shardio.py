@@ -121,8 +121,9 @@ class SkipCounter:
         self.seen = max(self.seen, self.count)
         self.by_shard[shard or "?"] += 1
         if self.count == 1 or self.count % self.every == 0:
-            log.warning("skipped %d bad sample(s) of %d read; latest: %r", self.count,
-                        self.seen, exn)  # fmt: skip
+            log.warning(
+                "skipped %d bad sample(s) of %d read; latest: %r", self.count, self.seen, exn
+            )
         if self.count >= self.min_bad and self.count > self.max_fraction * self.seen:
             worst = ", ".join(f"{s} ({n})" for s, n in self.by_shard.most_common(5))
             raise DataError(

@@ -1,6 +1,8 @@
 """Fused Triton kernels for the adapter y = h + Up(gelu_new(Down(h))), forward and backward.
 
 Shapes: x (M, d) tokens, W_down (b, d), b_down (b,), W_up (d, b), b_up (d,); b = bottleneck.
+One file of ~400 lines on purpose, as in the Triton tutorials: the kernels, their launch
+configuration and the autograd.Function that ties forward to backward read together.
 
 The adapter is memory bound (b = d / 8), so the kernels are organised around bytes, not FLOPs.
 Per token at d = 768, b = 96, bf16 (eager writes and rereads every intermediate: ~8.4 KB fwd):
@@ -323,10 +325,26 @@ class FusedAdapterFunction(torch.autograd.Function):
         grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
         # P = W_down^T viewed (D, B); Q = W_up^T viewed (B, D)
         _through_kernel[grid](
-            x, y, z, z, w_down, w_up, b_down, b_up, M, D, B,
-            w_down.stride(1), w_down.stride(0), w_up.stride(1), w_up.stride(0),
-            FORWARD=True, SAVE_Z=save_z, PRECISION=_precision(x.dtype), **cfg,
-        )  # fmt: skip
+            x,
+            y,
+            z,
+            z,
+            w_down,
+            w_up,
+            b_down,
+            b_up,
+            M,
+            D,
+            B,
+            w_down.stride(1),
+            w_down.stride(0),
+            w_up.stride(1),
+            w_up.stride(0),
+            FORWARD=True,
+            SAVE_Z=save_z,
+            PRECISION=_precision(x.dtype),
+            **cfg,
+        )
         if save_z:
             ctx.save_for_backward(x, w_down, w_up, z)
         return y
@@ -343,10 +361,26 @@ class FusedAdapterFunction(torch.autograd.Function):
         dz = _new((M, B), x.dtype, x.device)
         # dz = (dy @ W_up) * gelu'(z); dx = dy + dz @ W_down. P = W_up (D, B), Q = W_down (B, D)
         _through_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            dy, dx, z, dz, w_up, w_down, dz, dz, M, D, B,
-            w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
-            FORWARD=False, SAVE_Z=False, PRECISION=prec, **cfg,
-        )  # fmt: skip
+            dy,
+            dx,
+            z,
+            dz,
+            w_up,
+            w_down,
+            dz,
+            dz,
+            M,
+            D,
+            B,
+            w_up.stride(0),
+            w_up.stride(1),
+            w_down.stride(0),
+            w_down.stride(1),
+            FORWARD=False,
+            SAVE_Z=False,
+            PRECISION=prec,
+            **cfg,
+        )
         if not any(ctx.needs_input_grad[1:5]):
             return dx, None, None, None, None, None
 
@@ -358,9 +392,21 @@ class FusedAdapterFunction(torch.autograd.Function):
         part_bd = _new((splits, B), f32, x.device)
         part_bu = _new((splits, D), f32, x.device)
         _weight_grad_kernel[(d_blocks, splits)](
-            x, dy, z, dz, part_wd, part_wu, part_bd, part_bu, M, D, B, per,
-            PRECISION=prec, **cfg,
-        )  # fmt: skip
+            x,
+            dy,
+            z,
+            dz,
+            part_wd,
+            part_wu,
+            part_bd,
+            part_bu,
+            M,
+            D,
+            B,
+            per,
+            PRECISION=prec,
+            **cfg,
+        )
         # fp32 sums of the S partials, then the parameters' dtype
         return (
             dx if ctx.needs_input_grad[0] else None,

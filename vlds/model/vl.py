@@ -1,4 +1,4 @@
-"""CLIP-T5 / CLIP-BART: a T5 or BART encoder-decoder whose encoder reads [text ; visual tokens].
+"""CLIP-T5 / CLIP-BART: a T5 or BART encoder-decoder whose encoder reads [visual ; text].
 
 The vision tower is not part of this module: it is frozen and runs outside the DeepSpeed engine
 (see `visual_inputs`), so the engine holds the language model, the visual embedding and the PEFT
@@ -89,14 +89,15 @@ class VLModel(nn.Module):
         embeds, mask = self.encoder_inputs(batch)
         labels = batch["labels"]
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
-        tok = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
-                              reduction="none")  # (B, L)  # fmt: skip
+        tok = F.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )  # (B, L)
         n = (labels != -100).sum(dim=1).clamp(min=1)
         return (tok.sum(dim=1) / n).mean()
 
     @torch.no_grad()
     def generate(self, batch: dict, num_beams: int = 1, max_new_tokens: int = 20, **kw):
-        """Greedy (num_beams=1) or beam search from [text ; visual] -> (B, L) token ids."""
+        """Greedy (num_beams=1) or beam search from [visual ; text] -> (B, L) token ids."""
         self._route(batch)
         embeds, mask = self.encoder_inputs(batch)
         enc = self.lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)

@@ -65,9 +65,15 @@ class TaskAdapters(nn.Module):
     task id of each sample."""
 
     def __init__(
-        self, d_model, bottleneck, n_tasks, router, share_up=False, make_linear=linear,
+        self,
+        d_model,
+        bottleneck,
+        n_tasks,
+        router,
+        share_up=False,
+        make_linear=linear,
         fused_kernel="auto",
-    ):  # fmt: skip
+    ):
         super().__init__()
         check_mode(fused_kernel)
         self.router = router
@@ -114,9 +120,14 @@ class MultipleAdapters(SingleAdapter):
         d, n = model.d_model, len(self.tasks)
         for site in sublayer_sites(model.lm, model.arch):
             model.peft[site.key] = TaskAdapters(
-                d, self.bottleneck(d), n, model.router, self.share_up, self.make_linear,
+                d,
+                self.bottleneck(d),
+                n,
+                model.router,
+                self.share_up,
+                self.make_linear,
                 self.cfg.fused_kernel,
-            )  # fmt: skip
+            )
             transform_output(site.module, model.peft[site.key])
 
 

@@ -41,8 +41,12 @@ class Generators(nn.Module):
 
     def forward(self, z: torch.Tensor):
         d, b = self.d, self.b
-        return (self.down_w(z).view(b, d), self.down_b(z).view(b),
-                self.up_w(z).view(d, b), self.up_b(z).view(d))  # fmt: skip
+        return (
+            self.down_w(z).view(b, d),
+            self.down_b(z).view(b),
+            self.up_w(z).view(d, b),
+            self.up_b(z).view(d),
+        )
 
 
 class HyperNet(nn.Module):
@@ -70,9 +74,14 @@ class HyperSite(nn.Module):
     the shared modules are referenced, not registered, so they are saved once."""
 
     def __init__(
-        self, hyper: HyperNet, task_embed: nn.Embedding, router, layer: int, kind: str,
+        self,
+        hyper: HyperNet,
+        task_embed: nn.Embedding,
+        router,
+        layer: int,
+        kind: str,
         fused_kernel: str = "auto",
-    ):  # fmt: skip
+    ):
         super().__init__()
         check_mode(fused_kernel)
         object.__setattr__(self, "_refs", (hyper, task_embed, router))
@@ -105,7 +114,11 @@ class Hyperformer(Method):
             model.peft[f"hyper_{side}"] = HyperNet(self.cfg, n_layers, kinds, d, b)
             for s in mine:
                 model.peft[s.key] = HyperSite(
-                    model.peft[f"hyper_{side}"], model.peft["task_embed"], model.router,
-                    s.layer, s.kind, self.cfg.fused_kernel,
-                )  # fmt: skip
+                    model.peft[f"hyper_{side}"],
+                    model.peft["task_embed"],
+                    model.router,
+                    s.layer,
+                    s.kind,
+                    self.cfg.fused_kernel,
+                )
                 transform_output(s.module, model.peft[s.key])

@@ -49,8 +49,13 @@ class SinglePrompt(Method):
     def inject(self, model: nn.Module) -> None:
         c = self.cfg
         n = len(self.tasks) if self.per_task else 1
-        model.peft["prompt"] = Prompts(n, c.prompt_length, model.d_model, c.prompt_hidden,
-                                       model.router if self.per_task else None)  # fmt: skip
+        model.peft["prompt"] = Prompts(
+            n,
+            c.prompt_length,
+            model.d_model,
+            c.prompt_hidden,
+            model.router if self.per_task else None,
+        )
         model.input_transforms.append(model.peft["prompt"])
 
 

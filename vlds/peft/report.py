@@ -73,8 +73,9 @@ def report(
     arch, lm = build_lm(backbone, extra_tokens)
     with torch.device("meta"):
         model = VLModel(lm, arch, feat_dim)
-        apply_peft(model, PeftConfig(method=method, reduction_factor=reduction_factor, **peft),
-                   tasks)  # fmt: skip
+        apply_peft(
+            model, PeftConfig(method=method, reduction_factor=reduction_factor, **peft), tasks
+        )
     return count_parameters(model)
 
 
@@ -94,8 +95,7 @@ def main(argv=None) -> None:
     p.add_argument("--all", action="store_true", help="a table of every method")
     a = p.parse_args(argv)
     tasks = [t for t in a.tasks.split(",") if t]
-    kw = dict(feat_dim=a.feat_dim, reduction_factor=a.reduction_factor,
-              extra_tokens=a.extra_tokens)  # fmt: skip
+    kw = dict(feat_dim=a.feat_dim, reduction_factor=a.reduction_factor, extra_tokens=a.extra_tokens)
     if not a.all:
         print(json.dumps(report(a.backbone, a.method, tasks, **kw)))
         return

@@ -5,7 +5,7 @@
         --grid-pool 6
     python -m vlds.data.prep.extract --shards /data/value-shards --tasks tvqa,how2qa,tvc,yc2c \
         --out /data/value-feats --vision ViT-B-32 --vision-pretrained openai
-    deepspeed vlds/train.py --preset bart-base --data.root /data/vl-feats   # auto-detected
+    deepspeed vlds/train.py --preset bart-base --data.root=/data/vl-feats   # auto-detected
 
 Every sample keeps its key and its json bytes and gets `feats.npy` instead of pixels:
 (n_tok, C) grid tokens per image (ResNet layer4 max-pooled to grid_pool^2; ViT patch tokens),
@@ -123,22 +123,34 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
     if not args.vision_pretrained:
         feats_meta["seed"] = args.seed
     index_file = Path(args.shards) / task / f"{split}.index.json"
-    spec = {"source": str(index_file.resolve()),
-            "source_sha256": hashlib.sha256(index_file.read_bytes()).hexdigest(),
-            "features": feats_meta, "jpeg_draft": not args.no_draft}  # fmt: skip
+    spec = {
+        "source": str(index_file.resolve()),
+        "source_sha256": hashlib.sha256(index_file.read_bytes()).hexdigest(),
+        "features": feats_meta,
+        "jpeg_draft": not args.no_draft,
+    }
     out_dir = Path(args.out) / task
     done = shardwrite.begin_split(out_dir, split, spec, overwrite=args.overwrite)
     urls = [Path(p).name for p, _ in src.shards]
     todo = [(k, p) for k, (p, _) in enumerate(src.shards) if k not in done]
-    feed = ShardFeed(todo, Preprocess(tower.image_size, CLIP_MEAN, CLIP_STD, features="false",
-                                      draft=not args.no_draft))  # fmt: skip
+    feed = ShardFeed(
+        todo,
+        Preprocess(
+            tower.image_size, CLIP_MEAN, CLIP_STD, features="false", draft=not args.no_draft
+        ),
+    )
     loader = torch.utils.data.DataLoader(feed, batch_size=None, num_workers=args.workers)
     ex = Extractor(tower, kind, args.batch_size, np.dtype(args.dtype), device)
     writers, stats = {}, dict(done)
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(n for _, n in src.shards), initial=sum(s["items"] for s in done.values()),
-               unit="sample", desc=f"{task}/{split}", disable=args.quiet)  # fmt: skip
+    bar = tqdm(
+        total=sum(n for _, n in src.shards),
+        initial=sum(s["items"] for s in done.values()),
+        unit="sample",
+        desc=f"{task}/{split}",
+        disable=args.quiet,
+    )
     for item in loader:
         k = item["shard"]
         if k not in writers:
@@ -152,9 +164,15 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
         ex.flush(writers)  # the shard's last samples, before it is closed
         w = writers.pop(k)
         w["cm"].__exit__(None, None, None)
-        s = {"shard": k, "url": urls[k], "samples": w["samples"], "items": src.shards[k][1],
-             "bytes": w["bytes"], "file_bytes": (out_dir / urls[k]).stat().st_size,
-             "skipped": {"undecodable sample": item["bad"]} if item["bad"] else {}}  # fmt: skip
+        s = {
+            "shard": k,
+            "url": urls[k],
+            "samples": w["samples"],
+            "items": src.shards[k][1],
+            "bytes": w["bytes"],
+            "file_bytes": (out_dir / urls[k]).stat().st_size,
+            "skipped": {"undecodable sample": item["bad"]} if item["bad"] else {},
+        }
         shardwrite.record_shard(out_dir, split, s)
         stats[k] = s
         bar.update(s["items"])
@@ -168,8 +186,9 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vlds.data.prep.extract",
-                                description=__doc__.split("\n\n")[0])  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m vlds.data.prep.extract", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--shards", required=True, help="root of pixel shards ({task}/{split}...)")
     p.add_argument("--tasks", required=True, help="comma-separated, e.g. vqa,gqa,nlvr,caption")
     p.add_argument("--splits", default="train,val")
@@ -200,9 +219,10 @@ def main(argv=None) -> dict:
             for s in splits:
                 load_index(args.shards, t, s)
         device = torch.device(
-            ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+            ("cuda" if torch.cuda.is_available() else "cpu")
+            if args.device == "auto"
             else args.device
-        )  # fmt: skip
+        )
         torch.manual_seed(args.seed)  # as vlds/train.py before build_tower: same random tower
         tower = VisionTower(args.vision, args.vision_pretrained, args.grid_pool).to(device)
         rows = []

@@ -120,8 +120,16 @@ def write_shard(job: tuple) -> dict:
             size += shardwrite.write_sample(tar, item.key, sample)
             written += 1
     file_bytes = (Path(task_dir) / url).stat().st_size
-    return {"shard": shard, "url": url, "samples": written, "items": len(items), "bytes": size,
-            "file_bytes": file_bytes, "skipped": dict(skipped), "dims": sorted(dims)}  # fmt: skip
+    return {
+        "shard": shard,
+        "url": url,
+        "samples": written,
+        "items": len(items),
+        "bytes": size,
+        "file_bytes": file_bytes,
+        "skipped": dict(skipped),
+        "dims": sorted(dims),
+    }
 
 
 def plan_items(conv: Converter, args, sources: dict) -> tuple[list[Item], Counter]:
@@ -145,8 +153,11 @@ def plan_hash(items: list[Item]) -> str:
     h = hashlib.sha256()
     for it in items:
         refs = [r for _, r in it.images] + [it.video, it.feats]
-        h.update(json.dumps([it.key, it.rec, [ref_name(r) for r in refs if r], it.window],
-                            sort_keys=True).encode())  # fmt: skip
+        h.update(
+            json.dumps(
+                [it.key, it.rec, [ref_name(r) for r in refs if r], it.window], sort_keys=True
+            ).encode()
+        )
     return h.hexdigest()
 
 
@@ -157,8 +168,9 @@ NOT_IN_MANIFEST = {"workers", "overwrite", "quiet", "command", "out"}
 def run(args) -> dict:
     conv = converters()[args.command]
     t0 = time.perf_counter()
-    sources = {name: Sources(getattr(args, name)) for name in conv.sources
-               if getattr(args, name, None)}  # fmt: skip
+    sources = {
+        name: Sources(getattr(args, name)) for name in conv.sources if getattr(args, name, None)
+    }
     items, planned_skips = plan_items(conv, args, sources)
     kind = conv.kind if conv.kind == "image" else ("features" if args.features else "frames")
     per_shard = args.samples_per_shard or DEFAULT_SHARD[kind]
@@ -170,14 +182,26 @@ def run(args) -> dict:
             f"{dict(planned_skips) or 'none'}); check the annotation files and --split"
         )
     norm = {k: _resolved(k, v) for k, v in vars(args).items() if k not in NOT_IN_MANIFEST}
-    spec = {"converter": conv.name, "task": conv.task, "split": args.split, "args": norm,
-            "inputs": shardwrite.fingerprint(conv.inputs(args)),
-            "plan": {"items": len(items), "shards": len(chunks), "sha256": plan_hash(items),
-                     "skipped": dict(planned_skips)}}  # fmt: skip
+    spec = {
+        "converter": conv.name,
+        "task": conv.task,
+        "split": args.split,
+        "args": norm,
+        "inputs": shardwrite.fingerprint(conv.inputs(args)),
+        "plan": {
+            "items": len(items),
+            "shards": len(chunks),
+            "sha256": plan_hash(items),
+            "skipped": dict(planned_skips),
+        },
+    }
     done = shardwrite.begin_split(task_dir, args.split, spec, overwrite=args.overwrite)
     opts = {k: getattr(args, k, None) for k in OPTION_KEYS}
-    jobs = [(str(task_dir), args.split, k, chunk, opts) for k, chunk in enumerate(chunks)
-            if k not in done]  # fmt: skip
+    jobs = [
+        (str(task_dir), args.split, k, chunk, opts)
+        for k, chunk in enumerate(chunks)
+        if k not in done
+    ]
     stats = dict(done)
     _run_jobs(jobs, args, stats, task_dir, len(items))
     ordered = [stats[k] for k in sorted(stats)]
@@ -186,11 +210,17 @@ def run(args) -> dict:
         dims = sorted({d for s in ordered for d in s.get("dims", ())})
         if len(dims) > 1:
             raise shardwrite.ShardError(f"feature files of different widths {dims} in one split")
-        extra["features"] = {"kind": "frames", "vision": args.feature_vision,
-                             "pretrained": args.feature_pretrained, "dim": dims[0] if dims else 0,
-                             "dtype": "float16", "source": "files"}  # fmt: skip
-    shardwrite.write_index(task_dir, conv.task, args.split,
-                        [s for s in ordered if s["samples"]], **extra)  # fmt: skip
+        extra["features"] = {
+            "kind": "frames",
+            "vision": args.feature_vision,
+            "pretrained": args.feature_pretrained,
+            "dim": dims[0] if dims else 0,
+            "dtype": "float16",
+            "source": "files",
+        }
+    shardwrite.write_index(
+        task_dir, conv.task, args.split, [s for s in ordered if s["samples"]], **extra
+    )
     summary = shardwrite.summarize([s for s in ordered if s["samples"]])
     summary["skipped"] = dict(Counter(summary["skipped"]) + planned_skips)
     for s in ordered:  # shards left empty by skips still hold skip counts
@@ -199,8 +229,10 @@ def run(args) -> dict:
     summary["resumed_shards"] = len(done)
     if not args.quiet:
         shardwrite.print_summary([(conv.task, args.split, summary)], time.perf_counter() - t0)
-        print(f"-> {task_dir}/{args.split}.index.json"
-              + (f" ({len(done)} shard(s) kept from an earlier run)" if done else ""))  # fmt: skip
+        print(
+            f"-> {task_dir}/{args.split}.index.json"
+            + (f" ({len(done)} shard(s) kept from an earlier run)" if done else "")
+        )
     return summary
 
 
@@ -215,9 +247,14 @@ def _run_jobs(jobs, args, stats: dict, task_dir: Path, total: int) -> None:
     from tqdm import tqdm
 
     workers = args.workers or min(len(jobs), len(os.sched_getaffinity(0)))
-    bar = tqdm(total=total, initial=total - sum(len(j[3]) for j in jobs), unit="sample",
-               desc=f"{task_dir.name}/{args.split}", disable=args.quiet,
-               smoothing=0)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        initial=total - sum(len(j[3]) for j in jobs),
+        unit="sample",
+        desc=f"{task_dir.name}/{args.split}",
+        disable=args.quiet,
+        smoothing=0,
+    )
     skipped = 0
 
     def done(s: dict) -> None:
@@ -241,17 +278,26 @@ def _run_jobs(jobs, args, stats: dict, task_dir: Path, total: int) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m vlds.data.prep.shards", description=__doc__.split("\n\n")[0],
+        prog="python -m vlds.data.prep.shards",
+        description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="TASK")
     for conv in converters().values():
-        q = sub.add_parser(conv.name, help=conv.help, description=conv.help,
-                           aliases=[a for a, c in ALIASES.items() if c == conv.name])  # fmt: skip
+        q = sub.add_parser(
+            conv.name,
+            help=conv.help,
+            description=conv.help,
+            aliases=[a for a, c in ALIASES.items() if c == conv.name],
+        )
         q.add_argument("--split", required=True, help="output split name (train, val, test, ...)")
         q.add_argument("--out", required=True, help="shard root; writes OUT/{task}/")
-        q.add_argument("--samples-per-shard", type=int, default=0,
-                       help="default: 1000 images/feature files, 32 decoded videos")  # fmt: skip
+        q.add_argument(
+            "--samples-per-shard",
+            type=int,
+            default=0,
+            help="default: 1000 images/feature files, 32 decoded videos",
+        )
         q.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
         q.add_argument("--limit", type=int, default=0, help="only the first N planned samples")
         q.add_argument("--overwrite", action="store_true", help="delete this split's files first")
@@ -269,8 +315,11 @@ def main(argv=None) -> dict:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyError as e:
-        print(f"error: an annotation record lacks the field {e}; is it the right file for "
-              f"{args.command}?", file=sys.stderr)  # fmt: skip
+        print(
+            f"error: an annotation record lacks the field {e}; is it the right file for "
+            f"{args.command}?",
+            file=sys.stderr,
+        )
         raise SystemExit(2) from None
 
 

@@ -72,8 +72,14 @@ def write_index(task_dir: Path, task: str, split: str, shards: list[dict], **ext
     """{split}.index.json: {"task", "split", "total", "schema_version", "shards": [{"url",
     "samples"}], **extra} (e.g. "features" for feature shards); urls relative to task_dir."""
     shards = [{"url": s["url"], "samples": s["samples"]} for s in shards]
-    index = {"task": task, "split": split, "total": sum(s["samples"] for s in shards),
-             "schema_version": SCHEMA_VERSION, "shards": shards, **extra}  # fmt: skip
+    index = {
+        "task": task,
+        "split": split,
+        "total": sum(s["samples"] for s in shards),
+        "schema_version": SCHEMA_VERSION,
+        "shards": shards,
+        **extra,
+    }
     path = Path(task_dir) / f"{split}.index.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(index, indent=1) + "\n")
@@ -192,6 +198,8 @@ def print_summary(rows: list[tuple[str, str, dict]], seconds: float, out=None) -
     for task, split, s in rows:
         skipped = Counter(s.get("skipped", {}))
         reasons = ", ".join(f"{n} {r}" for r, n in skipped.most_common()) or "0"
-        print(f"{task:<8} {split:<8} {s['samples']:>9} {s['shards']:>7} {s['bytes']:>15,} "
-              f"{reasons}", file=out)  # fmt: skip
+        print(
+            f"{task:<8} {split:<8} {s['samples']:>9} {s['shards']:>7} {s['bytes']:>15,} {reasons}",
+            file=out,
+        )
     print(f"done in {seconds:.1f} s", file=out)

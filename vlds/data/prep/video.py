@@ -109,8 +109,9 @@ def _by_index(frames, num_frames: int, size: int) -> np.ndarray:
     if not decoded:
         raise VideoError("no frame could be decoded")
     n = len(decoded)
-    return np.stack([decoded[min(n - 1, int((i + 0.5) * n / num_frames))]
-                     for i in range(num_frames)])  # fmt: skip
+    return np.stack(
+        [decoded[min(n - 1, int((i + 0.5) * n / num_frames))] for i in range(num_frames)]
+    )
 
 
 def encode_video(path: str | Path, frames: np.ndarray, fps: int = 10, codec: str = "mpeg4"):

@@ -110,9 +110,14 @@ def _human_answers(rng: random.Random, answer: str, answer_type: str) -> list[st
 def _vqa(rng, task, split, i, spec):
     scene = random_scene(rng)
     question, answer, answer_type, question_type = vqa_question(scene, rng)
-    rec = {"question": question, "answers": _human_answers(rng, answer, answer_type),
-           "answer_type": answer_type, "question_type": question_type,
-           "image_id": i, "id": str(i)}  # fmt: skip
+    rec = {
+        "question": question,
+        "answers": _human_answers(rng, answer, answer_type),
+        "answer_type": answer_type,
+        "question_type": question_type,
+        "image_id": i,
+        "id": str(i),
+    }
     return rec, [scene]
 
 
@@ -273,14 +278,23 @@ def _subtitles(rng: random.Random, clip: Clip, focus: Mover, narrated: bool) -> 
     if narrated:
         if hint:
             return f"now watch how the {name} {move[0]}."
-        return rng.choice((f"first we take the {name}.", f"now look at the {name} carefully.",
-                           f"here you can see the {name} on the table."))  # fmt: skip
+        return rng.choice(
+            (
+                f"first we take the {name}.",
+                f"now look at the {name} carefully.",
+                f"here you can see the {name} on the table.",
+            )
+        )
     a, b = rng.sample(SPEAKERS, 2)
     if hint:
         return f"{a}: did you see the {name}? {b}: yes, it {move[2]}."
-    return rng.choice((f"{a}: look at the {name}. {b}: what about it?",
-                       f"{a}: where is the {name}? {b}: right there.",
-                       f"{a}: I like the {name}. {b}: me too."))  # fmt: skip
+    return rng.choice(
+        (
+            f"{a}: look at the {name}. {b}: what about it?",
+            f"{a}: where is the {name}? {b}: right there.",
+            f"{a}: I like the {name}. {b}: me too.",
+        )
+    )
 
 
 def clip_question(clip: Clip, rng: random.Random, how2: bool):
@@ -306,8 +320,11 @@ def clip_question(clip: Clip, rng: random.Random, how2: bool):
     m = rng.choice(unique)
     move = MOVES[m.direction]
     if form == "color":
-        q = (f"what is the color of the object that {move[2]}?" if how2
-             else f"what color is the shape that {move[0]}?")  # fmt: skip
+        q = (
+            f"what is the color of the object that {move[2]}?"
+            if how2
+            else f"what color is the shape that {move[0]}?"
+        )
         return q, m.shape.color, list(COLORS), (), m
     if how2:  # the other objects of the clip are the most tempting wrong answers
         names = [f"the {c} {k}" for c in COLORS for k in SHAPES]
@@ -330,9 +347,15 @@ def _video_qa(rng, task, split, i, spec):
     how2 = task == "how2qa"
     question, correct, pool, first, focus = clip_question(clip, rng, how2)
     choices, answer_idx = _choose(rng, correct, pool, first)
-    rec = {"question": question, "choices": choices, "answer_idx": answer_idx,
-           "subtitles": _subtitles(rng, clip, focus, narrated=how2), "ts": _ts(rng),
-           "vid_name": f"{task}_{split}_{i:06d}", "id": str(i)}  # fmt: skip
+    rec = {
+        "question": question,
+        "choices": choices,
+        "answer_idx": answer_idx,
+        "subtitles": _subtitles(rng, clip, focus, narrated=how2),
+        "ts": _ts(rng),
+        "vid_name": f"{task}_{split}_{i:06d}",
+        "id": str(i),
+    }
     return rec, clip
 
 
@@ -352,18 +375,29 @@ def _video_caption(rng, task, split, i, spec):
     clip = random_clip(rng, spec.num_frames)
     narrated = task == "yc2c"
     vid_name = f"{task}_{split}_{i:06d}"
-    rec = {"captions": clip_captions(clip, rng, narrated),
-           "subtitles": _subtitles(rng, clip, rng.choice(clip.movers), narrated),
-           "ts": _ts(rng), "vid_name": vid_name, "id": vid_name}  # fmt: skip
+    rec = {
+        "captions": clip_captions(clip, rng, narrated),
+        "subtitles": _subtitles(rng, clip, rng.choice(clip.movers), narrated),
+        "ts": _ts(rng),
+        "vid_name": vid_name,
+        "id": vid_name,
+    }
     return rec, clip
 
 
 # --- samples ------------------------------------------------------------------------------
 
 # task -> (rng, task, split, i, spec) -> (record without "task", scenes or a clip)
-GENERATORS = {"vqa": _vqa, "gqa": _gqa, "nlvr": _nlvr, "caption": _caption,
-              "tvqa": _video_qa, "how2qa": _video_qa, "tvc": _video_caption,
-              "yc2c": _video_caption}  # fmt: skip
+GENERATORS = {
+    "vqa": _vqa,
+    "gqa": _gqa,
+    "nlvr": _nlvr,
+    "caption": _caption,
+    "tvqa": _video_qa,
+    "how2qa": _video_qa,
+    "tvc": _video_caption,
+    "yc2c": _video_caption,
+}
 
 
 def _rng(spec: SyntheticSpec, *parts) -> random.Random:

@@ -144,8 +144,12 @@ def _generate(out: Path, spec: SyntheticSpec, workers: int | None) -> None:
         train_tokenizer(out, spec)
     for (task, split), split_jobs in splits.items():
         _write_index(out, task, split, split_jobs)
-    marker = {"spec": dataclasses.asdict(spec), "generator_version": GENERATOR_VERSION,
-              "schema_version": SCHEMA_VERSION, "tasks": list(ALL_TASKS)}  # fmt: skip
+    marker = {
+        "spec": dataclasses.asdict(spec),
+        "generator_version": GENERATOR_VERSION,
+        "schema_version": SCHEMA_VERSION,
+        "tasks": list(ALL_TASKS),
+    }
     (out / "COMPLETE").write_text(json.dumps(marker, indent=1) + "\n")  # last: marks it whole
 
 

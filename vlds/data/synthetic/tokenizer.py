@@ -58,11 +58,21 @@ def train_tokenizer(root: Path, spec: SyntheticSpec) -> Path:
         # T5's special ids, no BOS. hard_vocab_limit=False: the world has only ~200 useful pieces.
         # split_digits: otherwise timestamps like "(12.5-" fill most of the vocabulary.
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=model, model_type="unigram",
-            vocab_size=spec.vocab_size, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-            character_coverage=1.0, hard_vocab_limit=False, split_digits=True,
-            seed_sentencepieces_file=str(seeds), num_threads=1, minloglevel=2,
-        )  # fmt: skip
+            sentence_iterator=iter(texts),
+            model_writer=model,
+            model_type="unigram",
+            vocab_size=spec.vocab_size,
+            pad_id=0,
+            eos_id=1,
+            unk_id=2,
+            bos_id=-1,
+            character_coverage=1.0,
+            hard_vocab_limit=False,
+            split_digits=True,
+            seed_sentencepieces_file=str(seeds),
+            num_threads=1,
+            minloglevel=2,
+        )
     (out / "spiece.model").write_bytes(_without_paths(model.getvalue()))
     return out
 

@@ -53,8 +53,9 @@ def karpathy_splits(args) -> set[str]:
 def _karpathy_images(args) -> dict[int, dict]:
     """cocoid -> Karpathy image entry, for the images of this split."""
     keep = karpathy_splits(args)
-    return {int(im["cocoid"]): im for im in load_json(args.karpathy)["images"]
-            if im["split"] in keep}  # fmt: skip
+    return {
+        int(im["cocoid"]): im for im in load_json(args.karpathy)["images"] if im["split"] in keep
+    }
 
 
 def _image(sources, name: str, skipped: Counter):
@@ -177,8 +178,13 @@ def _nlvr_plan(args, sources, skipped: Counter):
             refs = [_image(sources["images"], f"{prefix}-img{i}.png", skipped) for i in (0, 1)]
             if None in refs:
                 continue
-            rec = {"task": "nlvr", "id": ident, "sentence": r["sentence"], "label": label,
-                   "identifier": ident}  # fmt: skip
+            rec = {
+                "task": "nlvr",
+                "id": ident,
+                "sentence": r["sentence"],
+                "label": label,
+                "identifier": ident,
+            }
             pair = (("img0", refs[0]), ("img1", refs[1]))
             yield Item(f"nlvr-{safe_key(ident)}", rec, images=pair)
 
@@ -219,12 +225,44 @@ def _files(*names):
 
 
 CONVERTERS = (
-    Converter("vqa", "vqa", "image", "VQAv2 questions + annotations (Karpathy split optional)",
-              _vqa_args, _vqa_inputs, _vqa_plan, ("images",)),
-    Converter("gqa", "gqa", "image", "GQA balanced questions", _gqa_args, _files("questions"),
-              _gqa_plan, ("images",)),
-    Converter("nlvr2", "nlvr", "image", "NLVR2 jsonl + image pairs", _nlvr_args,
-              _files("annotations"), _nlvr_plan, ("images",)),
-    Converter("coco-caption", "caption", "image", "COCO captions, Karpathy dataset_coco.json",
-              _caption_args, _files("karpathy"), _caption_plan, ("images",)),
-)  # fmt: skip
+    Converter(
+        "vqa",
+        "vqa",
+        "image",
+        "VQAv2 questions + annotations (Karpathy split optional)",
+        _vqa_args,
+        _vqa_inputs,
+        _vqa_plan,
+        ("images",),
+    ),
+    Converter(
+        "gqa",
+        "gqa",
+        "image",
+        "GQA balanced questions",
+        _gqa_args,
+        _files("questions"),
+        _gqa_plan,
+        ("images",),
+    ),
+    Converter(
+        "nlvr2",
+        "nlvr",
+        "image",
+        "NLVR2 jsonl + image pairs",
+        _nlvr_args,
+        _files("annotations"),
+        _nlvr_plan,
+        ("images",),
+    ),
+    Converter(
+        "coco-caption",
+        "caption",
+        "image",
+        "COCO captions, Karpathy dataset_coco.json",
+        _caption_args,
+        _files("karpathy"),
+        _caption_plan,
+        ("images",),
+    ),
+)

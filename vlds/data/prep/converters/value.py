@@ -37,8 +37,12 @@ def _args(p) -> None:
     src.add_argument("--features", nargs="+", help="folders / archives of {vid_name}.npy|.npz")
     p.add_argument("--num-frames", type=int, default=32, help="frames sampled per video")
     p.add_argument("--frame-size", type=int, default=224, help="frame side after resize + crop")
-    p.add_argument("--window", choices=("video", "ts"), default="video",
-                   help="sample frames over the whole video or only the moment ts")  # fmt: skip
+    p.add_argument(
+        "--window",
+        choices=("video", "ts"),
+        default="video",
+        help="sample frames over the whole video or only the moment ts",
+    )
     p.add_argument("--subs-window", choices=("video", "ts"), default="video")
     p.add_argument("--gzip-frames", action="store_true", help="frames.npy.gz instead of .npy")
     p.add_argument(
@@ -46,7 +50,7 @@ def _args(p) -> None:
         default="ViT-B-32",
         help="the open_clip tower the feature files came from (checked at training)",
     )
-    p.add_argument("--feature-pretrained", default="openai")  # fmt: skip
+    p.add_argument("--feature-pretrained", default="openai")
 
 
 def _inputs(args) -> list[str]:
@@ -114,8 +118,12 @@ def _plan(task: str):
                     if "answer_idx" not in r or "q" not in r or len(choices) < 2:
                         skipped["no answer"] += 1
                         continue
-                    rec.update(id=str(r.get("qid", f"{vid}-{line}")), question=r["q"],
-                               choices=choices, answer_idx=int(r["answer_idx"]))  # fmt: skip
+                    rec.update(
+                        id=str(r.get("qid", f"{vid}-{line}")),
+                        question=r["q"],
+                        choices=choices,
+                        answer_idx=int(r["answer_idx"]),
+                    )
                 else:
                     descs = r.get("descs") or []
                     caps = [d["desc"] if isinstance(d, dict) else d for d in descs]
@@ -144,7 +152,15 @@ def _plan(task: str):
 
 
 CONVERTERS = tuple(
-    Converter(name, name, "video", f"VALUE {name}: jsonl + subtitles + videos or features",
-              _args, _inputs, _plan(name), ("videos", "features"))
+    Converter(
+        name,
+        name,
+        "video",
+        f"VALUE {name}: jsonl + subtitles + videos or features",
+        _args,
+        _inputs,
+        _plan(name),
+        ("videos", "features"),
+    )
     for name in ("tvqa", "how2qa", "tvc", "yc2c")
-)  # fmt: skip
+)
