@@ -1,0 +1,365 @@
+"""Every command in README.md and docs/*.md runs as written; every relative link resolves.
+
+Commands are the lines of ```bash / ```sh blocks (continuation lines joined, comments dropped)
+and lines starting with `$ ` anywhere. Each one is checked without running long jobs:
+
+- `python -m MODULE` names an importable module (a package needs `__main__`); `python FILE`,
+  `deepspeed ... FILE`, `torchrun ... FILE`, `srun ... python FILE`, `sbatch FILE`, `bash FILE`
+  and `pytest FILE` name files of the repository; `--deepspeed FILE` names an existing JSON;
+- the `--preset NAME` and `--section.key=value` arguments of a train, evaluate or tune command
+  (and of `make train ARGS="..."`) parse with `vlds.config.parse_cli` and pass
+  `vlds.config.validate`, so a renamed preset, key, method or task fails here;
+- `make TARGET` names a Makefile target; `pytest -m EXPR` uses registered markers;
+- cheap commands really run: every `python -m vlds.peft.report ...` as written (its output is
+  compared with a `# {...}` line right after it, when there is one) and `--help` of every
+  `python -m vlds...` command line that uses argparse.
+
+    .venv/bin/python -m pytest tests/test_docs.py
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README = REPO / "README.md"
+PAGES = [README, *sorted((REPO / "docs").glob("*.md"))]
+MAX_README_LINES = 220
+RUN_TIMEOUT_S = 120
+PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv").is_dir() else sys.executable
+
+# Entry points whose `--preset` / `--section.key=value` arguments are vlds config overrides.
+TRAIN_SCRIPTS = {"vlds/train.py", "slurm/train.sbatch"}
+TUNE_SCRIPTS = {"tune/search.py", "slurm/tune.sbatch"}
+OVERRIDE_MODULES = {"vlds.train", "vlds.evaluate"}
+ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+SEPARATORS = {"&&", "||", ";", "|"}
+
+
+@dataclass(frozen=True)
+class Command:
+    where: str  # "docs/data.md:42"
+    argv: tuple[str, ...]  # one simple command, leading VAR=value assignments removed
+    env: tuple[tuple[str, str], ...]
+    expected: str | None  # a "# {...}" line right after the command: its JSON output
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(REPO))
+
+
+def extract_commands(path: Path) -> list[Command]:
+    """The shell commands of a markdown file, one per simple command."""
+    lines = path.read_text().splitlines()
+    commands: list[Command] = []
+    fence, i = None, 0  # fence: the info string of the open code block, or None
+    last_end = -2  # the line index where the latest command ended
+    while i < len(lines):
+        stripped = lines[i].strip()
+        if stripped.startswith("```"):
+            fence = stripped[3:].strip().lower() if fence is None else None
+            i += 1
+            continue
+        in_shell = fence in ("bash", "sh")
+        if not (in_shell or stripped.startswith("$ ")):
+            i += 1
+            continue
+        start = i
+        text = stripped[2:] if stripped.startswith("$ ") else stripped
+        while text.endswith("\\") and i + 1 < len(lines):
+            i += 1
+            text = text[:-1] + " " + lines[i].strip()
+        i += 1
+        if not text or text.startswith("#"):
+            if text.startswith("# {") and start == last_end + 1 and commands:
+                # the documented output of the command just before
+                commands[-1] = replace(commands[-1], expected=text[2:])
+            continue
+        last_end = i - 1
+        tokens = shlex.split(text, comments=True)
+        segment: list[str] = []
+        for tok in [*tokens, ";"]:
+            if tok not in SEPARATORS:
+                segment.append(tok)
+                continue
+            env = []
+            while segment and ENV_ASSIGNMENT.match(segment[0]):
+                key, _, value = segment.pop(0).partition("=")
+                env.append((key, value))
+            if segment:
+                where = f"{rel(path)}:{start + 1}"
+                commands.append(Command(where, tuple(segment), tuple(env), None))
+            segment = []
+    return commands
+
+
+COMMANDS = [c for page in PAGES for c in extract_commands(page)]
+
+
+def command_id(c: Command) -> str:
+    return f"{c.where} {' '.join(c.argv)[:60]}"
+
+
+# ---- what the checks compare against ----------------------------------------------------------
+
+
+def makefile_targets() -> set[str]:
+    text = (REPO / "Makefile").read_text()
+    return {m.group(1) for m in re.finditer(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", text, re.M)}
+
+
+def pytest_markers() -> set[str]:
+    import tomllib
+
+    ini = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
+    return {m.split(":", 1)[0].strip() for m in ini.get("markers", [])}
+
+
+def find_module(name: str):
+    """The module's spec, or None when it (or a parent package) does not exist."""
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def module_files(name: str) -> list[Path]:
+    spec = find_module(name)
+    if spec is None or spec.origin is None:
+        return []
+    if spec.submodule_search_locations:  # a package: everything `python -m` may reach
+        return sorted(Path(spec.origin).parent.rglob("*.py"))
+    return [Path(spec.origin)]
+
+
+def check_overrides(args: list[str], where: str, entry: str) -> None:
+    """`--preset` / `--config` / `--section.key=value` as vlds parses them; a train command may
+    also pass only `--deepspeed FILE` (anything else vlds/train.py would refuse)."""
+    import vlds.engine  # noqa: F401  (registers every config section's checks)
+    from vlds.config import parse_cli, validate
+
+    kept: list[str] = []
+    it = iter(args)
+    for arg in it:
+        if arg == "--config":
+            next(it, None)  # a file the reader writes (e.g. the search's best_config.json)
+        elif arg.startswith("--config="):
+            continue
+        elif entry == "train" or arg.startswith("--preset"):
+            kept.append(arg)
+            if arg == "--preset":
+                kept.append(next(it, ""))
+        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
+            kept.append(arg)
+    cfg, rest = parse_cli(kept)
+    validate(cfg)
+    it = iter(rest)
+    for arg in it:
+        assert arg == "--deepspeed", f"{where}: vlds/train.py does not take {arg!r}"
+        ds = next(it, "")
+        assert (REPO / ds).is_file(), f"{where}: --deepspeed {ds} does not exist"
+
+
+def check_python(args: list[str], where: str) -> None:
+    """`python -m MODULE ...` or `python FILE ...`."""
+    if args[:1] == ["-m"]:
+        module, rest = args[1], args[2:]
+        spec = find_module(module)
+        assert spec is not None, f"{where}: no module {module}"
+        if spec.submodule_search_locations:
+            assert find_module(f"{module}.__main__"), f"{where}: {module} has no __main__"
+        if module in OVERRIDE_MODULES:
+            check_overrides(rest, where, "train" if module == "vlds.train" else "other")
+        return
+    assert args and not args[0].startswith("-"), f"{where}: unsupported python call {args}"
+    script, rest = args[0], args[1:]
+    assert (REPO / script).is_file(), f"{where}: {script} does not exist"
+    if script in TRAIN_SCRIPTS:
+        check_overrides(rest, where, "train")
+    elif script in TUNE_SCRIPTS:
+        check_overrides(rest, where, "tune")
+
+
+def check_pytest(args: list[str], where: str) -> None:
+    """Test files that exist and `-m EXPR` over registered markers."""
+    for f in [a for a in args if a.endswith(".py") or a.startswith("tests/")]:
+        assert (REPO / f.split("::")[0]).exists(), f"{where}: {f} does not exist"
+    if "-m" in args:
+        words = re.findall(r"[A-Za-z_]+", args[args.index("-m") + 1])
+        unknown = set(words) - {"and", "or", "not"} - pytest_markers()
+        assert not unknown, f"{where}: unregistered pytest markers {unknown}"
+
+
+def check_launcher(args: list[str], where: str) -> None:
+    """deepspeed / torchrun: launcher options, then the script and its arguments."""
+    scripts = [i for i, a in enumerate(args) if a.endswith(".py")]
+    assert scripts, f"{where}: no script in {args}"
+    check_python(args[scripts[0] :], where)
+
+
+def check_command(c: Command) -> None:
+    prog, args, where = Path(c.argv[0]).name, list(c.argv[1:]), c.where
+    if prog in ("python", "python3"):
+        check_python(args, where)
+    elif prog in ("deepspeed", "torchrun"):
+        check_launcher(args, where)
+    elif prog == "srun":
+        assert "python" in args, f"{where}: srun without python"
+        check_python(args[args.index("python") + 1 :], where)
+    elif prog == "sbatch":
+        scripts = [i for i, a in enumerate(args) if a.endswith(".sbatch")]
+        assert scripts, f"{where}: no .sbatch script in {args}"
+        script, rest = args[scripts[0]], args[scripts[0] + 1 :]
+        assert (REPO / script).is_file(), f"{where}: {script} does not exist"
+        check_overrides(rest, where, "train" if script in TRAIN_SCRIPTS else "tune")
+        if ds := dict(c.env).get("DS_CONFIG"):
+            assert (REPO / ds).is_file(), f"{where}: DS_CONFIG={ds} does not exist"
+    elif prog in ("bash", "sh"):
+        files = [a for a in args if not a.startswith("-")]
+        assert files and (REPO / files[0]).is_file(), f"{where}: no script file in {args}"
+    elif prog == "make":
+        targets = [a for a in args if "=" not in a and not a.startswith("-")]
+        missing = sorted(set(targets) - makefile_targets())
+        assert targets and not missing, f"{where}: not Makefile targets: {missing or args}"
+        variables = dict(a.split("=", 1) for a in args if "=" in a)
+        if "train" in targets and "ARGS" in variables:
+            check_overrides(shlex.split(variables["ARGS"]), where, "train")
+        if "test" in targets and "PYTEST_ARGS" in variables:
+            check_pytest(shlex.split(variables["PYTEST_ARGS"]), where)
+    elif prog == "pytest":
+        check_pytest(args, where)
+    else:
+        pytest.fail(f"{where}: no check for the command {' '.join(c.argv)!r}; add one here")
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=command_id)
+def test_command_names_what_exists(command: Command):
+    check_command(command)
+
+
+# ---- commands cheap enough to run --------------------------------------------------------------
+
+
+def run(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, *argv], cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
+
+
+def python_module_calls() -> list[tuple[Command, str, list[str]]]:
+    out = []
+    for c in COMMANDS:
+        argv = list(c.argv)
+        if Path(argv[0]).name in ("python", "python3") and argv[1:2] == ["-m"]:
+            out.append((c, argv[2], argv[3:]))
+    return out
+
+
+REPORT_CALLS = [
+    (c, args) for c, module, args in python_module_calls() if module == "vlds.peft.report"
+]
+
+
+def has_argparse(module: str) -> bool:
+    return any("argparse" in f.read_text() for f in module_files(module))
+
+
+# vlds command lines that use argparse; a module that does not exist (yet) stays in the list,
+# so that its test fails instead of vanishing
+HELP_MODULES = sorted(
+    {
+        module
+        for _, module, _ in python_module_calls()
+        if module.split(".")[0] == "vlds" and (not module_files(module) or has_argparse(module))
+    }
+)
+
+
+@pytest.mark.parametrize("command,args", REPORT_CALLS, ids=[command_id(c) for c, _ in REPORT_CALLS])
+def test_peft_report_runs_as_written(command: Command, args: list[str]):
+    proc = run(["-m", "vlds.peft.report", *args])
+    assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    if command.expected is not None:
+        assert json.loads(proc.stdout) == json.loads(command.expected), (
+            f"{command.where}: the documented output differs:\n{proc.stdout}"
+        )
+
+
+@pytest.mark.parametrize("module", HELP_MODULES)
+def test_module_help_runs(module: str):
+    assert module_files(module), f"no module {module}"
+    proc = run(["-m", module, "--help"])
+    assert proc.returncode == 0, f"{module} --help: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "usage" in proc.stdout.lower()
+
+
+def test_report_and_help_are_found():
+    assert len(REPORT_CALLS) >= 2
+    assert {"vlds.evaluate", "vlds.peft.report", "vlds.data.prep.shards"} <= set(HELP_MODULES)
+
+
+# ---- the README's shape and every link ---------------------------------------------------------
+
+
+def test_readme_is_a_front_door():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines"
+    first = [c for c in COMMANDS if c.where.startswith("README.md:")][:2]
+    assert [" ".join(c.argv) for c in first] == ["make train", "make test"]
+
+
+def strip_fences(text: str) -> str:
+    return re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.S | re.M)
+
+
+def strip_code(text: str) -> str:
+    """Markdown without fenced blocks and inline code (links there are not links)."""
+    return re.sub(r"`[^`\n]*`", "", strip_fences(text))
+
+
+def anchors(path: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces -> '-', -1 for repeats."""
+    seen: dict[str, int] = {}
+    out = set()
+    for line in strip_fences(path.read_text()).splitlines():
+        m = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        heading = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", m.group(1))
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def relative_links(path: Path) -> list[str]:
+    targets = re.findall(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)", strip_code(path.read_text()))
+    return [t for t in targets if not re.match(r"^[a-z][a-z0-9+.-]*:", t)]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=rel)
+def test_relative_links_resolve(page: Path):
+    broken = []
+    for target in relative_links(page):
+        file_part, _, anchor = target.partition("#")
+        dest = (page.parent / file_part).resolve() if file_part else page
+        if not dest.exists():
+            broken.append(f"{target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+            broken.append(f"{target} (no heading #{anchor} in {rel(dest)})")
+    assert not broken, f"{rel(page)}: broken links: {broken}"
+
+
+def test_commands_are_found():
+    # guards the extraction itself: too few commands would make the tests above vacuous
+    assert len(COMMANDS) >= 30, [command_id(c) for c in COMMANDS]
