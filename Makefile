@@ -26,8 +26,8 @@ test: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check vlds tests bench
-	$(BIN)/ruff format --check vlds tests bench
+	$(BIN)/ruff check vlds tests bench tune
+	$(BIN)/ruff format --check vlds tests bench tune
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_time.py

@@ -1,22 +1,155 @@
-"""tune/search.py end to end on CPU: a 4-configuration ASHA search, interrupted and resumed, then
-its CSV, heatmap, budget report and best configuration (which vlds/train.py must accept)."""
+"""tune/ (search.py and its parts) on CPU: the strict-ASHA scheduler driven by scripted results
+(no Ray cluster), best_config's keys, and end to end a 4-configuration ASHA search, interrupted and
+resumed, then its CSV, heatmap, budget report and best configuration (which vlds/train.py must
+accept)."""
 
 import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from vlds.config import parse_cli, validate
+from vlds.config import build_config, keys_with_role, parse_cli, validate
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tune"))
-import search  # noqa: E402
+sys.path.insert(0, str(REPO / "tune"))  # as `python tune/search.py` has it: sibling modules
+import results  # noqa: E402
+import space  # noqa: E402
+from scheduler import CONTINUE, STOP, StrictASHA  # noqa: E402
+from space import rungs  # noqa: E402
+
+
+def _asha(max_steps, grace, eta, names, ray=False):
+    """Strict ASHA (ray: Ray's, same rungs) and fake trials (only trial_id is read: no cluster)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    s = StrictASHA(max_steps, grace, eta)
+    if ray:
+        s = ASHAScheduler(
+            "step",
+            max_t=max_steps - 1,
+            grace_period=grace,
+            reduction_factor=eta,
+            stop_last_trials=False,
+        )
+    assert s.set_search_properties("score", "max")
+    trials = {n: SimpleNamespace(trial_id=n) for n in names}
+    for t in trials.values():
+        s.on_trial_add(None, t)
+    return s, trials
+
+
+def test_strict_asha_decisions_on_a_scripted_sequence_ties_stop():
+    assert rungs(120, 4, 960) == [120, 480, 960] and rungs(2, 3, 6) == [2, 6]
+    (ours, trials), (ray_asha, _) = (_asha(960, 120, 4, "abcdefg", ray=r) for r in (0, 1))
+    assert ours.milestones == [120, 480] and not ours.set_search_properties("score", None)
+    script = [  # (trial, step, score, ours, Ray's); cutoff: the 75th percentile at the rung
+        ("a", 60, 10.0, CONTINUE, CONTINUE),  # below the first rung: nothing recorded
+        ("a", 120, 50.0, CONTINUE, CONTINUE),  # first at the rung: no cutoff yet, goes on
+        ("b", 120, 50.0, STOP, CONTINUE),  # [50] -> 50: a tie stops
+        ("c", 120, 40.0, STOP, STOP),  # [50, 50] -> 50
+        ("d", 120, 60.0, CONTINUE, CONTINUE),  # [40, 50, 50] -> 50
+        ("e", 120, 52.5, STOP, CONTINUE),  # [40, 50, 50, 60] -> 52.5: a tie stops
+        ("f", 120, 55.0, CONTINUE, CONTINUE),  # [40, 50, 50, 52.5, 60] -> 52.5
+        ("g", 120, 54.0, STOP, STOP),  # [40, 50, 50, 52.5, 55, 60] -> 54.375
+        ("a", 240, 0.0, CONTINUE, CONTINUE),  # between rungs: decided at 120 already
+        ("d", 480, 30.0, CONTINUE, CONTINUE),  # first at rung 480
+        ("a", 480, 30.0, STOP, CONTINUE),  # [30] -> 30: a tie stops
+        ("d", 960, 0.0, CONTINUE, CONTINUE),  # the last report is never cut (no rung there)
+        ("f", 600, 20.0, STOP, STOP),  # a first report past 480 counts at 480: [30, 30] -> 30
+    ]
+    cutoffs = []
+    for name, step, score, want, want_ray in script:
+        cutoffs += [ours.cutoff(120)] if step == 120 else []
+        result = {"step": step, "score": score}
+        assert ours.on_trial_result(None, trials[name], result) == want, (name, step)
+        assert ray_asha.on_trial_result(None, trials[name], result) == want_ray, (name, step)
+    assert cutoffs == [None, 50.0, 50.0, 50.0, 52.5, 52.5, 54.375]
+    assert ours.on_trial_result(None, trials["b"], {"step": 480}) == CONTINUE  # no score: no-op
+    assert ours.cutoff(480) == 30.0 and "num_stopped=6" in ours.debug_string()
+    ours.on_trial_complete(None, trials["b"], {"step": 480, "score": 100.0})  # counts at 480
+    assert ours.cutoff(480) == 47.5  # [20, 30, 30, 100]
+    with pytest.raises(ValueError, match="metric"):  # neither given here nor by TuneConfig
+        StrictASHA(960, 120, 4).on_trial_add(None, trials["a"])
+
+
+def test_strict_asha_matches_rays_asha_without_ties():
+    """Random asynchronous arrivals, scores that never tie: the same decisions as Ray's ASHA."""
+    rng, decisions = random.Random(0), 0
+    for _ in range(200):
+        eta, grace = rng.choice([2, 3, 4]), rng.choice([1, 2, 120])
+        max_steps = grace * eta ** rng.randint(1, 3) + rng.choice([0, 1, grace])
+        names = [f"t{i}" for i in range(rng.randint(1, 12))]
+        (ours, trials), (ray_asha, _) = (_asha(max_steps, grace, eta, names, r) for r in (0, 1))
+        steps = dict.fromkeys(names, 0)
+        while steps:
+            name = rng.choice(sorted(steps))
+            steps[name] += grace
+            result = {"step": steps[name], "score": rng.uniform(0, 100)}
+            decision = ours.on_trial_result(None, trials[name], result)
+            assert decision == ray_asha.on_trial_result(None, trials[name], result)
+            decisions += 1
+            if decision == STOP or steps[name] >= max_steps:
+                del steps[name]
+    assert decisions > 1000
+
+
+def test_best_config_leaves_out_run_keys_and_the_embedded_data_root():
+    old_run_keys = {
+        "train.keep_last",
+        "train.log_every",
+        "data.num_workers",
+        "eval.max_samples",
+        "eval.caption_beams",
+        "eval.every",
+        "train.out_dir",
+        "train.resume",
+        "train.save_every",
+    }  # the hand-kept list keys_with_role replaced
+    assert old_run_keys <= set(keys_with_role("run"))
+    overrides = {
+        **space.TINY_SEARCH,
+        **space.TRIAL_RUN,
+        "data.root": "/shapes",
+        "eval.batch_size": "8",
+        "train.warmup_ratio": "0.2",
+    }
+    row = {"lr": 0.0014, "reduction_factor": 4, "method": "single_adapter"}
+    want = {
+        "preset": "tiny",
+        "data": {"batch_size": 16},
+        "peft": {"method": "single_adapter", "reduction_factor": 4},
+        "train": {"lr": 0.0014, "max_steps": 6, "warmup_ratio": 0.2},
+    }
+    for embedded in (True, False):
+        want["data"].update({} if embedded else {"root": "/shapes"})
+        setup = space.Setup("tiny", overrides, "/runs", 6, 2, embedded_data=embedded)
+        assert results.best_config(row, setup) == want
+
+
+def test_trial_config_from_overrides_equals_the_torchrun_argv():
+    """One overrides dict: a Config in the trial's process, torchrun's argv (signals differ)."""
+    import search  # the entry imports (its sibling modules found from the test process too)
+
+    point = {"lr": 0.0014, "reduction_factor": 4, "method": "single_adapter"}
+    for procs, java in ((1, False), (2, True)):
+        setup = space.Setup("tiny", {"data.batch_size": "8"}, "/runs", 6, 2, procs, java)
+        overrides = search.trial_overrides(setup, point, Path("/runs/t1"))
+        cfg = build_config("tiny", overrides)
+        validate(cfg)
+        argv = ["--preset", "tiny", *(f"--{k}={v}" for k, v in overrides.items())]
+        assert parse_cli(argv) == (cfg, [])  # what torchrun's ranks parse
+        assert (cfg.train.handle_signals, cfg.eval.java_metrics) == (procs > 1, java)
+        assert (cfg.train.lr, cfg.peft.reduction_factor, cfg.data.batch_size) == (0.0014, 4, 8)
+        assert (cfg.train.max_steps, cfg.eval.every, cfg.train.save_every) == (6, 2, 2)
+        assert (cfg.train.out_dir, cfg.train.resume) == ("/runs/t1", "latest")
 
 
 def _search_args(root, out, *extra):
@@ -77,7 +210,7 @@ def test_every_configuration_ran_once_and_stopped_where_asha_says(searched):
     rows = list(csv.DictReader((exp / "results.csv").open()))
     points = {(float(r["lr"]), int(r["reduction_factor"])) for r in rows}
     assert len(rows) == 4 and points == {
-        (lr, rf) for lr in search.lr_grid(1e-3, 4e-2, 2) for rf in (4, 8)
+        (lr, rf) for lr in space.lr_grid(1e-3, 4e-2, 2) for rf in (4, 8)
     }
     for r in rows:
         step, run = int(r["step"]), Path(r["run_dir"])
@@ -98,7 +231,7 @@ def test_budget_report_is_consistent(searched):
     assert b["trial_steps_spent"] == spent and b["trial_steps_all_to_end"] == 4 * 6
     assert b["full_runs_spent"] == round(spent / 6, 2) and b["configurations"] == 4
     assert b["reached"] == {"2": 4, "6": sum(int(r["step"]) == 6 for r in rows)}
-    assert search.budget_text(b) in stdout
+    assert results.budget_text(b) in stdout
 
 
 def test_heatmap_is_a_png(searched):
@@ -117,12 +250,29 @@ def test_best_config_is_a_config_file_train_py_accepts(searched, shapes_root):
     assert cfg.train.lr == float(best["lr"])
     assert cfg.peft.reduction_factor == int(best["reduction_factor"])
     assert (cfg.train.max_steps, cfg.data.batch_size, cfg.data.root) == (6, 8, str(shapes_root))
-    # everything the winning trial trained with, bar where and how it ran
+    # everything the winning trial trained with, bar where and how it ran (the "run" fields)
     trained = json.loads((Path(best["run_dir"]) / "config.json").read_text())
-    run_keys = {"out_dir", "resume", "save_every", "keep_last", "log_every", "num_workers"}
-    for section in ("model", "peft", "data", "train"):
-        ours = {k: v for k, v in getattr(cfg, section).__dict__.items() if k not in run_keys}
-        assert ours == {k: v for k, v in trained[section].items() if k not in run_keys}, section
+    assert (trained["train"]["handle_signals"], trained["eval"]["java_metrics"]) == (False, False)
+    sections = ("model", "peft", "data", "train")
+    run_keys = {
+        "data.num_workers",
+        "train.out_dir",
+        "train.resume",
+        "train.save_every",
+        "train.keep_last",
+        "train.log_every",
+        "train.handle_signals",
+    }
+    assert run_keys == {k for k in keys_with_role("run") if k.split(".")[0] in sections}
+    for section in sections:
+        ours = {
+            k: v
+            for k, v in getattr(cfg, section).__dict__.items()
+            if f"{section}.{k}" not in run_keys
+        }
+        assert ours == {
+            k: v for k, v in trained[section].items() if f"{section}.{k}" not in run_keys
+        }, section
     assert f"--config {exp / 'best_config.json'}" in stdout
 
 
@@ -147,22 +297,11 @@ def test_bad_search_arguments_fail_before_ray_starts(shapes_root, tmp_path):
 
 @pytest.mark.slow
 def test_a_trial_on_two_ranks_runs_torchrun_and_reports_from_metrics_jsonl(shapes_root, tmp_path):
+    args = _search_args(
+        shapes_root, tmp_path, "--procs-per-trial=2", "--lr-points=1", "--reduction-factors=4"
+    )
     p = subprocess.run(
-        [
-            sys.executable,
-            *_search_args(
-                shapes_root,
-                tmp_path,
-                "--procs-per-trial=2",
-                "--lr-points=1",
-                "--reduction-factors=4",
-            ),
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     (row,) = csv.DictReader((tmp_path / "t" / "results.csv").open())
