@@ -17,8 +17,8 @@ are not stored: grid cells and time slices follow from the token count (vlds.mod
 The tower runs batched (`--batch-size` images or frames at once) on the GPU when there is one;
 `--workers` processes decode and resize pixels. Like the shard writers, a re-run with the same
 arguments skips finished shards and a different one is refused (--overwrite to redo).
-With `--vision-pretrained ""` the tower is random, initialised after `torch.manual_seed(seed)`
-exactly as vlds/train.py does, so it is the tower a run with `--train.seed=seed` would build.
+With `--vision-pretrained ""` the tower is random, built by vlds.model.build.build_tower with
+`train.seed=seed`, so it is the tower a run with `--train.seed=seed` builds.
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vlds.config import build_config
 from vlds.data.decode import Preprocess
 from vlds.data.prep import shardwrite
 from vlds.data.shardio import DataError, SkipCounter, load_index, read_samples
 from vlds.data.tasks import get_task
+from vlds.model.build import build_tower
 from vlds.model.vision import CLIP_MEAN, CLIP_STD, VisionTower
 
 
@@ -223,8 +225,17 @@ def main(argv=None) -> dict:
             if args.device == "auto"
             else args.device
         )
-        torch.manual_seed(args.seed)  # as vlds/train.py before build_tower: same random tower
-        tower = VisionTower(args.vision, args.vision_pretrained, args.grid_pool).to(device)
+        # the tower a run with --train.seed=seed builds (build_tower seeds torch itself)
+        cfg = build_config(
+            "tiny",
+            {
+                "model.vision": args.vision,
+                "train.seed": args.seed,
+                "model.vision_pretrained": args.vision_pretrained,
+                "model.grid_pool": args.grid_pool,
+            },
+        )
+        tower = build_tower(cfg).to(device)
         rows = []
         for t in tasks:
             for s in splits:
