@@ -360,6 +360,22 @@ def test_relative_links_resolve(page: Path):
     assert not broken, f"{rel(page)}: broken links: {broken}"
 
 
+def test_readme_layout_map_matches_the_tree():
+    """Every file the map names exists, and every module and package of vlds/ is named."""
+    text = README.read_text()
+    block = text.split("## Repository layout", 1)[1].split("```", 2)[1]
+    named = set(re.findall(r"[A-Za-z_]\w*\.py", block))
+    tracked = {p.name for p in REPO.glob("**/*.py") if ".venv" not in p.parts}
+    assert named <= tracked, f"the layout map names missing files: {sorted(named - tracked)}"
+    for path in sorted((REPO / "vlds").rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py") or "converters" in path.parts:
+            continue  # converters/ is named as a folder (one module per family of releases)
+        assert path.name in named, f"{rel(path)} is missing from README.md's layout map"
+    for package in sorted(p.parent for p in (REPO / "vlds").rglob("__init__.py")):
+        if package != REPO / "vlds":
+            assert f"{package.name}/" in block, f"{rel(package)}/ is missing from the map"
+
+
 def test_commands_are_found():
     # guards the extraction itself: too few commands would make the tests above vacuous
     assert len(COMMANDS) >= 30, [command_id(c) for c in COMMANDS]

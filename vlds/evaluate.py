@@ -101,6 +101,7 @@ def evaluate_checkpoint(
     cfg.data.root, cfg.data.val_split = str(shards), split
     cfg.eval.max_samples = max_samples
     cfg.eval.batch_size = batch_size or cfg.eval.batch_size
+    cfg.eval.java_metrics = True  # the official caption scorers, whatever the run itself used
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(cfg, Path(shards))

@@ -79,6 +79,20 @@ class Task:
         return self.prompt + self.source(rec)
 
 
+def _draw_caption(rec: dict, rng) -> str:
+    """The reference a caption sample trains on at this visit (per-sample seeded rng)."""
+    return rng.choice(rec["captions"])
+
+
+def _all_captions(rec: dict) -> list[str]:
+    return list(rec["captions"])
+
+
+def _choice_tag(rec: dict) -> str:
+    """TVQA / How2QA: the model generates the correct choice's tag, "a0" .. "a4"."""
+    return f"a{rec['answer_idx']}"
+
+
 def _qa_source(rec: dict) -> str:
     return (
         f"[Subs] {rec['subtitles']} [Q] {rec['question']} [TS] {_ts(rec)} [Choices] {_choices(rec)}"
@@ -118,33 +132,30 @@ TASKS: dict[str, Task] = {
         "image",
         "caption: ",
         lambda r: "",
-        lambda r, rng: rng.choice(r["captions"]),
-        lambda r: list(r["captions"]),
+        _draw_caption,
+        _all_captions,
         generative_caption=True,
     ),
-    "tvqa": Task(
-        "tvqa",
-        "video",
-        "tvqa: ",
-        _qa_source,
-        lambda r, rng: f"a{r['answer_idx']}",
-        lambda r: [f"a{r['answer_idx']}"],
-    ),
-    "how2qa": Task(
-        "how2qa",
-        "video",
-        "how2qa: ",
-        _qa_source,
-        lambda r, rng: f"a{r['answer_idx']}",
-        lambda r: [f"a{r['answer_idx']}"],
-    ),
+    # TVQA and How2QA share the VALUE release's format: subtitles, question, timestamps, five
+    # choices; the model generates the tag of the right one
+    **{
+        name: Task(
+            name,
+            "video",
+            f"{name}: ",
+            _qa_source,
+            lambda r, rng: _choice_tag(r),
+            lambda r: [_choice_tag(r)],
+        )
+        for name in ("tvqa", "how2qa")
+    },
     "tvc": Task(
         "tvc",
         "video",
         "tvc: ",
         lambda r: f"[Subs] {r['subtitles']} [TS] {_ts(r)}",
-        lambda r, rng: rng.choice(r["captions"]),
-        lambda r: list(r["captions"]),
+        _draw_caption,
+        _all_captions,
         generative_caption=True,
     ),
     "yc2c": Task(
@@ -152,8 +163,8 @@ TASKS: dict[str, Task] = {
         "video",
         "yc2c: ",
         lambda r: f"[Subs] {r['subtitles']}",
-        lambda r, rng: rng.choice(r["captions"]),
-        lambda r: list(r["captions"]),
+        _draw_caption,
+        _all_captions,
         generative_caption=True,
     ),
 }
