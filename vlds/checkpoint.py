@@ -4,10 +4,13 @@
     {out_dir}/checkpoints/step{N}/                   DeepSpeed engine/optimizer state (trainable
                                                      parameters only) + trainer_state.json
     {out_dir}/checkpoints/step{N}/adapter/           adapter_model.safetensors + adapter_config.json
+    {out_dir}/checkpoints/step{N}/adapter/peft/      LoRA methods: the same LoRA in Hugging Face
+                                                     PEFT's format (vlds.peft.hf_format)
 
 The adapter export holds exactly the trainable tensors (PEFT modules, visual embedding, the
 LayerNorms the method trains) and the resolved config, so it loads onto a freshly built
-backbone with `load_adapter`. Tensors are gathered whole under ZeRO-3.
+backbone with `load_adapter`. Tensors are gathered whole under ZeRO-3. `load_adapter` also
+takes a PEFT LoRA export (its adapter_config.json has `peft_type`), for `--train.init_from`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ def _gathered_trainable(model) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model, cfg_dict: dict, out: Path, is_main: bool) -> None:
-    """Write the adapter-only export (every rank must call: ZeRO-3 gathering is collective)."""
+    """Write the adapter-only export (every rank must call: ZeRO-3 gathering is collective);
+    for LoRA methods also out/peft/, the LoRA in PEFT's format, from the same gathered tensors."""
     from safetensors.torch import save_file
 
     tensors = _gathered_trainable(model)
@@ -53,17 +57,28 @@ def save_adapter(model, cfg_dict: dict, out: Path, is_main: bool) -> None:
             "tensors": {k: list(v.shape) for k, v in tensors.items()},
         }
         (out / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        from vlds.peft.hf_format import write_peft
+
+        write_peft(model, tensors, cfg_dict, out)
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
-    """(metadata, tensors, folder) of an adapter export (a run, checkpoint or adapter folder)."""
+    """(metadata, tensors, folder) of an adapter export (a run, checkpoint or adapter folder),
+    or of a PEFT LoRA export (metadata["format"] == "peft-lora"; see vlds.peft.hf_format)."""
     from safetensors.torch import load_file
+
+    from vlds.peft.hf_format import read_peft
 
     path = Path(path)
     if (path / "adapter").is_dir():
         path = path / "adapter"
+    peft = read_peft(path)
+    if peft is not None:
+        return peft
     if not (path / ADAPTER_WEIGHTS).is_file():
-        raise CheckpointError(f"no {ADAPTER_WEIGHTS} in {path}; pass a checkpoint folder")
+        raise CheckpointError(
+            f"no {ADAPTER_WEIGHTS} in {path}; pass a checkpoint folder or a PEFT LoRA export"
+        )
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
     return meta, load_file(str(path / ADAPTER_WEIGHTS)), path
 
@@ -73,9 +88,15 @@ def load_adapter(model, path: str | Path, loaded=None) -> dict:
 
     Every tensor the model trains must be in the file and vice versa: a checkpoint of another
     method, task set or size fails with the names that differ. `loaded` = a `read_adapter`
-    result read earlier (train.py reads before it may move the run folder aside).
+    result read earlier (train.py reads before it may move the run folder aside). A PEFT LoRA
+    export initialises the LoRA modules (and biases) only; see vlds.peft.hf_format.load_peft.
     """
     meta, tensors, path = loaded or read_adapter(path)
+    if meta.get("format") == "peft-lora":
+        from vlds.peft.hf_format import load_peft
+
+        load_peft(model, meta, tensors, path)
+        return meta
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     if missing or extra:

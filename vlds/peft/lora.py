@@ -5,6 +5,9 @@ Rank 128, alpha 32, dropout 0.1; A kaiming-uniform, B zero (the model starts unc
 reference also trains every bias of the language model (`peft.lora_train_biases`), but not the
 LayerNorm weights. single_lora shares one per projection across tasks, multiple_lora has one per
 task.
+
+`lora_targets` names every adapted projection once, by its vlds key and its path in the language
+model; vlds.peft.hf_format maps both to Hugging Face PEFT's key names from it.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from vlds.peft.inject import per_task, sublayer_sites
 from vlds.peft.registry import Method, register
 
 ATTENTION_KINDS = ("enc_self", "dec_self", "dec_cross")
+# the projections LoRA adapts, by their attribute names (PEFT's `target_modules`)
+TARGET_MODULES = {"t5": ("q", "v"), "bart": ("q_proj", "v_proj")}
 
 
 class LoRA(nn.Module):
@@ -47,7 +52,20 @@ class TaskLoRA(nn.Module):
 
 
 def q_v(attn: nn.Module, arch: str) -> tuple[nn.Linear, nn.Linear]:
-    return (attn.q, attn.v) if arch == "t5" else (attn.q_proj, attn.v_proj)
+    return tuple(getattr(attn, name) for name in TARGET_MODULES[arch])
+
+
+def lora_targets(lm: nn.Module, arch: str) -> list[tuple[str, str, nn.Linear]]:
+    """(key under model.peft, qualified name in `lm`, the Linear) of every adapted projection:
+    q and v of every attention, e.g. ("enc-0-self-q", "encoder.block.0.layer.0.SelfAttention.q",
+    Linear) for T5."""
+    names = {id(m): n for n, m in lm.named_modules()}
+    out = []
+    for site in sublayer_sites(lm, arch):
+        if site.kind in ATTENTION_KINDS:
+            for name, proj in zip(("q", "v"), q_v(site.module, arch), strict=True):
+                out.append((f"{site.key}-{name}", names[id(proj)], proj))
+    return out
 
 
 def add_to_output(linear: nn.Module, delta: nn.Module):
@@ -68,13 +86,9 @@ class SingleLoRA(Method):
 
     def inject(self, model: nn.Module) -> None:
         d = model.d_model
-        for site in sublayer_sites(model.lm, model.arch):
-            if site.kind not in ATTENTION_KINDS:
-                continue
-            for name, proj in zip(("q", "v"), q_v(site.module, model.arch), strict=True):
-                key = f"{site.key}-{name}"
-                model.peft[key] = self.wrap(self.make(d), model)
-                add_to_output(proj, model.peft[key])
+        for key, _, proj in lora_targets(model.lm, model.arch):
+            model.peft[key] = self.wrap(self.make(d), model)
+            add_to_output(proj, model.peft[key])
         if self.cfg.lora_train_biases:
             for pname, p in model.lm.named_parameters():
                 if pname.rsplit(".", 1)[-1] == "bias":
