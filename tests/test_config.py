@@ -128,6 +128,7 @@ def test_every_owner_registers_its_check():
         "vlds.data.decode",
         "vlds.peft.registry",
         "vlds.kernels",
+        "vlds.trackers",
     }
 
 

@@ -167,6 +167,8 @@ class TrainConfig:
     # SIGTERM/SIGUSR1 save a checkpoint and stop; false where the host handles preemption
     # itself (Ray Tune runs trials in a worker thread, where handlers cannot be installed)
     handle_signals: bool = _run(True)
+    # Experiment trackers, comma list of tensorboard | wandb | mlflow (JSONL + curves.png always)
+    report_to: str = _run("tensorboard")
 
 
 @dataclass

@@ -35,29 +35,52 @@ def to_device(batch: dict, device) -> dict:
 
 
 class RunLog:
-    """metrics.jsonl + TensorBoard on rank 0; nothing elsewhere."""
+    """metrics.jsonl and the experiment trackers of `train.report_to` (vlds/trackers.py) on
+    rank 0; nothing elsewhere. The trackers open when training starts (`open`), so that a run
+    resumed from a checkpoint continues its tracker runs."""
 
-    def __init__(self, out_dir: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, out_dir: Path, enabled: bool, cfg_dict: dict):
+        self.enabled, self.out_dir, self.cfg_dict = enabled, out_dir, cfg_dict
         self.path = out_dir / "metrics.jsonl"
-        self.tb = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+        self.trackers = None
 
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+    def open(self, resumed: bool) -> None:
+        if self.enabled and self.trackers is None:
+            from vlds.trackers import open_trackers
+
+            report_to = self.cfg_dict["train"]["report_to"]
+            self.trackers = open_trackers(report_to, self.out_dir, self.cfg_dict, resumed)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        self.open(resumed=False)  # no-op once open
+        scalars = {f"{kind}/{k}": v for k, v in values.items() if _is_number(v)}
+        for t in self.trackers:
+            t.log(scalars, step)
 
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
+    def final(self, step: int, result: dict) -> None:
+        """The finished run's metrics.json, flattened: "final/vqa/score", "final/step_time_s"."""
+        if not self.enabled:
+            return
+        from vlds.trackers import flatten
+
+        self.open(resumed=False)
+        lifted = {**{k: v for k, v in result.items() if k != "metrics"}, **result["metrics"]}
+        flat = {f"final/{k}": v for k, v in flatten(lifted, "/").items() if _is_number(v)}
+        for t in self.trackers:
+            t.log_final(flat, step)
+
+    def close(self, status: str = "FINISHED") -> None:
+        for t in self.trackers or []:
+            t.close(status)
+        self.trackers = []  # closed: later writes go to metrics.jsonl only
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def find_resume(cfg, world_size: int, is_main: bool) -> tuple[Path, str] | None:
@@ -100,7 +123,7 @@ class Trainer:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.cfg_dict = cfg.to_dict()
         self.step = self.epoch = self.step_in_epoch = 0
-        self.runlog = RunLog(self.out_dir, info.is_main)
+        self.runlog = RunLog(self.out_dir, info.is_main, self.cfg_dict)
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
         self.preemption = Preemption(Preemption.SIGNALS if cfg.train.handle_signals else ())
         self._saved_at = -1
@@ -216,9 +239,18 @@ class Trainer:
         return mean.item()
 
     def fit(self) -> dict:
+        """Train to the end (or to a preemption); tracker runs end FAILED if training raises."""
+        try:
+            return self._fit()
+        except BaseException:
+            self.runlog.close("FAILED")
+            raise
+
+    def _fit(self) -> dict:
         from tqdm import tqdm
 
         cfg, t0 = self.cfg, time.time()
+        self.runlog.open(resumed=self.step > 0)  # a resumed run continues its tracker runs
         self.engine.train()
         bar = tqdm(
             total=self.total_steps,
@@ -270,6 +302,7 @@ class Trainer:
         bar.close()
         if preempted:
             self.checkpoint()
+            self.runlog.close("KILLED")
             if self.info.is_main:
                 log.info(
                     "preempted (signal %s): saved step %d; resume with --train.resume=latest",
@@ -290,7 +323,7 @@ class Trainer:
 
             peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
         times = sorted(self.step_times[1:] or self.step_times)  # the first step warms up
-        files = adapter_dir.glob("*") if adapter_dir.is_dir() else []
+        files = [f for f in adapter_dir.rglob("*") if f.is_file()] if adapter_dir.is_dir() else []
         return {
             "params": count_parameters(self.engine.module),
             "step_time_s": times[len(times) // 2] if times else None,
@@ -313,6 +346,7 @@ class Trainer:
         }
         if self.info.is_main:
             (self.out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+            self.runlog.final(self.step, result)
             from vlds.eval.submission import write_predictions
 
             for t, rows in preds.items():  # the official submission formats
