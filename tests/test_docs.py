@@ -3,7 +3,9 @@
 Commands are the lines of ```bash / ```sh blocks (continuation lines joined, comments dropped)
 and lines starting with `$ ` anywhere. Each one is checked without running long jobs:
 
-- `python -m MODULE` names an importable module (a package needs `__main__`); `python FILE`,
+- `python -m MODULE` names an importable module (a package needs `__main__`); `vlds COMMAND` and
+  `vlds-COMMAND` are console scripts of pyproject.toml and commands of vlds/cli.py, checked as
+  the `python -m MODULE` they run; `python FILE`,
   `deepspeed ... FILE`, `torchrun ... FILE`, `srun ... python FILE`, `sbatch FILE`, `bash FILE`
   and `pytest FILE` name files of the repository; `--deepspeed FILE` names an existing JSON;
 - the `--preset NAME` and `--section.key=value` arguments of a train, evaluate or tune command
@@ -117,6 +119,12 @@ def makefile_targets() -> set[str]:
     return {m.group(1) for m in re.finditer(r"^([A-Za-z0-9_.-]+)\s*:(?!=)", text, re.M)}
 
 
+def console_scripts() -> set[str]:
+    import tomllib
+
+    return set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"])
+
+
 def pytest_markers() -> set[str]:
     import tomllib
 
@@ -189,6 +197,24 @@ def check_python(args: list[str], where: str) -> None:
         check_overrides(rest, where, "tune")
 
 
+def check_vlds(prog: str, args: list[str], where: str) -> None:
+    """`vlds COMMAND ...` / `vlds-COMMAND ...`: a console script that runs a module's `python -m`
+    form (vlds/cli.py); its arguments are checked as that form's."""
+    from vlds.cli import COMMANDS
+
+    assert prog in console_scripts(), f"{where}: {prog} is not in pyproject's [project.scripts]"
+    if prog == "vlds":
+        if args[:1] in (["--help"], ["-h"], ["--version"]):
+            return
+        assert args and args[0] in COMMANDS, f"{where}: vlds has no command {args[:1]}"
+        command, rest = args[0], args[1:]
+    else:
+        command, rest = prog.removeprefix("vlds-"), args
+    check_python(["-m", COMMANDS[command][0], *rest], where)
+    if command == "tune":
+        check_overrides(rest, where, "tune")
+
+
 def check_pytest(args: list[str], where: str) -> None:
     """Test files that exist and `-m EXPR` over registered markers."""
     for f in [a for a in args if a.endswith(".py") or a.startswith("tests/")]:
@@ -237,6 +263,8 @@ def check_command(c: Command) -> None:
             check_pytest(shlex.split(variables["PYTEST_ARGS"]), where)
     elif prog == "pytest":
         check_pytest(args, where)
+    elif prog == "vlds" or prog.startswith("vlds-"):
+        check_vlds(prog, args, where)
     else:
         pytest.fail(f"{where}: no check for the command {' '.join(c.argv)!r}; add one here")
 

@@ -1,7 +1,7 @@
-"""tune/ (search.py and its parts) on CPU: the strict-ASHA scheduler driven by scripted results
-(no Ray cluster), best_config's keys, and end to end a 4-configuration ASHA search, interrupted and
-resumed, then its CSV, heatmap, budget report and best configuration (which vlds/train.py must
-accept)."""
+"""vlds/tune/ (the search and its parts; `python tune/search.py` is its script) on CPU: the
+strict-ASHA scheduler driven by scripted results (no Ray cluster), best_config's keys, and end to
+end a 4-configuration ASHA search, interrupted and resumed, then its CSV, heatmap, budget report
+and best configuration (which vlds/train.py must accept)."""
 
 import csv
 import json
@@ -17,13 +17,11 @@ from types import SimpleNamespace
 import pytest
 
 from vlds.config import build_config, keys_with_role, parse_cli, validate
+from vlds.tune import results, space
+from vlds.tune.scheduler import CONTINUE, STOP, StrictASHA
+from vlds.tune.space import rungs
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tune"))  # as `python tune/search.py` has it: sibling modules
-import results  # noqa: E402
-import space  # noqa: E402
-from scheduler import CONTINUE, STOP, StrictASHA  # noqa: E402
-from space import rungs  # noqa: E402
 
 
 def _asha(max_steps, grace, eta, names, ray=False):
@@ -136,7 +134,7 @@ def test_best_config_leaves_out_run_keys_and_the_embedded_data_root():
 
 def test_trial_config_from_overrides_equals_the_torchrun_argv():
     """One overrides dict: a Config in the trial's process, torchrun's argv (signals differ)."""
-    import search  # the entry imports (its sibling modules found from the test process too)
+    from vlds.tune import search  # the entry imports (its modules, package-relative)
 
     point = {"lr": 0.0014, "reduction_factor": 4, "method": "single_adapter"}
     for procs, java in ((1, False), (2, True)):
@@ -262,6 +260,7 @@ def test_best_config_is_a_config_file_train_py_accepts(searched, shapes_root):
         "train.keep_last",
         "train.log_every",
         "train.handle_signals",
+        "train.report_to",
     }
     assert run_keys == {k for k in keys_with_role("run") if k.split(".")[0] in sections}
     for section in sections:

@@ -20,10 +20,12 @@ import vlds.data.mixing  # noqa: F401  (registers the data.mixing checks)
 import vlds.data.tasks  # noqa: F401  (registers the data.tasks check)
 import vlds.kernels  # noqa: F401  (registers the peft.fused_kernel check)
 import vlds.peft  # noqa: F401  (registers the peft.method check)
+import vlds.trackers  # noqa: F401  (registers the train.report_to check)
 from vlds.config import Config, ConfigError, global_batch
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DS_CONFIG = REPO / "ds_configs" / "zero2.json"
+# vlds/ds_configs/ ships inside the package (an installed copy has it too); the repository's
+# top-level ds_configs/ is a link to it, so `--deepspeed ds_configs/zero2.json` works in a checkout
+DEFAULT_DS_CONFIG = Path(__file__).resolve().parent / "ds_configs" / "zero2.json"
 
 
 def use_bf16(cfg: Config) -> bool:

@@ -1,7 +1,7 @@
 """Train CLIP-T5 / CLIP-BART with a PEFT method on a mix of vision-and-language tasks.
 
     deepspeed vlds/train.py --deepspeed ds_configs/zero2.json            # embedded default (tiny)
-    deepspeed --num_gpus 8 vlds/train.py --deepspeed ds_configs/zero2.json \
+    deepspeed --num_gpus 8 vlds/train.py --deepspeed ds_configs/zero2.json \\
         --preset bart-base --data.root=/data/vl-shards                  # the paper's setting
     torchrun --nproc_per_node 2 vlds/train.py --preset tiny --train.max_steps=20
     python vlds/train.py --preset tiny --peft.method=full_finetune       # one process, CPU ok
@@ -38,6 +38,10 @@ from vlds.engine import (
 )
 
 log = logging.getLogger("vlds")
+USAGE = (
+    "usage: vlds/train.py [--preset NAME] [--config FILE.json] [--section.key=value ...] "
+    "[--deepspeed FILE]"
+)
 
 
 def parse_launcher_args(rest: list[str]) -> str:
@@ -60,6 +64,9 @@ def parse_launcher_args(rest: list[str]) -> str:
 def main(argv: list[str] | None = None, on_eval=None) -> dict:
     """The command line: `--preset`, `--config`, `--section.key=value`, `--deepspeed FILE`."""
     argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(USAGE + "\n\n" + __doc__.strip())
+        raise SystemExit(0)
     cfg, rest = parse_cli(argv)
     return run(cfg, parse_launcher_args(rest), on_eval=on_eval)
 

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vlds.cli import MissingExtra
 from vlds.data.prep import shardwrite
 from vlds.data.prep.converters import ALIASES, Converter, Item, converters
 from vlds.data.prep.converters.sources import Sources, read, ref_name
@@ -173,6 +174,10 @@ def run(args) -> dict:
     }
     items, planned_skips = plan_items(conv, args, sources)
     kind = conv.kind if conv.kind == "image" else ("features" if args.features else "frames")
+    if kind == "frames":
+        from vlds.data.prep.video import require_av
+
+        require_av()  # before any work: decoding video needs the [video] extra
     per_shard = args.samples_per_shard or DEFAULT_SHARD[kind]
     chunks = [items[i : i + per_shard] for i in range(0, len(items), per_shard)]
     task_dir = Path(args.out) / conv.task
@@ -311,7 +316,7 @@ def main(argv=None) -> dict:
     args.command = ALIASES.get(args.command, args.command)
     try:
         return run(args)
-    except (shardwrite.ShardError, FileNotFoundError, ValueError) as e:
+    except (shardwrite.ShardError, FileNotFoundError, ValueError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyError as e:

@@ -26,6 +26,14 @@ class VideoError(ValueError):
     """A video that cannot be opened or decoded."""
 
 
+def require_av():
+    """PyAV, an optional dependency (the `video` extra); vlds.cli.MissingExtra (an ImportError,
+    never a VideoError: a missing decoder is not a bad video) naming the install command."""
+    from vlds.cli import require
+
+    return require("av", "video", "decoding videos (the video shard writers)")
+
+
 def sample_times(num_frames: int, start: float, end: float) -> list[float]:
     """Centres of num_frames equal segments of [start, end]."""
     step = (end - start) / num_frames
@@ -59,7 +67,7 @@ def decode_frames(
 ) -> np.ndarray:
     """(num_frames, size, size, 3) uint8 frames sampled uniformly from a video file or its
     bytes; raises VideoError for anything FFmpeg cannot open or decode."""
-    import av
+    av = require_av()
 
     if num_frames < 1:
         raise ValueError("num_frames must be >= 1")
@@ -116,7 +124,7 @@ def _by_index(frames, num_frames: int, size: int) -> np.ndarray:
 
 def encode_video(path: str | Path, frames: np.ndarray, fps: int = 10, codec: str = "mpeg4"):
     """Write (T, H, W, 3) uint8 frames as a video file (tests and benchmarks make clips)."""
-    import av
+    av = require_av()
 
     t, h, w, _ = frames.shape
     with av.open(str(path), "w") as container:

@@ -26,7 +26,8 @@ import pickle
 import numpy as np
 from ray.tune.result import DEFAULT_METRIC
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from space import rungs
+
+from .space import rungs
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from space import Setup, lr_bin, lr_grid
+from .space import Setup, lr_bin, lr_grid
 
 
 def collect(result_grid, runs_dir: Path, max_steps: int) -> list[dict]:

@@ -19,9 +19,12 @@ import sys
 import time
 from pathlib import Path
 
-from space import Setup
+from .space import Setup
 
-REPO = Path(__file__).resolve().parent.parent
+# K ranks run the script form, as `torchrun ... vlds/train.py` does: this package's train.py
+# (the checkout's in an editable install), from the folder that holds the package.
+TRAIN_PY = Path(__file__).resolve().parent.parent / "train.py"
+REPO = TRAIN_PY.parent.parent
 
 
 def trial_overrides(setup: Setup, point: dict, out_dir: Path) -> dict:
@@ -92,7 +95,7 @@ def _run_subprocess(argv: list[str], out_dir: Path, log_file: Path, procs: int) 
         "torch.distributed.run",
         "--standalone",
         f"--nproc_per_node={procs}",
-        str(REPO / "vlds" / "train.py"),
+        str(TRAIN_PY),
         *argv,
     ]
     launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
