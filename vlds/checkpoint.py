@@ -44,7 +44,8 @@ def _gathered_trainable(model) -> dict[str, torch.Tensor]:
 
 def save_adapter(model, cfg_dict: dict, out: Path, is_main: bool) -> None:
     """Write the adapter-only export (every rank must call: ZeRO-3 gathering is collective);
-    for LoRA methods also out/peft/, the LoRA in PEFT's format, from the same gathered tensors."""
+    for LoRA methods also out/peft/, the LoRA in PEFT's format, from the same gathered tensors.
+    Returns once the export is complete on disk, on every rank (a rank may read it next)."""
     from safetensors.torch import save_file
 
     tensors = _gathered_trainable(model)
@@ -60,6 +61,8 @@ def save_adapter(model, cfg_dict: dict, out: Path, is_main: bool) -> None:
         from vlds.peft.hf_format import write_peft
 
         write_peft(model, tensors, cfg_dict, out)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def read_adapter(path: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
@@ -181,9 +184,8 @@ def save_checkpoint(
     # each rank's dropout RNG, so a resumed run draws the same masks (exact resume)
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    # save_adapter ends with a barrier: every rank's shards and RNG state are on disk after it
     save_adapter(engine.module, cfg_dict, tmp / "adapter", is_main)
-    if dist.is_initialized():
-        dist.barrier()  # every rank's shards are on disk
     final = ckpt_dir / tag
     if is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(_jsonable(state), indent=2) + "\n")
