@@ -316,7 +316,7 @@ def bench_step_share(steps: int) -> list:
     root = ensure_synthetic()
     tok = build_tokenizer(cfg, root)
     tower = build_tower(cfg)  # seeds torch with train.seed (0)
-    model = build_model(cfg, tok, tower)
+    model = build_model(cfg, tok, tower, root)
     opt = torch.optim.AdamW(param_groups(model, cfg.train.weight_decay), lr=1e-3)
     info = type("Info", (), {"rank": 0, "world_size": 1, "is_main": False})()
     data = DataBuilder(cfg, root, tok, tower.image_size, info)

@@ -44,7 +44,30 @@ def shapes_root(tmp_path_factory):
         video_val_per_task=32,
         samples_per_shard=64,
     )
-    return ensure_synthetic(tmp_path_factory.mktemp("shapes"), spec)
+    root = ensure_synthetic(tmp_path_factory.mktemp("shapes"), spec)
+    prebuild_embedded_backbone(root)
+    return root
+
+
+def prebuild_embedded_backbone(root):
+    """The tiny presets' pretrained tower and language models (t5, bart), built here once
+    so that no training subprocess pretrains them (their quality is tested on their own).
+    The tower is the machine's cached one (as `make train`'s); the language models get 100
+    steps instead of 1,500: the tests need their shapes, not their skill."""
+    from transformers import T5Tokenizer
+
+    import vlds.model.embedded_lm as elm
+    from vlds.config import build_config
+    from vlds.model.embedded_tower import ensure_tower
+
+    ensure_tower("vlds-tiny-rn")
+    tok = T5Tokenizer.from_pretrained(str(root / "tokenizer"), extra_ids=0)
+    saved, elm.STEPS = elm.STEPS, 100
+    try:
+        for arch in ("t5", "bart"):
+            elm.ensure_lm(build_config("tiny", {"model.arch": arch}), root, tok)
+    finally:
+        elm.STEPS = saved
 
 
 @pytest.fixture(scope="session")

@@ -22,10 +22,10 @@ def byte_tokenizer():
 
 
 def tiny(arch="t5", method="single_adapter", seed=0, **overrides):
-    """(cfg, tokenizer, tower, model) for a tiny random CLIP-T5/BART."""
-    cfg = build_config(
-        "tiny", {"model.arch": arch, "peft.method": method, "model.dropout": "0.0", **overrides}
-    )
+    """(cfg, tokenizer, tower, model) for a tiny random CLIP-T5/BART (random tower and LM)."""
+    # random weights: unit tests need no data folder and no pretraining
+    base = {"model.lm": "random", "model.vision_pretrained": "", "model.dropout": "0.0"}
+    cfg = build_config("tiny", {**base, "model.arch": arch, "peft.method": method, **overrides})
     tok = byte_tokenizer()
     torch.manual_seed(seed)
     tower = build_tower(cfg)

@@ -15,7 +15,7 @@ from vlds.config import (
 
 def test_default_is_tiny_and_valid():
     cfg = build_config()
-    assert cfg.preset == "tiny" and cfg.model.lm == "random"
+    assert cfg.preset == "tiny" and cfg.model.lm == cfg.model.vision_pretrained == "synthetic"
     validate(cfg)
 
 

@@ -161,10 +161,12 @@ def test_rerun_skips_finished_shards_and_refuses_another_tower(pixel_root, feats
 
 def test_config_checks_feature_shards(pixel_root, feats32):
     def check(root, **overrides):
-        cfg = build_config("tiny", {"data.root": str(root), "data.tasks": "vqa,nlvr", **overrides})
+        # the fixture's features come from the random tower (--vision-pretrained "")
+        base = {"data.root": str(root), "data.tasks": "vqa,nlvr", "model.vision_pretrained": ""}
+        cfg = build_config("tiny", {**base, **overrides})
         check_features(cfg, {t: load_index(root, t, "train") for t in ("vqa", "nlvr")})
 
-    check(feats32)  # auto: the tiny preset's tower matches
+    check(feats32)  # auto: the tower matches
     check(feats32, **{"data.features": "true"})
     check(pixel_root, **{"data.features": "false"})
     with pytest.raises(DataError, match="data.features=true but .* pixel shards"):
@@ -186,6 +188,8 @@ def test_training_on_extracted_features(feats32, tmp_path):
         f"--train.out_dir={run}",
         "--data.tasks=vqa,nlvr",
         "--data.features=true",
+        "--model.vision_pretrained=",  # the random tower the fixture's features come from
+        "--model.lm=random",  # no pretraining of the embedded model in this folder
         "--data.batch_size=4",
         "--data.num_workers=1",
         "--train.max_steps=2",

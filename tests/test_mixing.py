@@ -142,13 +142,24 @@ def test_fewer_shards_than_readers_is_explained_once(root, tokenizer, caplog):
     "overrides, message",
     [
         ({"data.mixing": "random"}, "data.mixing='random'; valid: proportional, weights"),
-        ({"data.mixing": "weights"}, "gives no weight to"),
+        ({"data.mixing": "weights", "data.mixing_weights": "vqa=1"}, "gives no weight to"),
+        ({"data.mixing": "weights", "data.mixing_weights": "vqq=1"}, "names 'vqq', not one of"),
         (
             {"data.mixing": "weights", "data.mixing_weights": "vqa=1,gqa=1,nlvr=1,caption=x"},
             "needs a weight > 0",
         ),
-        ({"data.mixing_weights": "vqa=2"}, "add --data.mixing=weights"),
-        ({"data.mixing": "temperature", "data.mixing_temperature": "0"}, "must be > 0"),
+        (
+            {"data.mixing": "proportional", "data.mixing_weights": "vqa=2"},
+            "add --data.mixing=weights",
+        ),
+        (
+            {
+                "data.mixing": "temperature",
+                "data.mixing_weights": "",
+                "data.mixing_temperature": "0",
+            },
+            "must be > 0",
+        ),
         ({"data.features": "yes"}, "data.features='yes'; valid: auto, true, false"),
         ({"data.max_bad_fraction": "2"}, "must be in \\[0, 1\\]"),
     ],
@@ -161,4 +172,7 @@ def test_config_rejects_bad_data_settings(overrides, message):
 def test_config_accepts_mixing_settings():
     weights = {"data.mixing": "weights", "data.mixing_weights": "vqa=2,gqa=1,nlvr=1,caption=0.5"}
     validate(build_config("tiny", weights))
-    validate(build_config("tiny", {"data.mixing": "temperature", "data.mixing_temperature": "3"}))
+    temperature = {"data.mixing": "temperature", "data.mixing_weights": ""}
+    validate(build_config("tiny", {**temperature, "data.mixing_temperature": "3"}))
+    # the tiny preset's weights (3:3:1:1) serve a run on some of its tasks
+    validate(build_config("tiny", {"data.tasks": "vqa,nlvr"}))

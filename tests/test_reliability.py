@@ -58,6 +58,7 @@ def args(root, out, *extra):
         "--data.num_workers=1",
         "--train.log_every=1",
         "--train.keep_last=5",
+        "--model.dropout=0.1",  # dropout on (the tiny preset has none): its RNG must resume
         *extra,
     ]
 

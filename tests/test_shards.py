@@ -573,6 +573,7 @@ def test_converted_shards_train(image_shards, shapes_root, tmp_path):
         f"--data.root={out}",
         f"--train.out_dir={run}",
         f"--model.tokenizer={shapes_root / 'tokenizer'}",
+        "--model.lm=random",  # no pretraining of the embedded model for these converted shards
         "--data.batch_size=2",
         "--data.num_workers=1",
         "--train.max_steps=2",
@@ -591,6 +592,7 @@ def test_converted_shards_train(image_shards, shapes_root, tmp_path):
         "nlvr",
         "caption",
         "average",
+        "shuffled_average",
     }
 
 

@@ -63,8 +63,25 @@ def test_one_rank_trains_checkpoints_and_resumes(shapes_root, tmp_path):
     launch(tiny_args(shapes_root, out, "--train.max_steps=6", "--train.save_every=3"))
     result = json.loads((out / "metrics.json").read_text())
     assert result["step"] == 6
-    assert set(result["metrics"]) == {"vqa", "gqa", "nlvr", "caption", "average"}
-    assert all(result["metrics"][t]["n"] == 16 for t in ("vqa", "gqa", "nlvr", "caption"))
+    tasks = ("vqa", "gqa", "nlvr", "caption")
+    assert set(result["metrics"]) == {*tasks, "average", "shuffled_average"}
+    assert all(result["metrics"][t]["n"] == 16 for t in tasks)
+    # grounding, reported beside every score: the shuffled-image score and the text prior
+    # (recomputed here from the records the run read)
+    from vlds.data.shardio import load_index, read_records
+    from vlds.eval.grounding import text_prior
+    from vlds.eval.metrics import task_metric
+
+    for t in tasks:
+        train = read_records(load_index(shapes_root, t, "train"))
+        val = read_records(load_index(shapes_root, t, "val"), 16)
+        expected = text_prior(t, train, val, task_metric(t, True))
+        assert result["text_prior"][t] == pytest.approx(expected)
+        assert 0 <= result["metrics"][t]["shuffled_score"] <= (300 if t == "caption" else 100)
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in evals if r["kind"] == "eval"][-1]
+    assert last["vqa/text_prior"] == pytest.approx(result["text_prior"]["vqa"])
+    assert last["shuffled_average"] == pytest.approx(result["metrics"]["shuffled_average"])
     assert (out / "curves.png").stat().st_size > 10_000
     assert any((out / "tb").iterdir())
     cfg = json.loads((out / "config.json").read_text())
@@ -219,3 +236,24 @@ def test_missing_task_split_names_the_fix(shapes_root, tmp_path):
     )
     assert p.returncode == 2
     assert "no shard index" in p.stderr and "test.index.json" in p.stderr
+
+
+def test_blind_run_answers_from_the_text_alone(shapes_root, tmp_path):
+    """data.blind: every image is one constant, in training and evaluation, so two validation
+    questions with the same wording get the same answer; no shuffled-image score is computed
+    (shuffling one constant changes nothing)."""
+    from vlds.data.shardio import load_index, read_records
+
+    out = tmp_path / "blind"
+    launch(tiny_args(shapes_root, out, "--train.max_steps=3", "--data.blind=true"))
+    result = json.loads((out / "metrics.json").read_text())
+    assert "shuffled_score" not in result["metrics"]["vqa"]
+    assert "shuffled_average" not in result["metrics"]
+    questions = {
+        r["id"]: r["question"] for r in read_records(load_index(shapes_root, "vqa", "val"))
+    }
+    answers = {}
+    for row in json.loads((out / "predictions_vqa.json").read_text()):
+        q = questions[str(row["question_id"])]
+        assert answers.setdefault(q, row["answer"]) == row["answer"], q
+    assert len(answers) < 16  # some wording repeats among the 16 scored questions

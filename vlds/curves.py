@@ -1,4 +1,6 @@
-"""A run's curves.png: training loss per task and validation scores over steps."""
+"""A run's curves.png: training loss per task and validation scores over steps, each task's
+score beside its shuffled-image score (dashed, same colour) and its text prior (dotted line),
+when the run measured them (vlds.eval.grounding)."""
 
 from __future__ import annotations
 
@@ -37,9 +39,21 @@ def plot_run(jsonl: Path, out_png: Path) -> Path:
         steps, vals = zip(*pts, strict=True)
         a.plot(steps, _ema(list(vals)), label=task, lw=1.2)
     a.set(xlabel="step", ylabel="training loss (EMA)", title="loss per task", yscale="log")
-    for task, pts in sorted(evals.items()):
+    scores = {k: v for k, v in evals.items() if "/" not in k and k != "shuffled_average"}
+    for task, pts in sorted(scores.items()):
         steps, vals = zip(*pts, strict=True)
-        b.plot(steps, vals, marker="o", label=task, lw=2.5 if task == "average" else 1.2)
+        (line,) = b.plot(steps, vals, marker="o", label=task, lw=2.5 if task == "average" else 1.2)
+        shuffled = evals.get("shuffled_average" if task == "average" else f"{task}/shuffled")
+        if shuffled:
+            s_steps, s_vals = zip(*shuffled, strict=True)
+            b.plot(s_steps, s_vals, ls="--", marker=".", color=line.get_color(), lw=1)
+        prior = evals.get(f"{task}/text_prior")
+        if prior:
+            b.axhline(prior[-1][1], ls=":", color=line.get_color(), lw=1)
+    if any(k.endswith("/shuffled") for k in evals):
+        b.plot([], [], "k--", lw=1, label="shuffled images")
+    if any(k.endswith("/text_prior") for k in evals):
+        b.plot([], [], "k:", lw=1, label="text prior")
     b.set(xlabel="step", ylabel="score (0-100)", title="validation")
     for ax, data in ((a, losses), (b, evals)):
         if data:

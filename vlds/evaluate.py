@@ -111,7 +111,7 @@ def evaluate_checkpoint(
         cfg, Path(shards), tokenizer, image_size, WorldInfo(0, 0, 1), train=False, eval_tasks=tasks
     )
     tower = build_tower(cfg)  # seeded as in training: frozen random weights come back exactly
-    model = build_model(cfg, tokenizer, tower)
+    model = build_model(cfg, tokenizer, tower, Path(shards))
     load_adapter(model, adapter)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     model.to(device, dtype)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         "metrics": metrics,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    scores = [f"{t} {m['score']:.2f}" for t, m in metrics.items() if t != "average"]
+    scores = [f"{t} {m['score']:.2f}" for t, m in metrics.items() if isinstance(m, dict)]
     log.info("%s: %s, average %.2f", out / "metrics.json", ", ".join(scores), metrics["average"])
     return metrics
 

@@ -125,7 +125,7 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     data_root = build.data_root(cfg, info.is_main)
     tokenizer = build_tokenizer(cfg, data_root)
     tower = build_tower(cfg).to(device)  # seeds torch: random weights follow train.seed
-    model = build_model(cfg, tokenizer, tower)
+    model = build_model(cfg, tokenizer, tower, data_root)
     if init is not None:  # a new run (fresh optimizer) from another run's trained weights
         load_adapter(model, cfg.train.init_from, loaded=init)
     if info.is_main:

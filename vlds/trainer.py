@@ -23,6 +23,7 @@ from vlds.checkpoint import (
     set_rng_state,
     verify_checkpoint,
 )
+from vlds.eval.grounding import blank_visual
 from vlds.guard import NonFiniteGuard, Preemption
 
 log = logging.getLogger("vlds")
@@ -79,6 +80,21 @@ class RunLog:
         self.trackers = []  # closed: later writes go to metrics.jsonl only
 
 
+def eval_line(metrics: dict, priors: dict) -> str:
+    """ "vqa 61.2 (shuffled 40.1, text prior 27.5), ..., average 55.0 (shuffled 38.2)"."""
+    parts = []
+    for t, m in metrics.items():
+        if not isinstance(m, dict):
+            continue
+        extra = [f"shuffled {m['shuffled_score']:.1f}"] if "shuffled_score" in m else []
+        extra += [f"text prior {priors[t]:.1f}"] if t in priors else []
+        parts.append(f"{t} {m['score']:.1f}" + (f" ({', '.join(extra)})" if extra else ""))
+    avg = f"average {metrics['average']:.1f}"
+    if "shuffled_average" in metrics:
+        avg += f" (shuffled {metrics['shuffled_average']:.1f})"
+    return ", ".join(parts + [avg])
+
+
 def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -128,6 +144,7 @@ class Trainer:
         self.preemption = Preemption(Preemption.SIGNALS if cfg.train.handle_signals else ())
         self._saved_at = -1
         self._evaluated = None  # (step, metrics, predictions)
+        self._priors = None  # {task: text-prior score}, computed at the first evaluation
         self.step_times: list[float] = []  # wall seconds of each train_step (no data wait)
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -200,18 +217,31 @@ class Trainer:
             self.device,
             self.zero3,
         )
-        scores = {t: m["score"] if isinstance(m, dict) else m for t, m in metrics.items()}
-        self.runlog.write(
-            self.step, "eval", {t if t == "average" else f"{t}/score": v for t, v in scores.items()}
-        )
+        priors = self.text_priors()
+        row = {}
+        for t, m in metrics.items():
+            if not isinstance(m, dict):  # average, shuffled_average
+                row[t] = m
+                continue
+            row[f"{t}/score"] = m["score"]
+            if "shuffled_score" in m:
+                row[f"{t}/shuffled"] = m["shuffled_score"]
+            if t in priors:
+                row[f"{t}/text_prior"] = priors[t]
+        self.runlog.write(self.step, "eval", row)
         if self.info.is_main:
-            log.info(
-                "step %d eval: %s", self.step, ", ".join(f"{t} {v:.1f}" for t, v in scores.items())
-            )
+            log.info("step %d eval: %s", self.step, eval_line(metrics, priors))
         self._evaluated = (self.step, metrics, preds)
         if self.on_eval is not None:
             self.on_eval(self.step, metrics, self.cfg)
         return metrics, preds
+
+    def text_priors(self) -> dict[str, float]:
+        """Each task's text-prior score on the validation samples the model is scored on,
+        computed once (vlds.eval.grounding)."""
+        if self._priors is None:
+            self._priors = self.data.text_priors()
+        return self._priors
 
     # ---- steps ----------------------------------------------------------------------------
     def train_step(self, batch: dict) -> float | None:
@@ -220,6 +250,8 @@ class Trainer:
         faults.set_step(self.step + 1)
         faults.maybe_kill("step")
         b = self.tower.visual_inputs(to_device(batch, self.device), self.cfg.model.max_frames)
+        if self.cfg.data.blind:
+            b = blank_visual(b)
         loss = faults.corrupt_loss(engine(b))
         if not self.guard.loss_is_finite(loss, self.device):
             # no backward, no optimizer step: the weights and Adam moments stay as they were
@@ -342,6 +374,7 @@ class Trainer:
             "metrics": metrics,
             "bad_steps_total": self.guard.total,
             "majority_baseline": self.data.majority_baselines(),
+            "text_prior": self.text_priors(),
             **self.cost(self.out_dir / "adapter"),
         }
         if self.info.is_main:
@@ -358,6 +391,7 @@ class Trainer:
                 log.info(
                     "%s: score %.1f vs majority-answer baseline %.1f", t, metrics[t]["score"], base
                 )
+            log.info("final: %s", eval_line(metrics, result["text_prior"]))
             log.info("done: %d steps in %.0f s; outputs in %s", self.step, train_time, self.out_dir)
         self.runlog.close()
         if dist.is_initialized():

@@ -48,11 +48,15 @@ def task_batch_sizes(tasks: list[str], batch_size: int, scale: str) -> dict[str,
 
 
 def parse_mixing_weights(spec: str, tasks: list[str]) -> dict[str, float]:
-    """ "vqa=2,gqa=1" -> {"vqa": 2.0, "gqa": 1.0}; every task needs a weight > 0."""
+    """ "vqa=2,gqa=1" -> {"vqa": 2.0, "gqa": 1.0}; every task needs a weight > 0. A weight for
+    a known task this run does not train is ignored (a preset's weights stay valid when
+    data.tasks picks some of its tasks); an unknown name is an error."""
+    from vlds.data.tasks import TASKS
+
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, eq, value = (x.strip() for x in item.partition("="))
-        if name not in tasks:
+        if name not in tasks and name not in TASKS:
             raise DataError(f"data.mixing_weights names {name!r}, not one of the tasks {tasks}")
         try:
             w = float(value) if eq else float("nan")
@@ -60,7 +64,8 @@ def parse_mixing_weights(spec: str, tasks: list[str]) -> dict[str, float]:
             w = float("nan")
         if not (w > 0 and math.isfinite(w)):
             raise DataError(f"data.mixing_weights: {item!r} needs a weight > 0, e.g. {name}=2")
-        weights[name] = w
+        if name in tasks:
+            weights[name] = w
     missing = [t for t in tasks if t not in weights]
     if missing:
         raise DataError(

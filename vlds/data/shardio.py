@@ -138,19 +138,23 @@ class SkipCounter:
         self.seen += 1
 
 
-def read_samples(path: str, on_error: SkipCounter, expected: int | None = None):
+def read_samples(
+    path: str, on_error: SkipCounter, expected: int | None = None, only: frozenset | None = None
+):
     """The samples of one shard as dicts {"__key__", "__url__", ext: bytes} (webdataset's
     grouping: consecutive members sharing the name up to the first dot of the file name).
-    Only ALLOWED_EXTS are read. A shard that ends early (truncated: an error, or a cut at a
-    member boundary) counts its samples missing from the index's count as bad."""
+    Only ALLOWED_EXTS are read (and of those only `only`, when given: the other members are
+    skipped by seeking). A shard that ends early (truncated: an error, or a cut at a member
+    boundary) counts its samples missing from the index's count as bad."""
     escaped = []
+    wanted = ALLOWED_EXTS if only is None else ALLOWED_EXTS & only
 
     def select(name: str) -> bool:
         if name.startswith("/") or ".." in name.split("/"):  # a member escaping the shard
             escaped.append(name)
             return False
         base = name.rsplit("/", 1)[-1]
-        return "." in base and base.split(".", 1)[1].lower() in ALLOWED_EXTS
+        return "." in base and base.split(".", 1)[1].lower() in wanted
 
     def report_escaped():
         while escaped:
@@ -199,10 +203,11 @@ def read_samples(path: str, on_error: SkipCounter, expected: int | None = None):
 
 
 def read_records(index: TaskIndex, limit: int = 0):
-    """The json records of a split, in shard order (no image decoding); at most `limit`."""
+    """The json records of a split, in shard order; at most `limit`. Only the json members
+    are read: images and features are skipped by seeking."""
     n = 0
     for path, _ in index.shards:
-        for s in read_samples(path, SkipCounter()):
+        for s in read_samples(path, SkipCounter(), only=frozenset({"json"})):
             if limit and n >= limit:
                 return
             yield json.loads(s["json"])

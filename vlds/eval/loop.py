@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from vlds.data.tasks import get_task
+from vlds.eval.grounding import blank_visual, shuffle_visual
 from vlds.eval.metrics import METRICS, task_metric
 from vlds.guard import any_rank
 
@@ -22,10 +23,11 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool):
-    """(id, prediction, references, meta) for this rank's share of one task."""
+def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool, shuffled=False):
+    """(id, prediction, references, meta) for this rank's share of one task; `shuffled`: each
+    sample sees another sample's visual tokens (vlds.eval.grounding)."""
     task = get_task(task_name)
-    out, it, last = [], iter(loader), None
+    out, it, last, prev_visual = [], iter(loader), None, None
     choices = None
     if task_name == "nlvr":
         choices = [torch.tensor(tokenizer(w).input_ids) for w in ("true", "false")]
@@ -41,6 +43,10 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
             raise RuntimeError(f"rank has no {task_name} validation samples; lower world size")
         last = batch
         b = tower.visual_inputs(_to(batch, device), cfg.model.max_frames)
+        if cfg.data.blind:
+            b = blank_visual(b)
+        elif shuffled:
+            b, prev_visual = shuffle_visual(b, prev_visual), b
         if choices is not None:
             scores = model.score_choices(b, choices)  # (B, 2)
             preds = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
@@ -96,15 +102,27 @@ def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=Fa
     model.eval()
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     results, predictions = {}, {}
+    # A blind run's images are one constant: shuffling them changes nothing.
+    shuffled = cfg.eval.shuffled_images and not cfg.data.blind
     for task_name, loader in loaders.items():
-        rows = gather_predictions(
-            predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3)
-        )
+        args = (model, tower, loader, task_name, tokenizer, cfg, device, zero3)
+        rows = gather_predictions(predict(*args))
         rows.sort(key=lambda r: r[0])
         metric = (metrics or {}).get(task_name) or task_metric(task_name, cfg.eval.java_metrics)
         results[task_name] = score_rows(task_name, rows, metric) if is_main else None
+        if shuffled:
+            rows_s = gather_predictions(predict(*args, shuffled=True))
+            if is_main:
+                results[task_name]["shuffled_score"] = score_rows(task_name, rows_s, metric)[
+                    "score"
+                ]
         predictions[task_name] = [{"id": r[0], "prediction": r[1], "meta": r[3]} for r in rows]
     results = _from_rank0(results)
-    results["average"] = sum(r["score"] for r in results.values()) / max(1, len(results))
+    tasks = list(results)
+    results["average"] = sum(results[t]["score"] for t in tasks) / max(1, len(tasks))
+    if shuffled:
+        results["shuffled_average"] = sum(results[t]["shuffled_score"] for t in tasks) / max(
+            1, len(tasks)
+        )
     model.train(was_training)
     return results, predictions

@@ -40,13 +40,19 @@ def build_tokenizer(cfg: Config, data_root: Path | None = None):
     return tok
 
 
-def build_lm(cfg: Config, vocab: int, pad: int, eos: int, bos: int | None = None):
-    """The encoder-decoder: random of the configured size, or pretrained by name/path.
+def build_lm(
+    cfg: Config, vocab: int, pad: int, eos: int, bos: int | None = None, path: str | None = None
+):
+    """The encoder-decoder: random of the configured size, or pretrained by name/path (`path`
+    overrides model.lm: the resolved embedded model, see `build_model`).
 
     vocab, pad, eos (and BART's bos, default pad) are what a tokenizer would give; benchmarks
     pass t5-base's (32100, 0, 1) without one."""
     m = cfg.model
-    if m.lm == "random":
+    name = path or m.lm
+    if name == "synthetic":
+        raise ConfigError("model.lm=synthetic is resolved by build_model (it needs the data)")
+    if name == "random":
         if m.d_model % m.num_heads:
             raise ConfigError(
                 f"model.d_model={m.d_model} is not divisible by num_heads={m.num_heads}"
@@ -96,10 +102,10 @@ def build_lm(cfg: Config, vocab: int, pad: int, eos: int, bos: int | None = None
 
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
-    hf_config = AutoConfig.from_pretrained(m.lm)
+    hf_config = AutoConfig.from_pretrained(name)
     if hf_config.model_type != m.arch:
         raise ConfigError(
-            f"model.lm={m.lm!r} is a {hf_config.model_type} model but model.arch={m.arch!r}; "
+            f"model.lm={name!r} is a {hf_config.model_type} model but model.arch={m.arch!r}; "
             f"set --model.arch={hf_config.model_type}"
         )
     from vlds.peft import METHODS
@@ -107,7 +113,7 @@ def build_lm(cfg: Config, vocab: int, pad: int, eos: int, bos: int | None = None
     # the hub model's width, not model.d_model, sizes the PEFT modules
     METHODS[cfg.peft.method](cfg.peft, cfg.task_list).check(hf_config.d_model, m.arch)
     drop = {"dropout_rate": m.dropout} if m.arch == "t5" else {"dropout": m.dropout}
-    lm = AutoModelForSeq2SeqLM.from_pretrained(m.lm, **drop)
+    lm = AutoModelForSeq2SeqLM.from_pretrained(name, **drop)
     if vocab > lm.get_input_embeddings().num_embeddings:
         lm.resize_token_embeddings(vocab)
     # Pretrained BART ships generation defaults (no_repeat_ngram_size, forced BOS) meant for
@@ -123,11 +129,23 @@ def vocab_of(tokenizer) -> tuple[int, int, int, int | None]:
     return len(t), t.pad_token_id, t.eos_token_id, t.bos_token_id
 
 
+def tower_weights(cfg: Config) -> str:
+    """model.vision_pretrained resolved: "synthetic" is the embedded tower pretrained on the
+    shapes world, cached on first use (vlds.model.embedded_tower); anything else as given."""
+    if cfg.model.vision_pretrained != "synthetic":
+        return cfg.model.vision_pretrained
+    from vlds.model.embedded_tower import ensure_tower
+
+    return str(ensure_tower(cfg.model.vision))
+
+
 def build_tower(cfg: Config) -> VisionTower:
     """The frozen tower, after seeding torch with train.seed: a random tower (and the language
-    model built after it) is a function of the seed, in training, evaluation and extraction."""
+    model built after it) is a function of the seed, in training, evaluation and extraction.
+    The embedded pretrained tower is made (once) before the seed is set: it has its own."""
+    weights = tower_weights(cfg)
     torch.manual_seed(cfg.train.seed)
-    return VisionTower(cfg.model.vision, cfg.model.vision_pretrained, cfg.model.grid_pool)
+    return VisionTower(cfg.model.vision, weights, cfg.model.grid_pool)
 
 
 def feat_dim_for(cfg: Config, tower: VisionTower) -> int:
@@ -135,11 +153,30 @@ def feat_dim_for(cfg: Config, tower: VisionTower) -> int:
     return tower.pooled_dim if cfg.task_list[0] in VIDEO_TASKS else tower.grid_dim
 
 
-def build_model(cfg: Config, tokenizer, tower: VisionTower) -> VLModel:
-    """VL model with the configured PEFT method injected and everything else frozen."""
+def lm_weights(cfg: Config, tokenizer, data_root: Path | None = None) -> str:
+    """model.lm resolved: "synthetic" is the embedded model pretrained on the shapes world and
+    cached in the data folder (vlds.model.embedded_lm); anything else as given."""
+    if cfg.model.lm != "synthetic":
+        return cfg.model.lm
+    if data_root is None:
+        raise ConfigError("model.lm=synthetic needs the shapes-world data folder")
+    from vlds.model.embedded_lm import ensure_lm
+
+    return str(ensure_lm(cfg, data_root, tokenizer))
+
+
+def build_model(
+    cfg: Config, tokenizer, tower: VisionTower, data_root: Path | None = None
+) -> VLModel:
+    """VL model with the configured PEFT method injected and everything else frozen. Seeds
+    torch again after resolving model.lm=synthetic (which may pretrain it first), so the
+    trainable modules start the same whether or not the model came from the cache."""
     from vlds.peft import apply_peft
 
-    lm = build_lm(cfg, *vocab_of(tokenizer))
+    path = lm_weights(cfg, tokenizer, data_root)
+    if path != cfg.model.lm:
+        torch.manual_seed(cfg.train.seed + 1)
+    lm = build_lm(cfg, *vocab_of(tokenizer), path=path)
     model = VLModel(lm, cfg.model.arch, feat_dim_for(cfg, tower))
     apply_peft(model, cfg.peft, cfg.task_list)
     return model

@@ -131,6 +131,16 @@ def he_init_resnet(visual: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def _feature_stats(pretrained: str) -> dict:
+    """The output statistics a local checkpoint file carries ({} for hub weights, random towers
+    and checkpoints without them)."""
+    if not pretrained or not Path(pretrained).is_file() or pretrained.endswith(".safetensors"):
+        return {}
+    ckpt = torch.load(pretrained, map_location="cpu", weights_only=True)
+    stats = ckpt.get("feature_stats", {}) if isinstance(ckpt, dict) else {}
+    return {k: v.float() for k, v in stats.items()}
+
+
 class VisionTower(nn.Module):
     """A frozen open_clip image tower. Always in eval mode (BatchNorm statistics fixed)."""
 
@@ -155,6 +165,11 @@ class VisionTower(nn.Module):
         self.pooled_dim = self.visual.output_dim  # 512 for RN101 and ViT-B/32
         if self.is_resnet and not pretrained:
             he_init_resnet(self.visual)
+        # Per-channel standardisation of the outputs, when the checkpoint carries statistics
+        # (the embedded tower does: vlds.model.embedded_tower); real towers carry none.
+        stats = _feature_stats(pretrained)
+        for key in ("grid_mean", "grid_std", "pooled_mean", "pooled_std"):
+            self.register_buffer(key, stats.get(key), persistent=False)
         self.requires_grad_(False)
         self.eval()
 
@@ -171,17 +186,23 @@ class VisionTower(nn.Module):
             x = v.layer4(v.layer3(v.layer2(v.layer1(x))))  # (N, C, h, w): 7x7 at 224 px
             x = F.adaptive_max_pool2d(x, self.grid_pool)  # (N, C, g, g)
             tokens = x.flatten(2).transpose(1, 2)  # (N, g*g, C)
-            return tokens, grid_boxes(self.grid_pool).to(tokens.device)
+            return self._standardise(tokens, "grid"), grid_boxes(self.grid_pool).to(tokens.device)
         _, tokens = v(images.to(v.conv1.weight.dtype))  # (N, n_patches, width)
         g = int(round(tokens.shape[1] ** 0.5))
-        return tokens, grid_boxes(g).to(tokens.device)
+        return self._standardise(tokens, "grid"), grid_boxes(g).to(tokens.device)
+
+    def _standardise(self, x: torch.Tensor, kind: str) -> torch.Tensor:
+        mean, std = getattr(self, f"{kind}_mean"), getattr(self, f"{kind}_std")
+        if mean is None:
+            return x
+        return ((x - mean.to(x.dtype)) / std.to(x.dtype)).to(x.dtype)
 
     def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, T, 3, H, W) -> (B, T, pooled_dim) pooled CLIP embeddings, one per frame."""
         b, t = frames.shape[:2]
         out = self.visual(frames.flatten(0, 1).to(self.visual.conv1.weight.dtype))
         pooled = out[0] if isinstance(out, tuple) else out
-        return pooled.view(b, t, -1)
+        return self._standardise(pooled, "pooled").view(b, t, -1)
 
     def visual_inputs(self, batch: dict, max_frames: int, grad: bool = False) -> dict:
         """Fill vis_feats / vis_boxes / vis_order / vis_mask from the batch's pixels.

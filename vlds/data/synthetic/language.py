@@ -107,9 +107,29 @@ def _human_answers(rng: random.Random, answer: str, answer_type: str) -> list[st
     return answers
 
 
+def balanced_count(rng: random.Random) -> tuple[Scene, str, str]:
+    """(scene, question, answer) of a counting question whose answer is uniform over 0..3:
+    scenes are drawn until one holds the target count. Counting from random scenes would
+    answer "1" most of the time, which the text alone then gives away."""
+    n = rng.randrange(4)
+    if rng.random() < 0.5:
+        kind = rng.choice(SHAPES)
+        question, favor, match = f"how many {PLURAL[kind]} are there?", (kind, None), "kind"
+    else:
+        color = rng.choice(list(COLORS))
+        question, favor, match = f"how many {color} objects are there?", (None, color), "color"
+    target = favor[0] or favor[1]
+    while True:
+        scene = random_scene(rng, lo=max(1, n), favor=favor)
+        if sum(getattr(o, match) == target for o in scene.objects) == n:
+            return scene, question, str(n)
+
+
 def _vqa(rng, task, split, i, spec):
     scene = random_scene(rng)
     question, answer, answer_type, question_type = vqa_question(scene, rng)
+    if answer_type == "number":  # the same share of counting questions, balanced answers
+        scene, question, answer = balanced_count(rng)
     rec = {
         "question": question,
         "answers": _human_answers(rng, answer, answer_type),

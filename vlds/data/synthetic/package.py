@@ -80,8 +80,14 @@ def _is_complete(path: Path) -> bool:
     return (path / "COMPLETE").is_file()
 
 
+def cache_root() -> Path:
+    """Where the embedded data, tower and language models are cached: $VLDS_CACHE or
+    ~/.cache/vlds."""
+    return Path(os.environ.get("VLDS_CACHE") or Path.home() / ".cache" / "vlds").expanduser()
+
+
 @contextlib.contextmanager
-def _lock(path: Path):
+def file_lock(path: Path):
     """Best-effort inter-process lock, so ranks on one host wait instead of all generating. On
     file systems without flock the atomic rename alone still keeps the result whole."""
     try:
@@ -168,12 +174,11 @@ def ensure_synthetic(
     across hosts each generates and the loser of the rename discards its copy (same bytes)."""
     for task in tasks:
         get_task(task)
-    base = Path(root or os.environ.get("VLDS_CACHE") or Path.home() / ".cache" / "vlds")
-    final = base.expanduser() / f"shapes-{spec_hash(spec)}"
+    final = Path(root or cache_root()).expanduser() / f"shapes-{spec_hash(spec)}"
     if _is_complete(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _lock(final.parent / f"{final.name}.lock"):
+    with file_lock(final.parent / f"{final.name}.lock"):
         if _is_complete(final):  # another rank finished while we waited
             return final
         if final.exists():

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from vlds.data.tasks import IMAGE_TASKS
 
 # Part of the cache hash: bump it whenever the same spec would produce different bytes.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: counting answers balanced over 0..3
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles",
