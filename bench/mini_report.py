@@ -83,6 +83,13 @@ def summarise(results: list[dict], video: bool) -> dict[str, dict]:
             "trainable": runs[0]["params"]["trainable"],
             "scores": {t: mean_std([x["metrics"][t]["score"] for x in runs]) for t, _ in columns},
             "average": mean_std([x["metrics"]["average"] for x in runs]),
+            # what the images contribute: each run's average minus its shuffled-image average
+            "gap": mean_std(
+                [x["metrics"]["average"] - x["metrics"]["shuffled_average"] for x in runs]
+            )
+            if all("shuffled_average" in x["metrics"] for x in runs)
+            else None,
+            "text_prior": _prior_average(runs[0], columns),
             "step_ms": 1000 * statistics.median(x["step_time_s"] for x in runs),
             "peak_gb": max(x["peak_memory_bytes"] for x in runs) / 1e9,
             "memory_kind": runs[0]["peak_memory_kind"],
@@ -90,6 +97,27 @@ def summarise(results: list[dict], video: bool) -> dict[str, dict]:
             "wall_s": statistics.fmean(x.get("wall_s", x["train_time_s"]) for x in runs),
         }
     return rows
+
+
+def _prior_average(run: dict, columns) -> float | None:
+    """The text prior's average over the table's tasks (the same for every run: it is read
+    from the training records and scored on the same validation samples)."""
+    prior = run.get("text_prior") or {}
+    if not all(t in prior for t, _ in columns):
+        return None
+    return statistics.fmean(prior[t] for t, _ in columns)
+
+
+def uses_images(row: dict) -> bool:
+    """The rule a comparison needs: the method's images must matter. Its image gap (average
+    minus shuffled-image average) must exceed both GAP_MIN points and 2 sigma of its seeds."""
+    if row.get("gap") is None:
+        return True  # runs from before the shuffled-image score: cannot tell, as before
+    mean, std = row["gap"]
+    return mean > max(GAP_MIN, 2 * std)
+
+
+GAP_MIN = 5.0
 
 
 def _rank(method: str) -> int:
@@ -109,6 +137,7 @@ def table(rows: dict[str, dict], video: bool) -> list[str]:
         "% updated",
         *(name for _, name in columns),
         "average",
+        "image gap",
         "paper avg",
         "step (ms)",
         "peak mem (GB)",
@@ -122,6 +151,7 @@ def table(rows: dict[str, dict], video: bool) -> list[str]:
             f"{r['percent']:.2f}",
             *(_pm(r["scores"][t]) for t, _ in columns),
             f"**{_pm(r['average'])}**",
+            _pm(r["gap"]) if r.get("gap") else "-",
             f"{paper_avg[m]:.1f}" if m in paper_avg else "-",
             f"{r['step_ms']:.0f}",
             f"{r['peak_gb']:.2f}",
@@ -165,7 +195,11 @@ def findings(image: dict, video: dict) -> list[str]:
         (ma, sa), (mb, sb) = rows[a]["average"], rows[b]["average"]
         gap, paper_gap = ma - mb, paper[a] - paper[b]
         noise = 2 * max(sa, sb)
+        unclear = [m for m in (a, b) if not uses_images(rows[m])]
         v = verdict(gap, paper_gap, noise)
+        if unclear:
+            does = "does" if len(unclear) == 1 else "do"
+            v = f"not testable: {' and '.join(unclear)} {does} not use the images beyond seed noise"
         out.append(
             f"- {claim}: {a} − {b} = {gap:+.1f} points here (2σ of seeds {noise:.1f}), "
             f"{paper_gap:+.1f} in the paper → **{v}**."
@@ -232,8 +266,13 @@ def plot(image: dict, path: Path) -> None:
     for i, (m, r) in enumerate(sorted(image.items(), key=lambda kv: kv[1]["percent"])):
         mean, std = r["average"]
         style = {"marker": "*", "markersize": 14} if m == "full_finetune" else {"marker": "o"}
+        color = plt.cm.tab20(i % 20)
         ax.errorbar(r["percent"], mean, yerr=std, capsize=3, linestyle="none", label=m,
-                    color=plt.cm.tab20(i % 20), **style)  # fmt: skip
+                    color=color, **style)  # fmt: skip
+        if r.get("gap"):  # the same models with shuffled images: hollow, joined by the gap
+            shuffled = mean - r["gap"][0]
+            ax.plot([r["percent"]] * 2, [shuffled, mean], color=color, lw=0.8, ls=":")
+            ax.plot(r["percent"], shuffled, marker="o", mfc="none", color=color, ls="none")
     if "full_finetune" in image:
         ax.axhline(
             image["full_finetune"]["average"][0], color="grey", linestyle="--", linewidth=0.8
@@ -241,7 +280,15 @@ def plot(image: dict, path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("% of parameters updated (log scale)")
     ax.set_ylabel("average of VQA / GQA / NLVR2 acc and caption CIDEr")
-    ax.set_title("vlds mini reproduction: score vs parameters updated (mean ± std over seeds)")
+    prior = next(iter(image.values()))["text_prior"]
+    if prior is not None:
+        ax.axhline(prior, color="black", linestyle=":", linewidth=0.8)
+        ax.annotate("text prior", (ax.get_xlim()[0], prior), fontsize=7, va="bottom")
+    ax.set_title(
+        "vlds mini reproduction: score vs parameters updated (mean ± std over seeds)\n"
+        "hollow: the same models with shuffled images",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="best")  # a legend, not labels: nearby points overprint
     fig.tight_layout()
@@ -275,13 +322,27 @@ def write_report(results: list[dict], out: Path) -> None:
     if video:
         lines += ["", "## Video tasks (TVQA, How2QA, TVC, YC2C together)", "", *table(video, True)]
     kind = next(iter(image.values()))["memory_kind"] if image else ""
+    priors = [
+        f"{name} {rows[next(iter(rows))]['text_prior']:.1f}"
+        for name, rows in (("image", image), ("video", video))
+        if rows and rows[next(iter(rows))]["text_prior"] is not None
+    ]
     lines += [
         "",
-        f"Scores: official metrics on the validation split, mean ± std over seeds. "
+        f"Scores: official metrics on the validation split, mean ± std over seeds. Image "
+        f"gap: the average minus the same model's average with the images shuffled across "
+        f"the batch (each sample sees another's visual tokens): what the images contribute. "
+        f"Text prior (the most common training answer per question type, no model; its "
+        f"average over the four tasks): {', '.join(priors) or 'not recorded'}. "
         f"Step: median training step (forward + backward + update, data excluded). Peak "
         f"memory: {kind}. Checkpoint bytes: the adapter-only export (safetensors + JSON).",
         "",
         "## The paper's findings, checked",
+        "",
+        f"A comparison between two methods counts only where both use the images: each "
+        f"method's image gap must exceed {GAP_MIN:.0f} points and 2σ of its seeds; otherwise "
+        f'the verdict is "not testable" (two text priors compared say nothing about '
+        f"adapters).",
         "",
         *findings(image, video),
         "",

@@ -4,14 +4,13 @@
     python bench/mini_repro.py --seeds 0 --methods single_adapter,full_finetune --no-video
     python bench/mini_repro.py --report-only        # re-write the report from finished runs
 
-1. Data: the downstream shapes world is the embedded default of `make train` (8 tasks); the
-   pretraining images come from the same generator with another seed (no image is shared).
-2. Backbone: a small CLIP-T5 (open_clip ResNet tower + T5) is pretrained on captioning the
-   pretraining images, the vision tower and the language model both trained: our stand-in for
-   CLIP and T5's pretrained weights. It is saved as a backbone: `lm/` (save_pretrained + the
-   tokenizer) and `clip.pt` (an open_clip checkpoint), loaded by the real loading code
-   (`--model.lm=DIR --model.vision_pretrained=FILE`). The visual embedding is not kept: as in
-   the paper, every run learns its own from scratch.
+1. Data: the embedded default of `make train` (8 tasks of the shapes world).
+2. Backbone: the embedded default's own, built by the product on first use: the tiny open_clip
+   tower pretrained on shapes-world labels (vlds.model.embedded_tower, our stand-in for CLIP)
+   and a T5 of MODEL's sizes pretrained on the four image tasks from oracle visual tokens
+   (vlds.model.embedded_lm, our stand-in for T5's pretrained weights), loaded by the real
+   loading code (`--model.lm=synthetic --model.vision_pretrained=synthetic`). Every run
+   learns its own visual embedding from scratch, as in the paper, and must learn to see.
 3. Features: the downstream shards go through the frozen pretrained tower once
    (`python -m vlds.data.prep.extract`), as users cache CLIP features for real runs.
 4. Runs: `python vlds/train.py` per (method, seed): every method of vlds.peft on the four image
@@ -21,8 +20,10 @@
    each; a finished run (its metrics.json) is never redone, so an interrupted experiment
    continues where it stopped.
 5. Report: report.md (per method: % updated, each task's official metric as mean +- std over
-   seeds, the average, step time, peak memory, checkpoint bytes; which of the paper's findings
-   the miniature reproduces), score_vs_params.png (the paper's teaser plot), results.json.
+   seeds, the average, the same model's average with shuffled images and the gap between the
+   two (what the images contribute), step time, peak memory, checkpoint bytes; the text prior;
+   which of the paper's findings the miniature reproduces, a comparison counting only between
+   methods that use the images), score_vs_params.png (the paper's teaser plot), results.json.
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
-import random
-import shutil
 import subprocess
 import sys
 import time
@@ -73,7 +72,6 @@ def parse_args(argv):
     p.add_argument("--seeds", default="0,1,2", help="comma list of train.seed values")
     p.add_argument("--no-video", action="store_true", help="skip the video runs")
     p.add_argument("--epochs", type=int, default=4, help="downstream epochs per run")
-    p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--eval-samples", type=int, default=300, help="validation samples per task")
     p.add_argument("--report-only", action="store_true")
@@ -86,152 +84,12 @@ def parse_args(argv):
     return args
 
 
-# ---- 1 + 2: data and the pretrained backbone -------------------------------------------------
+# ---- 1 + 2 + 3: data, the embedded backbone, cached features -----------------------------------
 
 
-def pretrain_spec(images: int = 4000):
-    from vlds.data.synthetic import SyntheticSpec
-
-    # Only the caption images are used; the other tasks are kept minimal (always written).
-    return SyntheticSpec(
-        seed=1,
-        train_per_task=images,
-        val_per_task=8,
-        video_train_per_task=8,
-        video_val_per_task=8,
-        samples_per_shard=500,
-    )
-
-
-def describe(scene) -> str:
-    """Every object of a scene in words: 'a large red circle in the top left, ...'."""
-    from vlds.data.synthetic import POSITION
-    from vlds.data.synthetic.language import _an
-
-    return ", ".join(
-        f"{_an(f'{o.size} {o.color} {o.kind}')} {POSITION[o.cell]}" for o in scene.objects
-    )
-
-
-def text_qa_batch(rng: random.Random, tok, n: int, max_len: int = 128):
-    """T5-style text pretraining (T5's own mixture has reading comprehension): answer a question
-    about a scene described in words, or judge a statement about two described scenes. The
-    questions are the shapes world's VQA/GQA/NLVR2 forms, so the language model knows the answer
-    format and the reasoning, and never sees pixels: grounding them is left to the runs."""
-    from vlds.data.synthetic import GENERATORS
-    from vlds.data.tasks import majority_answer
-
-    src, tgt, spec = [], [], pretrain_spec()
-    for _ in range(n):
-        form = rng.choice(("vqa", "gqa", "nlvr"))
-        rec, scenes = GENERATORS[form](
-            random.Random(rng.random()), form, "text", rng.randrange(10**6), spec
-        )
-        if form == "nlvr":
-            left, right = (describe(s) for s in scenes)
-            src.append(f"left: {left}. right: {right}. statement: {rec['sentence']}")
-            tgt.append("true" if rec["label"] else "false")
-        else:
-            src.append(f"context: {describe(scenes[0])}. question: {rec['question']}")
-            tgt.append(majority_answer(rec["answers"]) if form == "vqa" else rec["answer"])
-    enc = tok(src, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
-    labels = tok(tgt, padding=True, return_tensors="pt").input_ids
-    labels[labels == tok.pad_token_id] = -100
-    return enc, labels
-
-
-def pretrain_backbone(
-    down_root: Path, out: Path, steps: int, images: int = 4000, cache: Path | None = None
-) -> Path:
-    """Pretraining of tower + T5 (+ a throw-away visual embedding) -> out/backbone: each step
-    captions a batch of pretraining images and answers a batch of text-only questions."""
-    backbone = out / "backbone"
-    if (backbone / "DONE").is_file():
-        return backbone
-    import torch
-    from tqdm import tqdm
-    from transformers import get_linear_schedule_with_warmup
-
-    from vlds.config import build_config
-    from vlds.data.build import DataBuilder
-    from vlds.data.synthetic import ensure_synthetic
-    from vlds.distributed import WorldInfo
-    from vlds.model.build import build_model, build_tokenizer, build_tower
-
-    pre_root = ensure_synthetic(cache, pretrain_spec(images))  # cache: as `make train`
-    cfg = build_config(
-        "tiny",
-        {
-            **MODEL,
-            "data.root": str(pre_root),
-            "data.tasks": "caption",
-            "model.tokenizer": str(down_root / "tokenizer"),
-            "peft.method": "full_finetune",
-            "data.batch_size": min(64, images),
-            "data.num_workers": 1,
-            "train.seed": 0,
-        },
-    )
-    tok = build_tokenizer(cfg, down_root)
-    tower = build_tower(cfg)  # seeds torch with train.seed: tower and T5 weights follow it
-    model = build_model(cfg, tok, tower)
-    tower.requires_grad_(True)
-    data = DataBuilder(cfg, pre_root, tok, tower.image_size, WorldInfo(0, 0, 1))
-    params = [p for p in model.parameters() if p.requires_grad] + list(tower.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
-    sched = get_linear_schedule_with_warmup(opt, steps // 20, steps)
-    model.train()
-    step, epoch, t0 = 0, 0, time.time()
-    qa_rng = random.Random(0)
-    log = []
-    with tqdm(total=steps, desc="pretrain backbone (captions)", dynamic_ncols=True) as bar:
-        while step < steps:
-            for batch in data.train_loader(epoch):
-                caption = model(tower.visual_inputs(batch, cfg.model.max_frames, grad=True))
-                enc, labels = text_qa_batch(qa_rng, tok, 64)
-                text = model.lm(**enc, labels=labels).loss
-                loss = caption + text
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 5.0)
-                opt.step()
-                sched.step()
-                step += 1
-                bar.update(1)
-                if step % 10 == 0 or step == steps:
-                    bar.set_postfix(caption=f"{caption.item():.3f}", text=f"{text.item():.3f}")
-                    log.append({"step": step, "caption": caption.item(), "text": text.item()})
-                if step >= steps:
-                    break
-            epoch += 1
-    tmp = out / "backbone.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.lm.save_pretrained(tmp / "lm")
-    # the sentencepiece model itself: build_tokenizer loads a directory holding spiece.model
-    shutil.copytree(down_root / "tokenizer", tmp / "lm", dirs_exist_ok=True)
-    import open_clip
-
-    clip = open_clip.create_model(cfg.model.vision)  # the full CLIP layout open_clip loads
-    clip.visual.load_state_dict(tower.visual.state_dict())
-    torch.save(clip.state_dict(), tmp / "clip.pt")
-    info = {
-        "steps": steps,
-        "seconds": round(time.time() - t0, 1),
-        "data": str(pre_root),
-        "loss": log,
-        "config": cfg.to_dict(),
-    }
-    (tmp / "pretrain.json").write_text(json.dumps(info, indent=1) + "\n")
-    (tmp / "DONE").write_text("ok\n")
-    shutil.rmtree(backbone, ignore_errors=True)
-    tmp.rename(backbone)
-    return backbone
-
-
-# ---- 3: cached features ----------------------------------------------------------------------
-
-
-def extract_features(down_root: Path, backbone: Path, out: Path) -> Path:
+def extract_features(down_root: Path, out: Path) -> Path:
+    """The downstream shards through the embedded pretrained tower (`--vision-pretrained
+    synthetic`, vlds.model.embedded_tower), once: finished shards are skipped on a re-run."""
     feats = out / "features"
     cmd = [
         sys.executable,
@@ -248,11 +106,25 @@ def extract_features(down_root: Path, backbone: Path, out: Path) -> Path:
         "--vision",
         "vlds-tiny-rn",
         "--vision-pretrained",
-        str(backbone / "clip.pt"),
+        "synthetic",
         "--grid-pool",
         "3",
     ]
-    subprocess.run(cmd, cwd=REPO, check=True)  # finished shards are skipped on a re-run
+    subprocess.run(cmd, cwd=REPO, check=True)
+    return feats
+
+
+def prepare(down_root: Path, out: Path) -> Path:
+    """Cached features, and the embedded language model of MODEL's sizes pretrained once here
+    (vlds.model.embedded_lm; cached in the features folder, the runs' data root) before the
+    parallel runs start, so no run pretrains it on one thread."""
+    from vlds.config import build_config
+    from vlds.model.build import build_tokenizer
+    from vlds.model.embedded_lm import ensure_lm
+
+    feats = extract_features(down_root, out)
+    cfg = build_config("tiny", {**MODEL, "model.tokenizer": str(down_root / "tokenizer")})
+    ensure_lm(cfg, feats, build_tokenizer(cfg))
     return feats
 
 
@@ -275,15 +147,15 @@ def run_specs(args) -> list[dict]:
     return specs
 
 
-def train_args(spec: dict, feats: Path, backbone: Path, out: Path, args) -> list[str]:
+def train_args(spec: dict, feats: Path, down_root: Path, out: Path, args) -> list[str]:
     over = {
         **MODEL,
         **PEFT,
-        "model.lm": str(backbone / "lm"),
+        "model.lm": "synthetic",
         "model.arch": "t5",
-        "model.tokenizer": str(backbone / "lm"),
+        "model.tokenizer": str(down_root / "tokenizer"),
         "model.vision": "vlds-tiny-rn",
-        "model.vision_pretrained": str(backbone / "clip.pt"),
+        "model.vision_pretrained": "synthetic",
         "model.grid_pool": 3,
         "data.root": str(feats),
         "data.features": "true",
@@ -301,12 +173,19 @@ def train_args(spec: dict, feats: Path, backbone: Path, out: Path, args) -> list
         "eval.batch_size": 100,
         "eval.caption_beams": 3,
     }
-    if spec["video"]:
-        over.update({"data.max_text_len": 96, "data.batch_size": 16})
+    if spec["video"]:  # the preset's mixing weights name the image tasks
+        over.update(
+            {
+                "data.max_text_len": 96,
+                "data.batch_size": 16,
+                "data.mixing": "proportional",
+                "data.mixing_weights": "",
+            }
+        )
     return [f"--{k}={v}" for k, v in over.items()]
 
 
-def run_one(spec: dict, feats: Path, backbone: Path, out: Path, args) -> dict:
+def run_one(spec: dict, feats: Path, down_root: Path, out: Path, args) -> dict:
     run_dir = out / spec["name"]
     done = run_dir / "metrics.json"
     if not done.is_file():
@@ -322,7 +201,7 @@ def run_one(spec: dict, feats: Path, backbone: Path, out: Path, args) -> dict:
                 k.startswith("SLURM_")
             ):
                 env.pop(k)
-        cmd = [sys.executable, "vlds/train.py", *train_args(spec, feats, backbone, out, args)]
+        cmd = [sys.executable, "vlds/train.py", *train_args(spec, feats, down_root, out, args)]
         t0 = time.time()
         log = run_dir.parent / f"{run_dir.name}.log"
         with open(log, "w") as f:
@@ -333,7 +212,7 @@ def run_one(spec: dict, feats: Path, backbone: Path, out: Path, args) -> dict:
         result = json.loads(done.read_text())
         result["wall_s"] = round(time.time() - t0, 1)
         done.write_text(json.dumps(result, indent=2) + "\n")
-    check_same_settings(run_dir, train_args(spec, feats, backbone, out, args))
+    check_same_settings(run_dir, train_args(spec, feats, down_root, out, args))
     return {**spec, "result": json.loads(done.read_text())}
 
 
@@ -363,11 +242,10 @@ def main(argv=None) -> None:
 
         t0 = time.time()
         down_root = ensure_synthetic()  # the default of `make train`
-        backbone = pretrain_backbone(down_root, out, args.pretrain_steps)
-        feats = extract_features(down_root, backbone, out)
+        feats = prepare(down_root, out)
         timing = {"prepare_s": round(time.time() - t0, 1)}
         with cf.ThreadPoolExecutor(args.parallel) as pool:
-            futures = [pool.submit(run_one, s, feats, backbone, out, args) for s in specs]
+            futures = [pool.submit(run_one, s, feats, down_root, out, args) for s in specs]
             with tqdm(total=len(futures), desc="runs", dynamic_ncols=True) as bar:
                 for fut in cf.as_completed(futures):
                     r = fut.result()

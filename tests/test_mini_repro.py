@@ -1,5 +1,5 @@
 """bench/mini_repro.py: the report's numbers and verdicts from hand-made runs, and the whole
-pipeline (pretrain -> backbone -> cached features -> vlds/train.py runs -> report) at toy size."""
+pipeline (embedded backbone -> cached features -> vlds/train.py runs -> report) at toy size."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from bench.mini_report import findings, summarise, verdict, write_report
 REPO = Path(__file__).resolve().parent.parent
 
 
-def fake_run(method, seed, scores, percent, video=False):
+def fake_run(method, seed, scores, percent, video=False, shuffled=None):
     tasks = ("tvqa", "how2qa", "tvc", "yc2c") if video else ("vqa", "gqa", "nlvr", "caption")
     metrics = {t: {"score": s} for t, s in zip(tasks, scores, strict=True)}
     metrics["average"] = sum(scores) / 4
+    metrics["shuffled_average"] = metrics["average"] - 20 if shuffled is None else shuffled
     result = {
         "metrics": metrics,
+        "text_prior": dict.fromkeys(tasks, 25.0),
         "params": {"percent": percent, "trainable": 10},
         "step_time_s": 0.05 + seed / 100,
         "peak_memory_bytes": 2e9 + seed,
@@ -58,6 +60,7 @@ def test_summary_is_hand_computed(runs):
     assert full["scores"]["vqa"] == pytest.approx((61.0, 2**0.5))  # mean, sample std
     assert full["average"] == pytest.approx((71.0, 2**0.5))  # (70, 72)
     assert full["step_ms"] == pytest.approx(55.0) and full["peak_gb"] == pytest.approx(2.0)
+    assert full["gap"] == (20.0, 0.0) and full["text_prior"] == 25.0
     video = summarise(runs, video=True)
     assert list(video) == ["single_adapter"] and video["single_adapter"]["average"][1] == 0.0
 
@@ -92,8 +95,25 @@ def test_findings_and_files(runs, tmp_path):
     write_report(runs, tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "| single_adapter | 2 | 5.00 | 60.0 ± 1.4 | 50.0 ± 0.0 |" in report
+    assert "| **70.5 ± 0.7** | 20.0 ± 0.0 |" in report  # average, then the image gap
+    assert "Text prior (the most common training answer per question type" in report
+    assert "image 25.0" in report
     assert (tmp_path / "score_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "results.json").read_text())["image"]["single_prompt"]
+
+
+def test_a_method_that_ignores_the_images_makes_a_finding_not_testable(runs):
+    # the prompt runs' shuffled averages equal their averages: they answer from the text
+    blind = [
+        fake_run("single_prompt", s, (30, 30, 50, 60 + 4 * s), 2.0, shuffled=42.5 + s)
+        for s in (0, 1)
+    ]
+    image = summarise([r for r in runs if r["method"] != "single_prompt"] + blind, video=False)
+    assert image["single_prompt"]["gap"] == pytest.approx((0.0, 0.0))
+    prompt = next(x for x in findings(image, {}) if x.startswith("- Prompt tuning"))
+    assert "**not testable: single_prompt does not use the images beyond seed noise**" in prompt
+    adapter = next(x for x in findings(image, {}) if x.startswith("- Single adapter"))
+    assert "**reproduced**" in adapter  # both use the images (gaps of 20 points)
 
 
 def test_unknown_method_is_refused():
@@ -107,24 +127,21 @@ def test_unknown_method_is_refused():
     assert p.returncode == 2 and "unknown method(s) ['adapterz']" in p.stderr
 
 
-def test_pretrained_backbone_loads_and_trains_through_vlds_train(shapes_root, tmp_path):
-    """The pipeline at toy size: pretrain (2 steps), save the backbone, cache features with its
-    tower, train one method through `python vlds/train.py` on them, report."""
-    import torch
-
+def test_embedded_backbone_features_and_a_run_through_vlds_train(
+    shapes_root, tmp_path, monkeypatch
+):
+    """The pipeline at toy size: features through the embedded tower, the embedded language
+    model of MODEL's sizes (pretrained 2 steps here), one method through `python
+    vlds/train.py` on them, the report."""
+    import vlds.model.embedded_lm as elm
     from bench import mini_repro as M
-    from vlds.model.vision import VisionTower
 
-    backbone = M.pretrain_backbone(shapes_root, tmp_path, steps=2, images=16, cache=tmp_path)
-    info = json.loads((backbone / "pretrain.json").read_text())
-    assert info["steps"] == 2 and {"caption", "text"} <= set(info["loss"][-1])
-    # the tower file is what training loads, and pretraining changed it (not the random init)
-    torch.manual_seed(0)
-    random_tower = VisionTower("vlds-tiny-rn", "", 3)
-    trained = VisionTower("vlds-tiny-rn", str(backbone / "clip.pt"), 3)
-    conv = "visual.conv1.weight"
-    assert not torch.equal(random_tower.state_dict()[conv], trained.state_dict()[conv])
-    feats = M.extract_features(shapes_root, backbone, tmp_path)
+    monkeypatch.setattr(elm, "STEPS", 2)
+    feats = M.prepare(shapes_root, tmp_path)
+    index = json.loads((feats / "vqa" / "train.index.json").read_text())
+    assert index["features"]["pretrained"] == "synthetic"
+    lms = list((feats / "lms").iterdir())
+    assert [p.name for p in lms if p.is_dir()] == ["t5-d96-l3-h4-ff384-v1"]
     args = M.parse_args(["--epochs", "1", "--eval-samples", "8", "--out", str(tmp_path)])
     spec = {
         "name": "image/single_adapter/seed0",
@@ -133,14 +150,17 @@ def test_pretrained_backbone_loads_and_trains_through_vlds_train(shapes_root, tm
         "seed": 0,
         "lr": 1e-3,
     }
-    run = M.run_one(spec, feats, backbone, tmp_path, args)["result"]
+    run = M.run_one(spec, feats, shapes_root, tmp_path, args)["result"]
     config = json.loads((tmp_path / spec["name"] / "config.json").read_text())
-    assert config["model"]["lm"] == str(backbone / "lm") and config["data"]["features"] == "true"
+    assert config["model"]["lm"] == "synthetic" and config["data"]["features"] == "true"
+    assert "shuffled_score" in run["metrics"]["vqa"] and set(run["text_prior"]) == set(
+        M.IMAGE_TASKS.split(",")
+    )
     assert run["metrics"]["vqa"]["n"] == 8 and run["wall_s"] > 0
     # the finished run is reused as it is, but never under other settings
-    assert M.run_one(spec, feats, backbone, tmp_path, args)["result"] == run
+    assert M.run_one(spec, feats, shapes_root, tmp_path, args)["result"] == run
     other = M.parse_args(["--epochs", "2", "--eval-samples", "8", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="trained with train.epochs=1, this experiment asks for 2"):
-        M.run_one(spec, feats, backbone, tmp_path, other)
+        M.run_one(spec, feats, shapes_root, tmp_path, other)
     write_report([{**spec, "result": run}], tmp_path)
     assert "| single_adapter | 1 |" in (tmp_path / "report.md").read_text()
