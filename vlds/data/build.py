@@ -198,9 +198,8 @@ class DataBuilder:
         """{task: its text prior's score} on the validation samples the model is scored on
         (vlds.eval.grounding), from the training records; computed on rank 0 and sent to the
         others. Tasks without training records here (an evaluation-only builder) are left out."""
-        import torch.distributed as dist
-
         from vlds.eval.grounding import text_prior
+        from vlds.eval.loop import from_rank0
         from vlds.eval.metrics import task_metric
 
         out = {}
@@ -211,11 +210,7 @@ class DataBuilder:
                     val = read_records(val_idx, self.cfg.eval.max_samples)
                     metric = task_metric(t, self.cfg.eval.java_metrics)
                     out[t] = text_prior(t, train, val, metric)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [out]
-            dist.broadcast_object_list(box, src=0)
-            out = box[0]
-        return out
+        return from_rank0(out)
 
     def majority_baselines(self) -> dict[str, float]:
         """VQA accuracy of always answering the most common training answer (vqa only), on the

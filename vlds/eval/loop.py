@@ -87,7 +87,7 @@ def score_rows(task_name: str, rows: list, metric=None) -> dict:
     return metric([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
 
 
-def _from_rank0(obj):
+def from_rank0(obj):
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
     box = [obj]
@@ -117,7 +117,7 @@ def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=Fa
                     "score"
                 ]
         predictions[task_name] = [{"id": r[0], "prediction": r[1], "meta": r[3]} for r in rows]
-    results = _from_rank0(results)
+    results = from_rank0(results)
     tasks = list(results)
     results["average"] = sum(results[t]["score"] for t in tasks) / max(1, len(tasks))
     if shuffled:
