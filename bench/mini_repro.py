@@ -71,7 +71,10 @@ def parse_args(argv):
     p.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma list")
     p.add_argument("--seeds", default="0,1,2", help="comma list of train.seed values")
     p.add_argument("--no-video", action="store_true", help="skip the video runs")
-    p.add_argument("--epochs", type=int, default=4, help="downstream epochs per run")
+    p.add_argument(
+        "--epochs", type=int, default=1, help="epochs per image run (8,000 samples/task)"
+    )
+    p.add_argument("--video-epochs", type=int, default=4, help="epochs per video run (600/task)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--eval-samples", type=int, default=300, help="validation samples per task")
     p.add_argument("--report-only", action="store_true")
@@ -164,7 +167,7 @@ def train_args(spec: dict, feats: Path, down_root: Path, out: Path, args) -> lis
         "peft.method": spec["method"],
         "train.lr": spec["lr"],
         "train.seed": spec["seed"],
-        "train.epochs": args.epochs,
+        "train.epochs": args.video_epochs if spec["video"] else args.epochs,
         "train.out_dir": str(out / spec["name"]),
         "train.log_every": 25,
         "train.keep_last": 1,

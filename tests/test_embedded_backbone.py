@@ -3,6 +3,7 @@ the tiny language model (vlds.model.embedded_lm), built on first use and cached.
 
 import json
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from vlds.config import build_config
 from vlds.data.synthetic import Scene, Shape, render_scene
 from vlds.model.build import build_lm, build_model, build_tower, vocab_of
 from vlds.model.vision import VisionTower
+
+STEPS_READS_TOKENS = 400
 
 SCENE = Scene(
     (
@@ -126,9 +129,39 @@ def test_ensure_lm_pretrains_once_and_loads_as_a_model_dir(tokenizer, tmp_path, 
         build_model(cfg, tokenizer, tower)
 
 
-def test_default_language_model_answers_from_oracle_tokens(tokenizer, tmp_path):
-    """The real pretraining (1,500 steps, ~1 min): it must answer held-out questions from
-    oracle visual tokens far above chance (the answer sets have 2-6 choices; captions almost
-    never match exactly)."""
-    path = elm.ensure_lm(build_config("tiny"), tmp_path, tokenizer)
-    assert json.loads((path / "pretraining.json").read_text())["exact_match"] > 0.45
+def test_pretraining_teaches_the_language_model_to_read_its_visual_tokens(tokenizer, monkeypatch):
+    """A short run of the real pretraining loop, on VQA's colour and shape questions: the model
+    answers held-out ones from their oracle tokens far better than from another scene's (the
+    answers are uniform over 5-6 words, so the text alone gives ~20 %). The full default
+    (3,000 steps, all four tasks) is measured in bench/RESULTS.md, not here: ~3 min."""
+    from vlds.data.synthetic import GENERATORS, SyntheticSpec
+    from vlds.data.tasks import get_task
+
+    monkeypatch.setattr(elm, "TASK_WEIGHTS", {"vqa": 1})
+    lm, _ = elm.pretrain(build_config("tiny"), tokenizer, steps=STEPS_READS_TOKENS)
+    embed = lm.get_input_embeddings()
+    oracle, rng, vqa = elm.OracleTokens(tokenizer, embed), random.Random(11), get_task("vqa")
+    recs, vis = [], []
+    while len(recs) < 120:
+        seed, i = random.Random(rng.random()), rng.randrange(10**9)
+        rec, scenes = GENERATORS["vqa"](seed, "vqa", "lm", i, SyntheticSpec())
+        if rec["question_type"] in ("what color is the", "what shape is the"):
+            recs.append(rec | {"task": "vqa"})
+            vis.append(oracle(scenes))
+
+    def accuracy(tokens):
+        enc = tokenizer([vqa.encoder_text(r) for r in recs], padding=True, return_tensors="pt")
+        mask = torch.cat([torch.ones(len(recs), 9, dtype=torch.long), enc.attention_mask], 1)
+        with torch.no_grad():
+            embeds = torch.cat([torch.stack(tokens), embed(enc.input_ids)], 1)
+            out = lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+            ids = lm.generate(encoder_outputs=out, attention_mask=mask, max_new_tokens=5)
+        preds = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        right = [
+            p.strip() == Counter(r["answers"]).most_common(1)[0][0]
+            for p, r in zip(preds, recs, strict=True)
+        ]
+        return sum(right) / len(recs)
+
+    own, other = accuracy(vis), accuracy(vis[1:] + vis[:1])
+    assert own > 0.6 and own - other > 0.3, (own, other)

@@ -141,7 +141,7 @@ def test_embedded_backbone_features_and_a_run_through_vlds_train(
     index = json.loads((feats / "vqa" / "train.index.json").read_text())
     assert index["features"]["pretrained"] == "synthetic"
     lms = list((feats / "lms").iterdir())
-    assert [p.name for p in lms if p.is_dir()] == ["t5-d96-l3-h4-ff384-v1"]
+    assert [p.name for p in lms if p.is_dir()] == [f"t5-d96-l3-h4-ff384-v{elm.LM_VERSION}"]
     args = M.parse_args(["--epochs", "1", "--eval-samples", "8", "--out", str(tmp_path)])
     spec = {
         "name": "image/single_adapter/seed0",

@@ -174,5 +174,5 @@ def test_config_accepts_mixing_settings():
     validate(build_config("tiny", weights))
     temperature = {"data.mixing": "temperature", "data.mixing_weights": ""}
     validate(build_config("tiny", {**temperature, "data.mixing_temperature": "3"}))
-    # the tiny preset's weights (3:3:1:1) serve a run on some of its tasks
+    # the tiny preset's weights (3:3:3:1) serve a run on some of its tasks
     validate(build_config("tiny", {"data.tasks": "vqa,nlvr"}))

@@ -192,47 +192,48 @@ def _nlvr_slot(i: int) -> tuple[int, int, int]:
 
 
 def _nlvr_statement(rng: random.Random):
-    """(sentence, truth(left, right) -> bool, favor) for one statement group."""
-    kind, color, k = rng.choice(SHAPES), rng.choice(list(COLORS)), rng.randint(1, 3)
+    """(sentence, truth(left, right) -> bool, favor) for one statement group.
+
+    Existence statements about one image, both or neither (generator version 3). The earlier
+    counting forms ("exactly two circles", "more circles in the left image", "the same number
+    of shapes") stayed at chance for the tiny language model even from oracle visual tokens
+    (51-55 % after 3,000 steps, bench/RESULTS.md), so NLVR2 taught no grounding; counting is
+    VQA's "how many" questions."""
+    kind, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     side = rng.choice(("left", "right"))
-    other = "right" if side == "left" else "left"
 
-    def count(scene: Scene, kind=None, color=None) -> int:
-        return sum(kind in (None, o.kind) and color in (None, o.color) for o in scene.objects)
+    def has(scene: Scene, kind=None, color=None) -> bool:
+        return any(kind in (None, o.kind) and color in (None, o.color) for o in scene.objects)
 
-    def on(side: str, left: Scene, right: Scene) -> Scene:
-        return left if side == "left" else right
+    def on_side(a, b) -> Scene:
+        return a if side == "left" else b
 
-    def exactly(a, b):
-        return count(on(side, a, b), kind) == k
-
-    def both_color(a, b):
-        return count(a, color=color) > 0 and count(b, color=color) > 0
-
-    def both_kind(a, b):
-        return count(a, kind) > 0 and count(b, kind) > 0
-
-    def more(a, b):
-        return count(on(side, a, b), kind) > count(on(other, a, b), kind)
-
-    def same_number(a, b):
-        return len(a.objects) == len(b.objects)
-
-    def neither(a, b):
-        return count(a, kind, color) + count(b, kind, color) == 0
-
-    noun = kind if k == 1 else PLURAL[kind]
     forms = [
-        (f"the {side} image contains exactly {NUMBER_WORDS[k]} {noun}", exactly, (kind, None)),
-        (f"both images contain {_an(color)} object", both_color, (None, color)),
-        (f"both images contain {_an(kind)}", both_kind, (kind, None)),
         (
-            f"there are more {PLURAL[kind]} in the {side} image than in the {other} image",
-            more,
+            f"the {side} image contains {_an(kind)}",
+            lambda a, b: has(on_side(a, b), kind),
             (kind, None),
         ),
-        ("the two images contain the same number of shapes", same_number, (None, None)),
-        (f"neither image contains {_an(color)} {kind}", neither, (kind, color)),
+        (
+            f"the {side} image contains {_an(color)} {kind}",
+            lambda a, b: has(on_side(a, b), kind, color),
+            (kind, color),
+        ),
+        (
+            f"both images contain {_an(color)} object",
+            lambda a, b: has(a, color=color) and has(b, color=color),
+            (None, color),
+        ),
+        (
+            f"both images contain {_an(kind)}",
+            lambda a, b: has(a, kind) and has(b, kind),
+            (kind, None),
+        ),
+        (
+            f"neither image contains {_an(color)} {kind}",
+            lambda a, b: not has(a, kind, color) and not has(b, kind, color),
+            (kind, color),
+        ),
     ]
     return forms[rng.randrange(len(forms))]
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from vlds.data.tasks import IMAGE_TASKS
 
 # Part of the cache hash: bump it whenever the same spec would produce different bytes.
-GENERATOR_VERSION = 2  # 2: counting answers balanced over 0..3
+GENERATOR_VERSION = 3  # 2: counting answers balanced over 0..3; 3: NLVR2 existence statements
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles",
@@ -58,7 +58,7 @@ class SyntheticSpec:
     seed: int = 0
     image_size: int = 96
     num_frames: int = 8
-    train_per_task: int = 2000  # samples per image task in split "train"
+    train_per_task: int = 8000  # samples per image task in split "train"
     val_per_task: int = 300
     video_train_per_task: int = 600
     video_val_per_task: int = 150
