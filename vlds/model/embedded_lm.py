@@ -25,10 +25,8 @@ with 3,000 its shape questions and NLVR2 stayed far below what 4,500 reach, benc
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
-import socket
 from pathlib import Path
 
 import torch
@@ -166,19 +164,11 @@ def pretrain(cfg, tokenizer, steps: int | None = None, seed: int = 0):
 def ensure_lm(cfg, data_root: Path, tokenizer) -> Path:
     """The cached pretrained model directory (see the module docstring), pretrained first if
     missing: once per host (others wait on a lock), renamed into place whole."""
-    from vlds.data.synthetic.package import file_lock
+    from vlds.data.synthetic.package import build_once
 
-    path = lm_dir(cfg, data_root)
-    if (path / "config.json").is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(path.parent / f"{path.name}.lock"):
-        if (path / "config.json").is_file():
-            return path
+    def build(tmp: Path) -> None:
         lm, acc = pretrain(cfg, tokenizer)
         log.info("pretrained the embedded language model: held-out exact match %.2f", acc)
-        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         vocab = getattr(tokenizer, "vocab_file", None)  # sentencepiece: keep the model file, so
@@ -187,5 +177,5 @@ def ensure_lm(cfg, data_root: Path, tokenizer) -> Path:
         (tmp / "pretraining.json").write_text(
             f'{{"steps": {STEPS}, "exact_match": {acc:.4f}, "version": {LM_VERSION}}}\n'
         )
-        os.replace(tmp, path)
-    return path
+
+    return build_once(lm_dir(cfg, data_root), lambda p: (p / "config.json").is_file(), build)

@@ -25,9 +25,7 @@ world; it is a plain torch loop of a few hundred Adam steps (~1 minute on 2 core
 from __future__ import annotations
 
 import logging
-import os
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -206,19 +204,10 @@ def ensure_tower(name: str, root: Path | None = None) -> Path:
     other processes wait on a lock, and the file appears by an atomic rename, whole or not at
     all. It depends only on the tower and this module (the images are rendered here), not on
     the data set, so every shapes-world folder and test shares it."""
-    from vlds.data.synthetic.package import cache_root, file_lock
+    from vlds.data.synthetic.package import build_once, cache_root
     from vlds.model.vision import tower_image_size
 
-    folder = Path(root or cache_root()) / "towers"
-    path = folder / f"{name}-v{TOWER_VERSION}.pt"
-    if path.is_file():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    with file_lock(folder / f"{path.name}.lock"):
-        if path.is_file():
-            return path
-        ckpt = pretrain(name, tower_image_size(name))
-        tmp = path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    return path
+    path = Path(root or cache_root()) / "towers" / f"{name}-v{TOWER_VERSION}.pt"
+    return build_once(
+        path, Path.is_file, lambda tmp: torch.save(pretrain(name, tower_image_size(name)), tmp)
+    )

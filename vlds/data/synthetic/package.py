@@ -19,7 +19,7 @@ import os
 import shutil
 import socket
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vlds.data.prep.shardwrite import SCHEMA_VERSION, shard_url, write_index, write_sample
@@ -101,6 +101,39 @@ def file_lock(path: Path):
         yield
 
 
+def build_once(final: Path, ready: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """``final`` (a file or a folder), built first unless ``ready(final)``: once per host, since
+    other processes wait on a lock beside it, and whole or not at all: ``build(tmp)`` fills a
+    temporary sibling named ``<name>.tmp-<host>-<pid>`` that is renamed into place, and removed
+    if the build fails. Hosts sharing a file system each build; the loser of the rename keeps
+    the winner's copy. The shapes world, the embedded tower and language models are cached so."""
+    if ready(final):
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(final.parent / f"{final.name}.lock"):
+        if ready(final):  # another process finished while we waited
+            return final
+        tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        _remove(tmp)
+        try:
+            build(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:  # a folder another host renamed into place first
+                if not ready(final):
+                    raise
+        finally:
+            _remove(tmp)
+    return final
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -175,8 +208,14 @@ def ensure_synthetic(
     for task in tasks:
         get_task(task)
     final = Path(root or cache_root()).expanduser() / f"shapes-{spec_hash(spec)}"
-    if _is_complete(final):
-        return final
+
+    def generate(tmp: Path) -> None:
+        if final.exists():
+            raise RuntimeError(f"{final} exists without a COMPLETE marker; delete it to regenerate")
+        _remove_stale_temps(final.parent, final.name)
+        _generate(tmp, spec, workers)
+
+    return build_once(final, _is_complete, generate)
     final.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(final.parent / f"{final.name}.lock"):
         if _is_complete(final):  # another rank finished while we waited
