@@ -12,6 +12,7 @@ from vlds.eval.grounding import (
     question_type,
     shuffle_visual,
     text_prior,
+    text_prior_and_majority,
 )
 from vlds.eval.loop import evaluate_tasks
 
@@ -42,6 +43,13 @@ def test_vqa_text_prior_is_the_most_common_answer_per_question_type():
     # the official metric averages over the 10 leave-one-out subsets: a 2-of-10 answer scores
     # (8 x 2/3 + 2 x 1/3) / 10 = 0.6
     assert text_prior("vqa", train, val) == pytest.approx((100 + 0 + 60 + 100) / 4)
+    # the same pass gives the majority-answer baseline: "2" for every sample
+    from vlds.data.tasks import majority_baseline
+
+    prior, majority = text_prior_and_majority("vqa", train, val)
+    assert prior == text_prior("vqa", train, val)
+    assert majority == pytest.approx((100 + 0 + 0 + 100) / 4)
+    assert majority == pytest.approx(majority_baseline("vqa", train, val))
 
 
 def test_question_types_of_each_task():

@@ -144,7 +144,7 @@ class Trainer:
         self.preemption = Preemption(Preemption.SIGNALS if cfg.train.handle_signals else ())
         self._saved_at = -1
         self._evaluated = None  # (step, metrics, predictions)
-        self._priors = None  # {task: text-prior score}, computed at the first evaluation
+        self._baselines = None  # DataBuilder.baselines(), computed at the first evaluation
         self.step_times: list[float] = []  # wall seconds of each train_step (no data wait)
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -217,7 +217,7 @@ class Trainer:
             self.device,
             self.zero3,
         )
-        priors = self.text_priors()
+        priors = self.baselines()["text_prior"]
         row = {}
         for t, m in metrics.items():
             if not isinstance(m, dict):  # average, shuffled_average
@@ -236,12 +236,12 @@ class Trainer:
             self.on_eval(self.step, metrics, self.cfg)
         return metrics, preds
 
-    def text_priors(self) -> dict[str, float]:
-        """Each task's text-prior score on the validation samples the model is scored on,
-        computed once (vlds.eval.grounding)."""
-        if self._priors is None:
-            self._priors = self.data.text_priors()
-        return self._priors
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """The text prior per task and VQA's majority-answer baseline on the validation samples
+        the model is scored on, computed once (DataBuilder.baselines)."""
+        if self._baselines is None:
+            self._baselines = self.data.baselines()
+        return self._baselines
 
     # ---- steps ----------------------------------------------------------------------------
     def train_step(self, batch: dict) -> float | None:
@@ -373,8 +373,8 @@ class Trainer:
             "train_time_s": round(train_time, 1),
             "metrics": metrics,
             "bad_steps_total": self.guard.total,
-            "majority_baseline": self.data.majority_baselines(),
-            "text_prior": self.text_priors(),
+            "majority_baseline": self.baselines()["majority_baseline"],
+            "text_prior": self.baselines()["text_prior"],
             **self.cost(self.out_dir / "adapter"),
         }
         if self.info.is_main:

@@ -15,7 +15,6 @@ from vlds.data.decode import Collator, Preprocess
 from vlds.data.mixing import task_batch_sizes
 from vlds.data.shardio import DataError, load_index, read_records
 from vlds.data.stream import EvalStream, TrainStream, reader_split_notes
-from vlds.data.tasks import majority_baseline
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("vlds")
@@ -194,29 +193,25 @@ class DataBuilder:
             for t, idx in self.val_idx.items()
         }
 
-    def text_priors(self) -> dict[str, float]:
-        """{task: its text prior's score} on the validation samples the model is scored on
-        (vlds.eval.grounding), from the training records; computed on rank 0 and sent to the
-        others. Tasks without training records here (an evaluation-only builder) are left out."""
-        from vlds.eval.grounding import text_prior
+    def baselines(self) -> dict[str, dict[str, float]]:
+        """{"text_prior": {task: score}, "majority_baseline": {"vqa": score}} on the validation
+        samples the model is scored on (vlds.eval.grounding), from one read of each task's
+        training records; computed on rank 0 and sent to the others. Tasks without training
+        records here (an evaluation-only builder) are left out; the majority-answer baseline
+        (always the most common training answer) is reported for VQA."""
+        from vlds.eval.grounding import text_prior_and_majority
         from vlds.eval.loop import from_rank0
         from vlds.eval.metrics import task_metric
 
-        out = {}
+        out = {"text_prior": {}, "majority_baseline": {}}
         if self.info.rank == 0:
             for t, val_idx in self.val_idx.items():
                 if t in self.train_idx:
                     train = read_records(self.train_idx[t])
                     val = read_records(val_idx, self.cfg.eval.max_samples)
                     metric = task_metric(t, self.cfg.eval.java_metrics)
-                    out[t] = text_prior(t, train, val, metric)
+                    prior, majority = text_prior_and_majority(t, train, val, metric)
+                    out["text_prior"][t] = prior
+                    if t == "vqa":
+                        out["majority_baseline"][t] = majority
         return from_rank0(out)
-
-    def majority_baselines(self) -> dict[str, float]:
-        """VQA accuracy of always answering the most common training answer (vqa only), on the
-        same validation samples the model is scored on."""
-        if "vqa" not in self.train_idx:
-            return {}
-        train = read_records(self.train_idx["vqa"])
-        val = read_records(self.val_idx["vqa"], self.cfg.eval.max_samples)
-        return {"vqa": majority_baseline("vqa", train, val)}

@@ -60,6 +60,15 @@ def prior_answers(task: str, train_records) -> tuple[dict[str, str], str]:
 
 def text_prior(task: str, train_records, val_records, metric=None) -> float:
     """The task's score (0-100, `metric` or its METRICS entry) of the text prior's answers."""
+    return text_prior_and_majority(task, train_records, val_records, metric)[0]
+
+
+def text_prior_and_majority(
+    task: str, train_records, val_records, metric=None
+) -> tuple[float, float | None]:
+    """(the text prior's score, the score of always answering the overall most common training
+    answer: vlds.data.tasks.majority_baseline, None for captions), from one pass over the
+    training records."""
     from vlds.eval.metrics import METRICS
 
     table, fallback = prior_answers(task, train_records)
@@ -70,7 +79,9 @@ def text_prior(task: str, train_records, val_records, metric=None) -> float:
     meta = [
         {k: r[k] for k in ("answer_type", "question_type", "identifier") if k in r} for r in val
     ]
-    return (metric or METRICS[task])(preds, refs, meta)["score"]
+    prior = (metric or METRICS[task])(preds, refs, meta)["score"]
+    majority = None if t.generative_caption else METRICS[task]([fallback] * len(refs), refs)
+    return prior, None if majority is None else majority["score"]
 
 
 def shuffle_visual(batch: dict, previous: dict | None) -> dict:
