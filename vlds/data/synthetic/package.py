@@ -216,22 +216,3 @@ def ensure_synthetic(
         _generate(tmp, spec, workers)
 
     return build_once(final, _is_complete, generate)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with file_lock(final.parent / f"{final.name}.lock"):
-        if _is_complete(final):  # another rank finished while we waited
-            return final
-        if final.exists():
-            raise RuntimeError(f"{final} exists without a COMPLETE marker; delete it to regenerate")
-        _remove_stale_temps(final.parent, final.name)
-        tmp = final.parent / f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            _generate(tmp, spec, workers)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another host renamed its copy first
-                if not _is_complete(final):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
