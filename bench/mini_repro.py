@@ -72,7 +72,7 @@ def parse_args(argv):
     p.add_argument("--seeds", default="0,1,2", help="comma list of train.seed values")
     p.add_argument("--no-video", action="store_true", help="skip the video runs")
     p.add_argument(
-        "--epochs", type=int, default=1, help="epochs per image run (8,000 samples/task)"
+        "--epochs", type=int, default=3, help="epochs per image run (8,000 samples/task)"
     )
     p.add_argument("--video-epochs", type=int, default=4, help="epochs per video run (600/task)")
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")

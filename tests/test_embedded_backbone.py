@@ -111,7 +111,10 @@ def test_ensure_lm_pretrains_once_and_loads_as_a_model_dir(tokenizer, tmp_path, 
     cfg = build_config("tiny")
     path = elm.ensure_lm(cfg, tmp_path, tokenizer)
     assert path == elm.lm_dir(cfg, tmp_path) and (path / "spiece.model").is_file()
-    assert json.loads((path / "pretraining.json").read_text())["steps"] == 3
+    meta = json.loads((path / "pretraining.json").read_text())
+    # the default's d 64 keeps its measured 3e-3; the miniature's d 96 reads its tokens at 1e-3
+    assert (meta["steps"], meta["lr"], meta["version"]) == (3, 3e-3, elm.LM_VERSION)
+    assert elm.pretrain_lr(96) == 1e-3
     lm = build_lm(cfg, *vocab_of(tokenizer), path=str(path))
     assert lm.config.d_model == cfg.model.d_model and lm.config.dropout_rate == cfg.model.dropout
 
