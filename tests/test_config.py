@@ -80,8 +80,14 @@ def test_cli_parsing_keeps_launcher_flags(tmp_path):
     )
     assert rest == ["--local_rank=0", "--deepspeed", "ds.json"]
     assert (cfg.train.lr, cfg.peft.reduction_factor, cfg.train.epochs) == (5e-4, 4, 3)
-    with pytest.raises(ConfigError, match="needs a value"):
-        parse_cli(["--train.epochs"])
+    # `--key value` as well as `--key=value`, launcher flags kept in order
+    cfg2, rest2 = parse_cli(
+        ["--local_rank=0", "--data.root", "/data/vl shards", "--train.lr", "-1e-3", "--deepspeed"]
+    )
+    assert (cfg2.data.root, cfg2.train.lr, rest2) == ("/data/vl shards", -1e-3, rest[:2])
+    for argv in (["--train.epochs"], ["--train.epochs", "--deepspeed", "ds.json"]):
+        with pytest.raises(ConfigError, match="needs a value: --train.epochs=VALUE or --train"):
+            parse_cli(argv)
     with pytest.raises(ConfigError, match="does not exist"):
         parse_cli(["--config", str(tmp_path / "nope.json")])
 

@@ -288,8 +288,10 @@ def test_bad_search_arguments_fail_before_ray_starts(shapes_root, tmp_path):
 
     p = run("--reduction-factors=3", f"--data.root={shapes_root}")
     assert p.returncode == 2 and "peft.reduction_factor=3 does not divide d_model=64" in p.stderr
-    p = run("--data.root=/nonexistent/shards")
+    p = run("--data.root", "/nonexistent/shards")  # both override forms are read
     assert p.returncode == 2 and "data folder /nonexistent/shards does not exist" in p.stderr
+    p = run("--data.root")
+    assert p.returncode == 2 and "needs a value" in p.stderr
     p = run("--grace=50")
     assert p.returncode == 2 and "not a multiple of --eval-every" in p.stderr
 

@@ -440,24 +440,45 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return flat
 
 
+def _is_override(arg: str) -> bool:
+    return arg.startswith("--") and "." in arg.split("=", 1)[0]
+
+
+def take_overrides(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """`--section.key=value` and `--section.key value` -> ({key: value}, the other args in
+    order). A key with no value (the last argument, or followed by another --flag) is an
+    error that shows both forms."""
+    overrides, rest, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not _is_override(arg):
+            rest.append(arg)
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i == len(argv) or argv[i].startswith("--"):
+                raise ConfigError(f"override {arg!r} needs a value: --{key}=VALUE or --{key} VALUE")
+            value, i = argv[i], i + 1
+        overrides[key] = value
+    return overrides, rest
+
+
 def parse_cli(argv: list[str]) -> tuple[Config, list[str]]:
-    """`--preset NAME`, `--config FILE` and `--section.key=value` -> (Config, leftover args).
+    """`--preset NAME`, `--config FILE` and `--section.key=value` (or `--section.key value`)
+    -> (Config, leftover args).
 
     Leftovers are the launcher's own flags (`--deepspeed FILE`, `--local_rank N`), which the
     caller handles; anything else that looks like an override but is not one is an error.
     """
-    preset, file_overrides, overrides, rest = "tiny", {}, {}, []
-    it = iter(argv)
+    preset, file_overrides, rest = "tiny", {}, []
+    overrides, others = take_overrides(argv)
+    it = iter(others)
     for arg in it:
         if arg.startswith("--preset"):
             preset = arg.split("=", 1)[1] if "=" in arg else next(it, "")
         elif arg.startswith("--config"):
             file_overrides = load_config_file(arg.split("=", 1)[1] if "=" in arg else next(it))
-        elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
-            key, eq, value = arg[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"override {arg!r} needs a value: --{key}=VALUE")
-            overrides[key] = value
         else:
             rest.append(arg)
     preset = file_overrides.pop("preset", preset) if preset == "tiny" else preset

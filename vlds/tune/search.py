@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from vlds.config import ConfigError, take_overrides
+
 from . import results, space
 from .space import Setup, rungs
 from .trial import run_trial, trial_overrides
@@ -107,11 +109,17 @@ def parse_args(argv: list[str]):
     add("--procs-per-trial", type=int, default=0, help="ranks per trial (default: its GPUs)")
     add("--java-metrics", action="store_true", help="PTBTokenizer + METEOR in every eval")
     add("--seed", type=int, default=0, help="the order of the grid")
-    args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "." in a.split("=")[0] and "=" in a)]
+    try:  # vlds overrides first (their keys hold a dot; the search's own flags do not)
+        overrides, own = take_overrides(list(argv))
+    except ConfigError as e:
+        p.error(str(e))
+    args, bad = p.parse_known_args(own)
     if bad:
-        p.error(f"unrecognised arguments {bad}; vlds overrides look like --section.key=value")
-    args.overrides = dict(a[2:].split("=", 1) for a in rest)
+        p.error(
+            f"unrecognised arguments {bad}; vlds overrides look like --section.key=value "
+            f"or --section.key value"
+        )
+    args.overrides = overrides
     args.procs_per_trial = args.procs_per_trial or max(1, args.gpus_per_trial)
     for t in rungs(args.grace, args.eta, args.max_steps)[:-1]:
         if t % args.eval_every:
