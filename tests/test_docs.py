@@ -13,7 +13,9 @@ and lines starting with `$ ` anywhere. Each one is checked without running long 
   `vlds.config.validate`, so a renamed preset, key, method or task fails here;
 - `make TARGET` names a Makefile target; `pytest -m EXPR` uses registered markers;
 - cheap commands really run: every `python -m vlds.peft.report ...` as written (its output is
-  compared with a `# {...}` line right after it, when there is one) and `--help` of every
+  compared with a `# {...}` line right after it, when there is one), every
+  `python -m vlds.data.prep.shards ...` as written on a miniature release laid out under the
+  releases' own file names ("/data/" pointing at it), and `--help` of every
   `python -m vlds...` command line that uses argparse.
 
     .venv/bin/python -m pytest tests/test_docs.py
@@ -168,6 +170,8 @@ def check_overrides(args: list[str], where: str, entry: str) -> None:
                 kept.append(next(it, ""))
         elif arg.startswith("--") and "." in arg.split("=", 1)[0]:
             kept.append(arg)
+            value = None if "=" in arg else next(it, None)  # `--key value`
+            kept += [value] if value is not None else []
     cfg, rest = parse_cli(kept)
     validate(cfg)
     it = iter(rest)
@@ -330,8 +334,108 @@ def test_module_help_runs(module: str):
     assert "usage" in proc.stdout.lower()
 
 
+# ---- the data writers' commands, run as written on a release in the official layout ---------
+
+SHARD_CALLS = [
+    (c, args) for c, module, args in python_module_calls() if module == "vlds.data.prep.shards"
+]
+
+
+def expand_braces(token: str) -> list[str]:
+    """bash's brace expansion of one group, as the shell does for the docs' `{train,val}`."""
+    m = re.search(r"\{([^{}]*,[^{}]*)\}", token)
+    if not m:
+        return [token]
+    return [
+        x
+        for part in m.group(1).split(",")
+        for x in expand_braces(token[: m.start()] + part + token[m.end() :])
+    ]
+
+
+@pytest.fixture(scope="module")
+def official_release(tmp_path_factory):
+    """tests/test_shards.py's miniature release laid out as the docs' commands name it: the
+    releases' own file names in the working folder, datasets under DATA (for "/data/")."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    from tests.test_shards import make_release
+
+    cwd = tmp_path_factory.mktemp("official")
+    r = make_release(cwd / "release")
+    data = cwd / "data"
+    (data / "coco").mkdir(parents=True)
+    shutil.copytree(r["coco_images"][0], data / "coco" / "train2014")
+    shutil.copy(r["coco_images"][1], data / "coco" / "val2014.zip")
+    with zipfile.ZipFile(r["coco_images"][1]) as z:
+        z.extractall(data / "coco")  # its members are val2014/...: the folder form
+    with tarfile.open(r["gqa_images"]) as tar:
+        members = [m for m in tar if m.name.startswith("images/")]
+        tar.extractall(data / "gqa", members=members, filter="data")
+    shutil.copytree(r["nlvr_images"][0] / "train", data / "nlvr2" / "images" / "train")
+    shutil.copytree(r["features"], data / "value" / "clip-vit-b32")
+    (data / "yc2").mkdir()
+    with zipfile.ZipFile(data / "yc2" / "videos.zip", "w") as z:
+        for v in sorted(r["videos"].iterdir()):
+            z.write(v, f"videos/{v.name}")
+    for name in ("questions_train2014", "questions_val2014"):
+        sub = name.split("_")[1]
+        shutil.copy(r[f"q_{sub}"], cwd / r[f"q_{sub}"].name)
+        shutil.copy(r[f"a_{sub}"], cwd / r[f"a_{sub}"].name)
+    shutil.copy(r["karpathy"], cwd / "dataset_coco.json")
+    shutil.copy(r["gqa_train"], cwd / "train_balanced_questions.json")
+    shutil.copy(r["nlvr_train"], cwd / "train.json")
+    for task in ("tvqa", "how2qa", "tvc"):
+        shutil.copy(r[task], cwd / f"{task}_train.jsonl")
+    shutil.copy(r["yc2c"], cwd / "yc2c_val.jsonl")
+    for subs in ("tv_subtitles.jsonl", "how2_subtitles.jsonl", "yc2_subtitles.jsonl"):
+        shutil.copy(r["subtitles"], cwd / subs)
+    # test splits without labels: VQA test-dev (questions only), GQA test-balanced (no answer)
+    (data / "coco" / "test2015").mkdir()
+    questions = []
+    for i in (5, 6):
+        name = f"COCO_test2015_{i:012d}.jpg"
+        shutil.copy(
+            data / "coco" / "train2014" / f"COCO_train2014_{i:012d}.jpg",
+            data / "coco" / "test2015" / name,
+        )
+        questions.append({"image_id": i, "question": "what is it?", "question_id": i * 10 + 3})
+    (cwd / "v2_OpenEnded_mscoco_test-dev2015_questions.json").write_text(
+        json.dumps({"data_subtype": "test2015", "questions": questions})
+    )
+    gqa = json.loads((cwd / "train_balanced_questions.json").read_text())
+    test = {f"0{k}": {x: v for x, v in q.items() if x != "answer"} for k, q in gqa.items()}
+    (cwd / "test_balanced_questions.json").write_text(json.dumps(test))
+    return cwd
+
+
+@pytest.mark.parametrize("command,args", SHARD_CALLS, ids=[command_id(c) for c, _ in SHARD_CALLS])
+def test_shard_writer_commands_run_as_written(command: Command, args, official_release):
+    """Only "/data/" is replaced (by the release's folder) and the shell's brace expansion
+    done; every argument else is the documentation's."""
+    data = str(official_release / "data") + "/"
+    argv = [x.replace("/data/", data, 1) for a in args for x in expand_braces(a)]
+    proc = subprocess.run(
+        [PYTHON, "-m", "vlds.data.prep.shards", *argv],
+        cwd=official_release,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    task, split = argv[0], argv[argv.index("--split") + 1]
+    out = Path(argv[argv.index("--out") + 1])
+    task = {"nlvr2": "nlvr", "coco-caption": "caption"}.get(task, task)
+    index = json.loads((out / task / f"{split}.index.json").read_text())
+    assert index["total"] > 0, f"{command.where}: wrote no sample"
+    assert index.get("labelled", True) == (not split.startswith("test")), command.where
+
+
 def test_report_and_help_are_found():
     assert len(REPORT_CALLS) >= 2
+    assert {a[0] for _, a in SHARD_CALLS} >= {"vqa", "gqa", "nlvr2", "coco-caption", "tvqa"}
     assert {"vlds.evaluate", "vlds.peft.report", "vlds.data.prep.shards"} <= set(HELP_MODULES)
 
 

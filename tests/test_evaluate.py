@@ -1,12 +1,13 @@
 """The standalone evaluator: it reproduces a training run's final metrics from the adapter
-export, writes and re-scores the official submission formats, and refuses bad prediction files
-with what is wrong."""
+export, writes and re-scores the official submission formats, predicts unlabelled test splits,
+and refuses bad prediction files with what is wrong."""
 
 import json
 import os
 import runpy
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,70 @@ def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     assert evaluated["average"] == trained["average"]
     assert "per_answer_type" in trained["vqa"] and "consistency" in trained["nlvr"]
     assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(trained["caption"])
+
+    # An unlabelled test split (as the shard writer marks GQA test, VQA test-dev, ...): the
+    # same first 16 validation samples without their labels are predicted, not scored, and
+    # the submission files hold the very predictions the labelled split got.
+    test_root = unlabelled_copy(shapes_root, tmp_path / "test-data", tasks, 16)
+    ev_test = tmp_path / "eval-test"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "vlds.evaluate",
+            "--checkpoint",
+            str(out / "adapter"),
+            "--shards",
+            str(test_root),
+            "--split",
+            "test",
+            "--out",
+            str(ev_test),
+        ]
+    )
+    unscored = json.loads((ev_test / "metrics.json").read_text())["metrics"]
+    assert unscored == {
+        **{t: {"score": None, "n": 16, "labelled": False} for t in tasks},
+        "average": None,
+        "shuffled_average": None,  # nothing scored, with or without images
+    }
+    for t in tasks:
+        assert read_predictions(t, ev_test / FILE_NAMES[t]) == read_predictions(
+            t, ev / FILE_NAMES[t]
+        )
+    with pytest.raises(ValueError, match="gqa/test has no labels"):
+        score_file(ev_test / FILE_NAMES["gqa"], "gqa", test_root, split="test")
+
+
+def unlabelled_copy(root: Path, dst: Path, tasks, n: int) -> Path:
+    """A data root (the others' files linked) whose "test" split holds the first n validation
+    samples of each task without their label field, marked unlabelled in its index as the
+    shard writer marks a test split."""
+    from vlds.data.prep import shardwrite
+    from vlds.data.shardio import load_index
+    from vlds.data.tasks import LABEL
+
+    dst.mkdir()
+    for entry in root.iterdir():
+        if entry.name not in tasks:
+            (dst / entry.name).symlink_to(entry)
+    for t in tasks:
+        members: dict[str, dict] = {}
+        for path, _ in load_index(root, t, "val").shards:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    key, ext = m.name.split(".", 1)
+                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        keys = list(members)[:n]
+        (dst / t).mkdir()
+        with shardwrite.open_shard(dst / t / "test-00000.tar") as tar:
+            for k in keys:
+                rec = json.loads(members[k]["json"])
+                del rec[LABEL[t]]
+                shardwrite.write_sample(tar, k, {**members[k], "json": rec})
+        shard = {"url": "test-00000.tar", "samples": len(keys)}
+        shardwrite.write_index(dst / t, t, "test", [shard], labelled=False)
+    return dst
 
 
 def _rows(ids, preds, meta=None):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from vlds.data.decode import Collator, Preprocess
 from vlds.data.prep.shards import main as shards_main
-from vlds.data.shardio import load_index
+from vlds.data.shardio import GROUP, SkipCounter, load_index, read_samples
 from vlds.data.stream import TrainStream
 from vlds.data.tasks import ALL_TASKS, TASKS
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
@@ -262,12 +262,13 @@ def convert(*argv) -> dict:
 
 
 def samples(root: Path, task: str, split: str) -> dict[str, dict]:
+    """{key: {ext: bytes}} of a split as training reads it (shared-image groups expanded)."""
     out = {}
-    for path, _ in load_index(root, task, split).shards:
-        with tarfile.open(path) as tar:
-            for m in tar:
-                key, ext = m.name.split(".", 1)
-                out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    for path, n in load_index(root, task, split).shards:
+        errors = SkipCounter()
+        for s in read_samples(path, errors, n):
+            out[s["__key__"]] = {k: v for k, v in s.items() if k not in ("__key__", "__url__")}
+        assert errors.count == 0
     return out
 
 
@@ -347,8 +348,17 @@ def test_vqa_karpathy_split_records_and_original_bytes(release, image_shards):
     assert r["_payload"] == {"jpg": src.read_bytes()}  # stored as is, no re-encode
     val = check_schema(out, "vqa", "val")  # Karpathy val: images 101-102, from the zip
     assert sorted(int(x["id"]) for x in val) == [1010, 1011, 1020, 1021]
+    # each image stored once with its two questions: 5 images (10 questions) per shard
     index = json.loads((out / "vqa" / "train.index.json").read_text())
-    assert [s["samples"] for s in index["shards"]] == [5, 5, 2] and index["total"] == 12
+    assert [s["samples"] for s in index["shards"]] == [10, 2] and index["total"] == 12
+    with tarfile.open(out / "vqa" / index["shards"][0]["url"]) as tar:
+        names = tar.getnames()
+    assert names[:2] == ["vqa-10-group.group.json", "vqa-10-group.jpg"] and len(names) == 10
+    with tarfile.open(out / "vqa" / index["shards"][0]["url"]) as tar:
+        group = json.loads(tar.extractfile(f"vqa-30-group.{GROUP}").read())
+    assert [g["id"] for g in group] == ["30", "31"] and group[1] == {
+        k: v for k, v in r.items() if k != "_payload"
+    }
 
 
 def test_vqa_official_split_without_karpathy(release, tmp_path):
@@ -510,7 +520,7 @@ def test_parallel_writers_give_the_same_bytes(release, tmp_path):
     convert(*args, "--out", tmp_path / "one", "--workers", 1)
     convert(*args, "--out", tmp_path / "two", "--workers", 2)
     one, two = (sorted((tmp_path / d / "vqa").glob("*.tar")) for d in ("one", "two"))
-    assert len(one) == 4 and [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
+    assert len(one) == 2 and [p.read_bytes() for p in one] == [p.read_bytes() for p in two]
 
 
 def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenizer):
@@ -561,6 +571,28 @@ def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenize
         shuffle_buffer=4,
     )
     assert [b["frames"].shape for b in stream] == [(2, 3, 3, 96, 96)] * 2
+
+
+def test_feature_extraction_keeps_shared_images_grouped(image_shards, tmp_path):
+    """Caching CLIP features runs the tower once per stored image and keeps its questions
+    together: the feature shards expand to the same records as the pixel shards."""
+    from vlds.data.prep.extract import main as extract_main
+
+    out, _ = image_shards
+    argv = ["--shards", out, "--tasks", "vqa", "--splits", "train", "--out", tmp_path]
+    argv += ["--vision", "vlds-tiny-rn", "--vision-pretrained", "", "--grid-pool", 2]
+    extract_main([str(a) for a in (*argv, "--workers", 0, "--quiet")])
+    feats = samples(tmp_path, "vqa", "train")
+    pixels = samples(out, "vqa", "train")
+    assert load_index(tmp_path, "vqa", "train").total == 12 and feats.keys() == pixels.keys()
+    assert all(feats[k]["json"] == pixels[k]["json"] for k in feats)
+    with tarfile.open(load_index(tmp_path, "vqa", "train").shards[0][0]) as tar:
+        names = tar.getnames()
+    assert names[:2] == ["vqa-10-group.feats.npy", "vqa-10-group.group.json"] and len(names) == 10
+    a, b = (
+        np.load(io.BytesIO(feats[k]["feats.npy"])) for k in ("vqa-10-group#0", "vqa-10-group#1")
+    )
+    assert a.shape == (4, a.shape[1]) and np.array_equal(a, b)  # one image, one feature array
 
 
 def test_converted_shards_train(image_shards, shapes_root, tmp_path):

@@ -15,8 +15,10 @@ bit), the adapter is loaded, and each task is decoded with the same code and set
 in-loop evaluation (vlds.eval.loop.evaluate_tasks, loaders from vlds.data.build; beams and
 batch size from the config's eval section), on one process (GPU when there is one, in the
 run's precision). Written to --out (default {checkpoint}/../eval-{split}): one official-format
-prediction file per task (see vlds/eval/submission.py) and metrics.json. Exit status 2 on bad
-input, with the reason.
+prediction file per task (see vlds/eval/submission.py) and metrics.json. A split written
+without labels (GQA test, VQA test-dev / test-std, TVQA test: `python -m vlds.data.prep.shards`
+marks it) is predicted, not scored: its file is the leaderboard submission, every id once.
+Exit status 2 on bad input, with the reason.
 """
 
 from __future__ import annotations
@@ -38,8 +40,14 @@ def reference_rows(shards: Path, task: str, split: str, max_samples: int = 0) ->
     from vlds.data.tasks import get_task
 
     t = get_task(task)
+    index = load_index(shards, task, split)
+    if not index.labelled:
+        raise ValueError(
+            f"{task}/{split} has no labels (an unlabelled test split): there is nothing to score "
+            f"the file against here; submit it to the benchmark's evaluation server"
+        )
     out = {}
-    for rec in read_records(load_index(shards, task, split), max_samples):
+    for rec in read_records(index, max_samples):
         out[str(rec["id"])] = (t.references(rec), {k: rec[k] for k in META_FIELDS if k in rec})
     return out
 
@@ -143,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the CLI; returns {task: metrics, ...}. Errors propagate (the __main__ block turns
     them into a message and exit status 2)."""
     from vlds.data.tasks import get_task
-    from vlds.eval.submission import write_predictions
+    from vlds.eval.submission import FILE_NAMES, write_predictions
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -189,8 +197,19 @@ def main(argv: list[str] | None = None) -> dict:
         "metrics": metrics,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    scores = [f"{t} {m['score']:.2f}" for t, m in metrics.items() if isinstance(m, dict)]
-    log.info("%s: %s, average %.2f", out / "metrics.json", ", ".join(scores), metrics["average"])
+    tasks = [t for t, m in metrics.items() if isinstance(m, dict)]
+    scores = [f"{t} {metrics[t]['score']:.2f}" for t in tasks if metrics[t]["score"] is not None]
+    if scores:
+        avg = metrics["average"]
+        log.info("%s: %s, average %.2f", out / "metrics.json", ", ".join(scores), avg)
+    unlabelled = [t for t in tasks if metrics[t]["score"] is None]
+    if unlabelled:
+        log.info(
+            "%s/%s has no labels: wrote the submission file(s) %s for the evaluation server",
+            ",".join(unlabelled),
+            args.split,
+            ", ".join(str(out / FILE_NAMES[t]) for t in unlabelled),
+        )
     return metrics
 
 

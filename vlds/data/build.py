@@ -112,6 +112,19 @@ def preprocess_and_collate(cfg, tokenizer, image_size: int) -> tuple[Preprocess,
     return preprocess, collate
 
 
+def refuse_unlabelled(indexes) -> None:
+    """Training and its validation need labels; a test split written without them fails here,
+    before any model is built."""
+    for idx in indexes:
+        if not idx.labelled:
+            raise DataError(
+                f"{idx.task}/{idx.split} has no labels (written from unlabelled release files, "
+                f"e.g. a test split); train and validate on labelled splits (--data.train_split, "
+                f"--data.val_split), and write this split's submission file with python -m "
+                f"vlds.evaluate --checkpoint RUN --shards ROOT --split {idx.split}"
+            )
+
+
 class DataBuilder:
     """The loaders of a run. `train=False` (the evaluator) reads only the validation split of
     `eval_tasks` (default: every task); task ids still follow cfg.data.tasks, so per-task
@@ -125,6 +138,8 @@ class DataBuilder:
         d = cfg.data
         self.train_idx = {t: load_index(root, t, d.train_split) for t in tasks} if train else {}
         self.val_idx = {t: load_index(root, t, d.val_split) for t in eval_tasks or tasks}
+        if train:  # the evaluator alone may read an unlabelled split: it writes predictions
+            refuse_unlabelled([*self.train_idx.values(), *self.val_idx.values()])
         check_features(cfg, {**self.train_idx, **{f"val/{t}": i for t, i in self.val_idx.items()}})
         self.sizes = task_batch_sizes(tasks, d.batch_size, d.task_batch_scale)
         self.preprocess, self.collate = preprocess_and_collate(cfg, tokenizer, image_size)

@@ -19,7 +19,7 @@ import torch
 
 from vlds.config import ConfigError, config_check
 from vlds.data.shardio import DataError, load_npy
-from vlds.data.tasks import get_task
+from vlds.data.tasks import get_task, labelled
 from vlds.model.vision import frame_tokens, image_tokens
 
 FEATURE_MODES = ("auto", "true", "false")
@@ -40,8 +40,9 @@ def check_record(rec: dict) -> None:
         task = get_task(rec["task"])
         str(rec["id"])
         task.encoder_text(rec)
-        task.target(rec, _CHECK_RNG)
-        task.references(rec)
+        if labelled(rec):  # an unlabelled test record is only predicted
+            task.target(rec, _CHECK_RNG)
+            task.references(rec)
     except (KeyError, IndexError, TypeError, ValueError) as e:
         name = rec.get("id", "?")
         raise DataError(f"record {name!r} is missing or has a bad field: {e!r}") from None
@@ -212,7 +213,11 @@ class Collator:
         task = get_task(samples[0]["task"])
         texts = [task.encoder_text(s["rec"]) for s in samples]
         # The caption reference trained on is drawn per (sample, epoch): reproducible on resume.
-        targets = [task.target(s["rec"], _LazyRandom(f"{s['key']}-{epoch}")) for s in samples]
+        # Unlabelled test records (predicted only: DataBuilder never trains on them) have none.
+        targets = [
+            task.target(s["rec"], _LazyRandom(f"{s['key']}-{epoch}")) if labelled(s["rec"]) else ""
+            for s in samples
+        ]
         enc = self.tok(
             texts, max_length=self.max_text, truncation=True, padding=True, return_tensors="pt"
         )
@@ -235,6 +240,6 @@ class Collator:
             "labels": labels,
             **visual,
             "ids": [s["id"] for s in samples],
-            "refs": [task.references(s["rec"]) for s in samples],
+            "refs": [task.references(s["rec"]) if labelled(s["rec"]) else [] for s in samples],
             "meta": [{k: s["rec"][k] for k in META_FIELDS if k in s["rec"]} for s in samples],
         }

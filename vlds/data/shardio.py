@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # Shard members we decode; anything else (e.g. .pyd/.pickle) is never read, let alone unpickled.
 ALLOWED_EXTS = {
     "json",
+    "group.json",
     "jpg",
     "jpeg",
     "png",
@@ -46,6 +47,10 @@ ALLOWED_EXTS = {
     "feats.npy",
 }
 MIN_BAD = 10  # bad samples a reader tolerates before the fraction is judged
+# A tar sample whose visual payload several records share (VQA's ~5.4 questions per COCO
+# image, GQA's ~13) stores the payload once and the records as a json list in this member;
+# readers expand it into one sample per record (`expand_group`), which is what indexes count.
+GROUP = "group.json"
 
 
 class DataError(ValueError):
@@ -72,6 +77,11 @@ class TaskIndex:
     @property
     def features(self) -> dict | None:
         return self.meta.get("features")
+
+    @property
+    def labelled(self) -> bool:
+        """False for a split written from unlabelled release files (a test split)."""
+        return self.meta.get("labelled", True)
 
 
 def load_index(root: str | Path, task: str, split: str) -> TaskIndex:
@@ -138,16 +148,36 @@ class SkipCounter:
         self.seen += 1
 
 
+def expand_group(sample: dict) -> list[dict]:
+    """One sample per record of a GROUP sample (the payload members shared, keys
+    "{key}#{i}"); any other sample as it is."""
+    if GROUP not in sample:
+        return [sample]
+    recs = json.loads(sample[GROUP])
+    if not isinstance(recs, list) or not recs:
+        raise ValueError(f"{sample['__key__']}.{GROUP} is not a non-empty list of records")
+    shared = {k: v for k, v in sample.items() if k != GROUP}
+    return [
+        {**shared, "__key__": f"{sample['__key__']}#{i}", "json": json.dumps(r).encode()}
+        for i, r in enumerate(recs)
+    ]
+
+
 def read_samples(
-    path: str, on_error: SkipCounter, expected: int | None = None, only: frozenset | None = None
+    path: str,
+    on_error: SkipCounter,
+    expected: int | None = None,
+    only: frozenset | None = None,
+    expand: bool = True,
 ):
     """The samples of one shard as dicts {"__key__", "__url__", ext: bytes} (webdataset's
-    grouping: consecutive members sharing the name up to the first dot of the file name).
+    grouping: consecutive members sharing the name up to the first dot of the file name),
+    a GROUP sample expanded into one sample per record unless `expand=False`.
     Only ALLOWED_EXTS are read (and of those only `only`, when given: the other members are
     skipped by seeking). A shard that ends early (truncated: an error, or a cut at a member
     boundary) counts its samples missing from the index's count as bad."""
     escaped = []
-    wanted = ALLOWED_EXTS if only is None else ALLOWED_EXTS & only
+    wanted = ALLOWED_EXTS if only is None else ALLOWED_EXTS & (only | only_json(only))
 
     def select(name: str) -> bool:
         if name.startswith("/") or ".." in name.split("/"):  # a member escaping the shard
@@ -160,12 +190,21 @@ def read_samples(
         while escaped:
             on_error(DataError(f"{path}: member {escaped.pop()!r} escapes the dataset root"), path)
 
-    def emit(sample):
-        on_error.read()
-        if "json" not in sample:
+    def emit(sample) -> list[dict]:
+        """The samples a tar sample stands for; counts them as read (and bad ones)."""
+        if "json" not in sample and GROUP not in sample:
+            on_error.read()
             on_error(DataError(f"{path}: sample {sample['__key__']} has no json record"), path)
-            return False
-        return True
+            return [None]
+        try:
+            out = expand_group(sample) if expand else [sample]
+        except ValueError as e:
+            on_error.read()
+            on_error(DataError(f"{path}: {e}"), path)
+            return [None]
+        for _ in out:
+            on_error.read()
+        return out
 
     n, cur = 0, None
     try:
@@ -177,9 +216,9 @@ def read_samples(
                 stem, _, ext = base.partition(".")
                 key = f"{head}/{stem}" if head else stem
                 if cur is not None and cur["__key__"] != key:
-                    n += 1
-                    if emit(cur):
-                        yield cur
+                    out = emit(cur)
+                    n += len(out)
+                    yield from (s for s in out if s is not None)
                     cur = None
                 if cur is None:
                     cur = {"__key__": key, "__url__": path}
@@ -192,14 +231,19 @@ def read_samples(
     # the last sample holds only whole members (a cut one raises before it is added); one
     # missing its payload fails in Preprocess and is counted there
     if cur is not None:
-        n += 1
-        if emit(cur):
-            yield cur
+        out = emit(cur)
+        n += len(out)
+        yield from (s for s in out if s is not None)
     report_escaped()
     for _ in range((expected or 0) - n):
         on_error.read()
         msg = f"{path}: {n} of the {expected} samples its index lists (truncated?)"
         on_error(DataError(msg), path)
+
+
+def only_json(only: frozenset) -> frozenset:
+    """A reader of records reads group records too."""
+    return frozenset({GROUP}) if "json" in only else frozenset()
 
 
 def read_records(index: TaskIndex, limit: int = 0):

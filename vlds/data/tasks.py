@@ -17,7 +17,9 @@ text prompt, the target and the metric name, so converters write raw fields only
 | yc2c    | video | frames.npy[.gz]           | captions[>=1], subtitles, vid_name           |
 
 Every record also has ``task`` and ``id`` (question id, NLVR2 identifier, image or clip id):
-``id`` is unique within a task split and is what predictions are keyed by.
+``id`` is unique within a task split and is what predictions are keyed by. A record of an
+unlabelled test split (GQA test, VQA test-dev, TVQA test) lacks its LABEL field (answers,
+answer, label, captions, answer_idx): it can be decoded and predicted, never trained or scored.
 """
 
 from __future__ import annotations
@@ -54,6 +56,23 @@ def majority_baseline(task: str, train_records, val_records) -> float:
     top = common.most_common(1)[0][0]
     refs = [t.references(r) for r in val_records]
     return METRICS[task]([top] * len(refs), refs)["score"]
+
+
+# the field that holds what a record is scored against; absent in unlabelled test splits
+LABEL = {
+    "vqa": "answers",
+    "gqa": "answer",
+    "nlvr": "label",
+    "caption": "captions",
+    "tvqa": "answer_idx",
+    "how2qa": "answer_idx",
+    "tvc": "captions",
+    "yc2c": "captions",
+}
+
+
+def labelled(rec: dict) -> bool:
+    return LABEL[rec["task"]] in rec
 
 
 def _ts(rec: dict) -> str:

@@ -95,9 +95,16 @@ def from_rank0(obj):
     return box[0]
 
 
+def _mean(xs: list[float]) -> float | None:
+    """None when no task was scored (every split unlabelled)."""
+    return sum(xs) / len(xs) if xs else None
+
+
 def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False, metrics=None):
     """({task: metrics, "average": mean score}, {task: [{"id", "prediction", "meta"}]}), both
-    identical on every rank. `metrics` overrides METRICS entries (e.g. the legacy VQA scorer)."""
+    identical on every rank. `metrics` overrides METRICS entries (e.g. the legacy VQA scorer).
+    A task whose split has no labels (a test split: every reference empty) is predicted, not
+    scored: {"score": None, "n", "labelled": False}, left out of the average."""
     was_training = model.training
     model.eval()
     is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -108,6 +115,10 @@ def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=Fa
         args = (model, tower, loader, task_name, tokenizer, cfg, device, zero3)
         rows = gather_predictions(predict(*args))
         rows.sort(key=lambda r: r[0])
+        predictions[task_name] = [{"id": r[0], "prediction": r[1], "meta": r[3]} for r in rows]
+        if not any(r[2] for r in rows):  # an unlabelled test split: predictions only
+            results[task_name] = {"score": None, "n": len(rows), "labelled": False}
+            continue
         metric = (metrics or {}).get(task_name) or task_metric(task_name, cfg.eval.java_metrics)
         results[task_name] = score_rows(task_name, rows, metric) if is_main else None
         if shuffled:
@@ -116,13 +127,10 @@ def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=Fa
                 results[task_name]["shuffled_score"] = score_rows(task_name, rows_s, metric)[
                     "score"
                 ]
-        predictions[task_name] = [{"id": r[0], "prediction": r[1], "meta": r[3]} for r in rows]
     results = from_rank0(results)
-    tasks = list(results)
-    results["average"] = sum(results[t]["score"] for t in tasks) / max(1, len(tasks))
+    scored = [t for t in results if results[t]["score"] is not None]
+    results["average"] = _mean([results[t]["score"] for t in scored])
     if shuffled:
-        results["shuffled_average"] = sum(results[t]["shuffled_score"] for t in tasks) / max(
-            1, len(tasks)
-        )
+        results["shuffled_average"] = _mean([results[t]["shuffled_score"] for t in scored])
     model.train(was_training)
     return results, predictions

@@ -37,7 +37,14 @@ import torch
 from vlds.config import build_config
 from vlds.data.decode import Preprocess
 from vlds.data.prep import shardwrite
-from vlds.data.shardio import DataError, SkipCounter, load_index, read_samples
+from vlds.data.shardio import (
+    GROUP,
+    DataError,
+    SkipCounter,
+    expand_group,
+    load_index,
+    read_samples,
+)
 from vlds.data.tasks import get_task
 from vlds.model.build import build_tower
 from vlds.model.vision import CLIP_MEAN, CLIP_STD, VisionTower
@@ -45,7 +52,9 @@ from vlds.model.vision import CLIP_MEAN, CLIP_STD, VisionTower
 
 class ShardFeed(torch.utils.data.IterableDataset):
     """Decoded pixels of whole shards, one shard per worker at a time, in shard order:
-    {"shard", "key", "json", "visual"} per sample, then {"shard", "end", "bad"}."""
+    {"shard", "key", "member", "json", "n", "visual"} per tar sample (a GROUP sample stays one:
+    its payload is run once and its records, n of them, are copied as they are), then
+    {"shard", "end", "bad"}."""
 
     def __init__(self, shards: list[tuple[int, str]], preprocess: Preprocess):
         super().__init__()
@@ -56,13 +65,22 @@ class ShardFeed(torch.utils.data.IterableDataset):
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         for k, path in self.shards[w::nw]:
             errors = SkipCounter(every=10)
-            for s in read_samples(path, errors):
+            for s in read_samples(path, errors, expand=False):
+                member = GROUP if GROUP in s else "json"
                 try:
-                    visual = self.preprocess(s)["visual"]
+                    records = expand_group(s)
+                    visual = self.preprocess(records[0])["visual"]
                 except Exception as e:
                     errors(e, path)
                     continue
-                yield {"shard": k, "key": s["__key__"], "json": s["json"], "visual": visual}
+                yield {
+                    "shard": k,
+                    "key": s["__key__"],
+                    "member": member,
+                    "json": s[member],
+                    "n": len(records),
+                    "visual": visual,
+                }
             yield {"shard": k, "end": True, "bad": errors.count}
 
 
@@ -101,9 +119,9 @@ class Extractor:
             feats = feats.reshape(-1, feats.shape[-1]).numpy().astype(self.dtype)  # (n, C)
             w = writers[p["shard"]]
             w["bytes"] += shardwrite.write_sample(
-                w["tar"], p["key"], {"json": p["json"], "feats.npy": _npy(feats)}
+                w["tar"], p["key"], {p["member"]: p["json"], "feats.npy": _npy(feats)}
             )
-            w["samples"] += 1
+            w["samples"] += p["n"]
         self.pending = []
 
 
@@ -184,7 +202,8 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
     tok = Path(args.shards) / "tokenizer"
     if tok.is_dir() and not (Path(args.out) / "tokenizer").exists():
         shutil.copytree(tok, Path(args.out) / "tokenizer")  # synthetic data's own tokenizer
-    return shardwrite.summarize(kept) | {"resumed_shards": len(done)}
+    summary = shardwrite.summarize([stats[k] for k in sorted(stats)])
+    return summary | {"resumed_shards": len(done)}
 
 
 def parser() -> argparse.ArgumentParser:

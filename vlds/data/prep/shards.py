@@ -8,15 +8,23 @@
 
 Output: `{out}/{task}/{split}-NNNNN.tar` + `{split}.index.json`, with task the registry name
 (vqa, gqa, nlvr, caption, tvqa, how2qa, tvc, yc2c) and every sample a `json` record as
-vlds/data/tasks.py defines it, plus its payload: the original jpg/png bytes (never
-re-encoded; named by their real format), `img0.*`/`img1.*` for NLVR2, `frames.npy` (T, S, S, 3)
-uint8 decoded from videos, or `feats.npy` (T, D) float16 from per-video feature files.
+vlds/data/tasks.py defines it, plus its payload: the original jpg/png bytes (named by their
+real format; any other format PIL decodes is re-encoded once to PNG), `img0.*`/`img1.*` for
+NLVR2, `frames.npy` (T, S, S, 3) uint8 decoded from videos, or `feats.npy` (T, D) float16 from
+per-video feature files. Records that share their images (VQA's ~5.4 questions per COCO
+image) are one tar sample: the payload once, the records in a `group.json` list, expanded into
+one sample per record by every reader (vlds.data.shardio), so indexes, mixing and resume
+count records as before. `--samples-per-shard` counts payloads.
 
 The plan (which sample goes into which shard) is computed first, from the annotation files and
 the file names in --images/--videos/--features; samples that cannot be planned are counted by
 reason. Shards are then written in parallel (--workers processes), each to a temp name renamed
-when whole; images are checked to decode, videos decoded, and a sample that fails is skipped
-and counted. The index is written last, so training never sees a half-written split.
+when whole; images are checked to decode, videos decoded, and any per-file failure (an archive
+member with a bad CRC, a truncated file, an image, video or feature file its decoder rejects)
+skips that sample, counted by reason with the first files named. Only what makes the split
+meaningless aborts: a missing or unparsable annotation file, an unwritable output. A split
+whose records have no labels (a test split) is written and marked unlabelled. The index is
+written last, so training never sees a half-written split.
 
 Re-running over the same output is safe: `{split}.manifest.json` records the arguments, the
 input files' sizes and times and the plan's hash. Same -> finished shards are kept and the rest
@@ -44,6 +52,7 @@ from vlds.cli import MissingExtra
 from vlds.data.prep import shardwrite
 from vlds.data.prep.converters import ALIASES, Converter, Item, converters
 from vlds.data.prep.converters.sources import Sources, read, ref_name
+from vlds.data.shardio import GROUP
 
 # samples per shard by payload: ~150 MB of COCO jpgs; frames 32 x 224^2 x 3 = 4.8 MB a sample
 DEFAULT_SHARD = {"image": 1000, "frames": 32, "features": 1000}
@@ -53,9 +62,13 @@ class Skip(Exception):
     """A sample the writer drops, with the reason counted in the summary."""
 
 
-def image_payload(data: bytes) -> str:
-    """The member extension for an image's real format (jpg / png), after checking that it
-    decodes (JPEGs at reduced size in draft mode: cheap); Skip otherwise."""
+def image_payload(data: bytes) -> tuple[str, bytes, str | None]:
+    """(member extension, bytes, repair note) of an image, whatever its file name says.
+
+    JPEG and PNG are kept as they are (JPEGs checked at reduced size in draft mode: cheap).
+    Any other format PIL decodes (NLVR2's ".png" files that hold TIFF, WebP, GIF or ICO
+    bytes) is re-encoded once, losslessly, to an RGB PNG: the training decoder then meets only
+    the two formats it is tested on. Skip when PIL cannot decode it."""
     from PIL import Image
 
     try:
@@ -64,11 +77,13 @@ def image_payload(data: bytes) -> str:
         if fmt == "JPEG":
             img.draft("RGB", (64, 64))
         img.load()
-    except Exception as e:
+        if fmt in ("JPEG", "PNG"):
+            return ("jpg" if fmt == "JPEG" else "png"), data, None
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, format="PNG")  # a GIF's or an ICO's first frame
+    except Exception as e:  # any decoder failure (truncated, bomb, odd mode) skips this file
         raise Skip("undecodable image") from e
-    if fmt not in ("JPEG", "PNG"):
-        raise Skip(f"unsupported image format {fmt}")
-    return "jpg" if fmt == "JPEG" else "png"
+    return "png", buf.getvalue(), f"image re-encoded to PNG (was {fmt})"
 
 
 def _npy(arr: np.ndarray) -> bytes:
@@ -77,18 +92,29 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build_sample(item: Item, opts: dict) -> dict:
-    """An Item -> {member ext: bytes | record}; raises Skip(reason)."""
-    from vlds.data.prep.video import VideoError, decode_frames, load_feature_file
+def _read(ref) -> bytes:
+    """A referenced file's bytes; Skip for anything per-file (a zip member with a bad CRC, a
+    truncated archive, an unreadable file)."""
+    try:
+        return read(ref)
+    except Exception as e:  # zipfile.BadZipFile, zlib.error, EOFError, OSError, ...
+        raise Skip("unreadable file") from e
+
+
+def build_sample(item: Item, opts: dict) -> tuple[dict, list[str]]:
+    """An Item -> ({member ext: bytes | record}, repair notes); raises Skip(reason) for any
+    failure that concerns this sample's own files only."""
+    from vlds.data.prep.video import decode_frames, load_feature_file
 
     sample: dict = {"json": item.rec}
+    notes = list(item.notes)
+    for prefix, ref in item.images:
+        ext, data, note = image_payload(_read(ref))
+        sample[f"{prefix}.{ext}" if prefix else ext] = data
+        notes += [note] if note else []
     try:
-        for prefix, ref in item.images:
-            data = read(ref)
-            ext = image_payload(data)
-            sample[f"{prefix}.{ext}" if prefix else ext] = data
         if item.video is not None:
-            src = item.video[1] if item.video[0] == "file" else read(item.video)
+            src = item.video[1] if item.video[0] == "file" else _read(item.video)
             start, end = item.window or (None, None)
             frames = decode_frames(src, opts["num_frames"], opts["frame_size"], start, end)
             if opts.get("gzip_frames"):
@@ -96,44 +122,85 @@ def build_sample(item: Item, opts: dict) -> dict:
             else:
                 sample["frames.npy"] = _npy(frames)
         if item.feats is not None:
-            sample["feats.npy"] = _npy(load_feature_file(read(item.feats), ref_name(item.feats)))
-    except VideoError as e:
+            data = _read(item.feats)
+            sample["feats.npy"] = _npy(load_feature_file(data, ref_name(item.feats)))
+    except (Skip, MissingExtra):
+        raise
+    except Exception as e:  # VideoError or any decoder failure: this file's, not the split's
         raise Skip("undecodable video" if item.video else "unreadable features") from e
-    except OSError as e:
-        raise Skip("unreadable file") from e
-    return sample
+    return sample, notes
+
+
+def _item_name(item: Item) -> str:
+    refs = [r for _, r in item.images] + [item.video, item.feats]
+    return ", ".join(ref_name(r) for r in refs if r) or item.key
+
+
+def group_items(items: list[Item]) -> list[list[Item]]:
+    """Items that share their images (VQA's questions about one COCO image, GQA's about one
+    scene, NLVR2's sentences about one pair), in order of first appearance: each group is
+    one tar sample, its payload stored once (a GROUP member lists the records). Video and
+    feature items stay one per sample."""
+    groups: dict = {}
+    for it in items:
+        key = it.images if it.images and it.video is None and it.feats is None else it.key
+        groups.setdefault(key, []).append(it)
+    return list(groups.values())
 
 
 def write_shard(job: tuple) -> dict:
-    """Write one planned shard; returns its stats for the progress file."""
-    task_dir, split, shard, items, opts = job
+    """Write one planned shard (a list of item groups); returns its stats for the progress
+    file: "samples" counts records (what the index and the stream count), "payloads" the
+    tar samples."""
+    task_dir, split, shard, groups, opts = job
     url = shardwrite.shard_url(split, shard)
-    skipped, written, size, dims = Counter(), 0, 0, set()
+    skipped, repaired, written, payloads, size, dims = Counter(), Counter(), 0, 0, 0, set()
+    examples: dict[str, list[str]] = {}  # the first few files skipped for each reason
     with shardwrite.open_shard(Path(task_dir) / url) as tar:
-        for item in items:
+        for group in groups:
+            first = group[0]
             try:
-                sample = build_sample(item, opts)
+                sample, notes = build_sample(first, opts)
             except Skip as e:
-                skipped[str(e)] += 1
+                skipped[str(e)] += len(group)
+                names = examples.setdefault(str(e), [])
+                if len(names) < shardwrite.EXAMPLES:
+                    names.append(_item_name(first))
                 continue
+            for it in group[1:]:
+                notes += list(it.notes)
+            repaired.update(notes)
             if "feats.npy" in sample:
                 dims.add(int(np.load(io.BytesIO(sample["feats.npy"])).shape[1]))
-            size += shardwrite.write_sample(tar, item.key, sample)
-            written += 1
+            key = first.key
+            if len(group) > 1:
+                del sample["json"]
+                sample[GROUP] = [it.rec for it in group]
+                key = f"{first.key}-group"
+            size += shardwrite.write_sample(tar, key, sample)
+            written += len(group)
+            payloads += 1
     file_bytes = (Path(task_dir) / url).stat().st_size
     return {
         "shard": shard,
         "url": url,
         "samples": written,
-        "items": len(items),
+        "payloads": payloads,
+        "items": sum(len(g) for g in groups),
         "bytes": size,
         "file_bytes": file_bytes,
         "skipped": dict(skipped),
+        "skip_examples": examples,
+        "repaired": dict(repaired),
         "dims": sorted(dims),
     }
 
 
 def plan_items(conv: Converter, args, sources: dict) -> tuple[list[Item], Counter]:
+    """(items, skipped reasons) of the plan; a second item with an id already planned is
+    skipped, and so is a record without its label when others have theirs (all without: an
+    unlabelled test split). Repair notes are counted when a sample is written: a repaired
+    item may still be skipped for its files."""
     skipped = Counter()
     items, seen = [], set()
     for item in conv.plan(args, sources, skipped):
@@ -147,7 +214,18 @@ def plan_items(conv: Converter, args, sources: dict) -> tuple[list[Item], Counte
     outside = sum(s.outside for s in sources.values())
     if outside:
         skipped["archive/folder entries outside the dataset root"] += outside
+    if any(not it.unlabelled for it in items):  # a labelled split: drop records without one
+        skipped.update(it.unlabelled for it in items if it.unlabelled)
+        items = [it for it in items if not it.unlabelled]
     return items, skipped
+
+
+def duplicate_report(sources: dict) -> dict:
+    """File names found in more than one place across a converter's sources."""
+    n = sum(s.duplicates for s in sources.values())
+    names = [x for s in sources.values() for x in s.duplicate_names][: Sources.EXAMPLES]
+    prefer = next((s.prefer for s in sources.values()), "first")
+    return {"count": n, "examples": names, "kept": prefer} if n else {}
 
 
 def plan_hash(items: list[Item]) -> str:
@@ -170,7 +248,9 @@ def run(args) -> dict:
     conv = converters()[args.command]
     t0 = time.perf_counter()
     sources = {
-        name: Sources(getattr(args, name)) for name in conv.sources if getattr(args, name, None)
+        name: Sources(getattr(args, name), prefer=args.duplicates)
+        for name in conv.sources
+        if getattr(args, name, None)
     }
     items, planned_skips = plan_items(conv, args, sources)
     kind = conv.kind if conv.kind == "image" else ("features" if args.features else "frames")
@@ -179,7 +259,8 @@ def run(args) -> dict:
 
         require_av()  # before any work: decoding video needs the [video] extra
     per_shard = args.samples_per_shard or DEFAULT_SHARD[kind]
-    chunks = [items[i : i + per_shard] for i in range(0, len(items), per_shard)]
+    groups = [[it] for it in items] if args.no_group else group_items(items)
+    chunks = [groups[i : i + per_shard] for i in range(0, len(groups), per_shard)]
     task_dir = Path(args.out) / conv.task
     if not items:
         raise shardwrite.ShardError(
@@ -195,6 +276,7 @@ def run(args) -> dict:
         "inputs": shardwrite.fingerprint(conv.inputs(args)),
         "plan": {
             "items": len(items),
+            "payloads": len(groups),
             "shards": len(chunks),
             "sha256": plan_hash(items),
             "skipped": dict(planned_skips),
@@ -210,7 +292,8 @@ def run(args) -> dict:
     stats = dict(done)
     _run_jobs(jobs, args, stats, task_dir, len(items))
     ordered = [stats[k] for k in sorted(stats)]
-    extra = {}
+    unlabelled = all(it.unlabelled for it in items)
+    extra = {"labelled": False} if unlabelled else {}
     if kind == "features":
         dims = sorted({d for s in ordered for d in s.get("dims", ())})
         if len(dims) > 1:
@@ -226,11 +309,10 @@ def run(args) -> dict:
     shardwrite.write_index(
         task_dir, conv.task, args.split, [s for s in ordered if s["samples"]], **extra
     )
-    summary = shardwrite.summarize([s for s in ordered if s["samples"]])
+    summary = shardwrite.summarize(ordered)  # shards left empty by skips still hold counts
     summary["skipped"] = dict(Counter(summary["skipped"]) + planned_skips)
-    for s in ordered:  # shards left empty by skips still hold skip counts
-        if not s["samples"]:
-            summary["skipped"] = dict(Counter(summary["skipped"]) + Counter(s["skipped"]))
+    summary["duplicates"] = duplicate_report(sources)
+    summary["labelled"] = not unlabelled
     summary["resumed_shards"] = len(done)
     if not args.quiet:
         shardwrite.print_summary([(conv.task, args.split, summary)], time.perf_counter() - t0)
@@ -238,6 +320,12 @@ def run(args) -> dict:
             f"-> {task_dir}/{args.split}.index.json"
             + (f" ({len(done)} shard(s) kept from an earlier run)" if done else "")
         )
+        if unlabelled:
+            print(
+                f"{conv.task}/{args.split} has no labels (a test split): training refuses it; "
+                f"python -m vlds.evaluate --checkpoint RUN --shards {args.out} --split "
+                f"{args.split} writes its submission file"
+            )
     return summary
 
 
@@ -254,7 +342,7 @@ def _run_jobs(jobs, args, stats: dict, task_dir: Path, total: int) -> None:
     workers = args.workers or min(len(jobs), len(os.sched_getaffinity(0)))
     bar = tqdm(
         total=total,
-        initial=total - sum(len(j[3]) for j in jobs),
+        initial=total - sum(len(g) for j in jobs for g in j[3]),
         unit="sample",
         desc=f"{task_dir.name}/{args.split}",
         disable=args.quiet,
@@ -307,6 +395,18 @@ def parser() -> argparse.ArgumentParser:
         q.add_argument("--limit", type=int, default=0, help="only the first N planned samples")
         q.add_argument("--overwrite", action="store_true", help="delete this split's files first")
         q.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+        q.add_argument(
+            "--no-group",
+            action="store_true",
+            help="one tar sample per record, shared images repeated (for other webdataset "
+            "readers; vlds reads either)",
+        )
+        q.add_argument(
+            "--duplicates",
+            choices=("first", "last"),
+            default="first",
+            help="a file name found in several sources: keep the one listed first or last",
+        )
         conv.add_args(q)
     return p
 

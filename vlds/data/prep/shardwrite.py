@@ -176,21 +176,34 @@ def record_shard(task_dir: Path, split: str, stats: dict) -> None:
         f.write(json.dumps(stats).encode() + b"\n")
 
 
+EXAMPLES = 3  # files named per skip reason in the summary
+
+
 def summarize(stats: list[dict]) -> dict:
-    """Totals over shard stats: samples, shards, bytes on disk, skipped reasons."""
-    skipped = Counter()
+    """Totals over shard stats: samples, shards and bytes on disk of the shards that hold
+    samples (the index's), and over every shard (one emptied by skips too) the skipped
+    reasons, the first few files of each, and the repairs."""
+    skipped, repaired, examples = Counter(), Counter(), {}
     for s in stats:
         skipped.update(s.get("skipped", {}))
+        repaired.update(s.get("repaired", {}))
+        for reason, names in s.get("skip_examples", {}).items():
+            kept = examples.setdefault(reason, [])
+            kept += names[: EXAMPLES - len(kept)]
+    full = [s for s in stats if s["samples"]]
     return {
-        "samples": sum(s["samples"] for s in stats),
-        "shards": len(stats),
-        "bytes": sum(s["file_bytes"] for s in stats),
+        "samples": sum(s["samples"] for s in full),
+        "shards": len(full),
+        "bytes": sum(s["file_bytes"] for s in full),
         "skipped": dict(skipped),
+        "skip_examples": examples,
+        "repaired": dict(repaired),
     }
 
 
 def print_summary(rows: list[tuple[str, str, dict]], seconds: float, out=None) -> None:
-    """rows: (task, split, summarize() dict [+ "planned_skipped"]) -> a table on stdout."""
+    """rows: (task, split, summarize() dict) -> a table on stdout, then what was repaired,
+    which files were skipped, and file names found in more than one source."""
     import sys
 
     out = out or sys.stdout
@@ -202,4 +215,17 @@ def print_summary(rows: list[tuple[str, str, dict]], seconds: float, out=None) -
             f"{task:<8} {split:<8} {s['samples']:>9} {s['shards']:>7} {s['bytes']:>15,} {reasons}",
             file=out,
         )
+    for task, split, s in rows:
+        for what, n in Counter(s.get("repaired", {})).most_common():
+            print(f"{task}/{split}: repaired {n}: {what}", file=out)
+        for reason, names in s.get("skip_examples", {}).items():
+            print(f"{task}/{split}: skipped ({reason}): {', '.join(names)} ...", file=out)
+        dup = s.get("duplicates")
+        if dup:
+            print(
+                f"{task}/{split}: {dup['count']} file name(s) found in more than one source "
+                f"(e.g. {', '.join(dup['examples'])}); kept the {dup['kept']} listed "
+                f"(--duplicates first|last)",
+                file=out,
+            )
     print(f"done in {seconds:.1f} s", file=out)

@@ -14,6 +14,8 @@ bicubic, in FFmpeg's scaler) and centre-cropped to size x size, the crop the ima
 from __future__ import annotations
 
 import io
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +153,7 @@ def load_feature_file(data: bytes, name: str) -> np.ndarray:
             arr = arrays[key]
         else:
             arr = arrays
-    except (OSError, ValueError, EOFError) as e:
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         raise VideoError(f"unreadable feature file {name}: {e}") from None
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[1] == 1:

@@ -6,7 +6,9 @@ A converter turns annotation files into a deterministic list of `Item`s: the jso
 the user's image/video folders or archives (`sources.Sources`). It never reads pixels: the
 shard writer (`vlds.data.prep.shards`) reads, checks and writes them in parallel. Items that cannot
 be planned (no annotation, image not found, a path outside the dataset root, ...) are counted
-under a reason in `skipped` instead.
+under a reason in `skipped` instead. A record without its label (answer, caption) is planned
+with `unlabelled` set: the writer keeps such records only when no record of the split has
+one, and marks the split unlabelled (a test split, predicted but never trained or scored).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ class Item:
     video: Ref | None = None  # a video file to sample frames from
     window: tuple[float, float] | None = None  # decode only this time window (seconds)
     feats: Ref | None = None  # a per-video feature file ((T, D) frame features)
+    notes: tuple[str, ...] = ()  # repairs made while planning ("ts repaired: NaN -> ..."), counted
+    # rec lacks its label (vlds.data.tasks.LABEL): the skip reason used when other records of
+    # the split have theirs; when none has, the split is written unlabelled (a test split)
+    unlabelled: str = ""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,12 @@
 Karpathy splits (VQA with --karpathy, and captions): `--split train` takes Karpathy's "train"
 and "restval" images, "val" and "test" their own; `--karpathy-splits` names them explicitly.
 Without --karpathy, VQA keeps every question of the given files (the official split).
+
+Test splits without labels are written as they are, marked unlabelled in their index (VQA
+test-dev / test-std: no --annotations; GQA test-balanced: no "answer"; NLVR2 without "label"):
+
+    python -m vlds.data.prep.shards vqa --split test-dev --out /data/vl-shards \
+        --questions v2_OpenEnded_mscoco_test-dev2015_questions.json --images /data/coco/test2015
 """
 
 from __future__ import annotations
@@ -73,7 +79,12 @@ def _image(sources, name: str, skipped: Counter):
 
 def _vqa_args(p) -> None:
     p.add_argument("--questions", nargs="+", required=True, help="v2_OpenEnded_*_questions.json")
-    p.add_argument("--annotations", nargs="+", required=True, help="v2_mscoco_*_annotations.json")
+    p.add_argument(
+        "--annotations",
+        nargs="*",
+        default=[],
+        help="v2_mscoco_*_annotations.json (none for test-dev / test: an unlabelled split)",
+    )
     p.add_argument("--images", nargs="+", required=True, help="folders / .zip / .tar of images")
     p.add_argument("--karpathy", help="dataset_coco.json: keep the questions of its split")
     p.add_argument("--karpathy-splits", help="e.g. 'train,restval' (default from --split)")
@@ -98,10 +109,7 @@ def _vqa_plan(args, sources, skipped: Counter):
             image_id, qid = int(q["image_id"]), q["question_id"]
             if karpathy is not None and image_id not in karpathy:
                 continue  # another Karpathy split's image
-            ann = answers.get(qid)
-            if ann is None or not ann.get("answers"):
-                skipped["no annotation"] += 1
-                continue
+            ann = answers.get(qid) or {}
             if karpathy is not None:
                 names = [karpathy[image_id]["filename"]]
             else:
@@ -111,16 +119,14 @@ def _vqa_plan(args, sources, skipped: Counter):
             if ref is None:
                 _image(images, names[0], skipped)
                 continue
-            rec = {
-                "task": "vqa",
-                "id": str(qid),
-                "question": q["question"],
-                "answers": [a["answer"] for a in ann["answers"]],
-                "answer_type": ann.get("answer_type", ""),
-                "question_type": ann.get("question_type", ""),
-                "image_id": image_id,
-            }
-            yield Item(f"vqa-{safe_key(qid)}", rec, images=(("", ref),))
+            rec = {"task": "vqa", "id": str(qid), "question": q["question"]}
+            if ann.get("answers"):
+                rec["answers"] = [a["answer"] for a in ann["answers"]]
+                rec["answer_type"] = ann.get("answer_type", "")
+                rec["question_type"] = ann.get("question_type", "")
+            rec["image_id"] = image_id
+            missing = "" if "answers" in rec else "no annotation"
+            yield Item(f"vqa-{safe_key(qid)}", rec, images=(("", ref),), unlabelled=missing)
 
 
 # ---- GQA ----------------------------------------------------------------------------------
@@ -134,21 +140,16 @@ def _gqa_args(p) -> None:
 def _gqa_plan(args, sources, skipped: Counter):
     for f in args.questions:
         for qid, q in load_json(f).items():
-            if "answer" not in q:
-                skipped["no answer"] += 1
-                continue
             image_id = str(q["imageId"])
             ref = _image(sources["images"], f"{image_id}.jpg", skipped)
             if ref is None:
                 continue
-            rec = {
-                "task": "gqa",
-                "id": str(qid),
-                "question": q["question"],
-                "answer": q["answer"],
-                "image_id": int(image_id) if image_id.isdigit() else image_id,
-            }
-            yield Item(f"gqa-{safe_key(qid)}", rec, images=(("", ref),))
+            rec = {"task": "gqa", "id": str(qid), "question": q["question"]}
+            if "answer" in q:  # test-balanced has none
+                rec["answer"] = q["answer"]
+            rec["image_id"] = int(image_id) if image_id.isdigit() else image_id
+            missing = "" if "answer" in rec else "no answer"
+            yield Item(f"gqa-{safe_key(qid)}", rec, images=(("", ref),), unlabelled=missing)
 
 
 # ---- NLVR2 --------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def _nlvr_plan(args, sources, skipped: Counter):
     for f in args.annotations:
         for r in read_jsonl(f):
             ident, label = r.get("identifier"), _label(r.get("label"))
-            if not ident or label is None or "sentence" not in r:
+            if not ident or "sentence" not in r:
                 skipped["missing field"] += 1
                 continue
             # identifier "{split}-{set}-{pair}-{sentence}": the pair's images are
@@ -178,15 +179,13 @@ def _nlvr_plan(args, sources, skipped: Counter):
             refs = [_image(sources["images"], f"{prefix}-img{i}.png", skipped) for i in (0, 1)]
             if None in refs:
                 continue
-            rec = {
-                "task": "nlvr",
-                "id": ident,
-                "sentence": r["sentence"],
-                "label": label,
-                "identifier": ident,
-            }
+            rec = {"task": "nlvr", "id": ident, "sentence": r["sentence"]}
+            if label is not None:
+                rec["label"] = label
+            rec["identifier"] = ident
             pair = (("img0", refs[0]), ("img1", refs[1]))
-            yield Item(f"nlvr-{safe_key(ident)}", rec, images=pair)
+            missing = "" if label is not None else "no label"
+            yield Item(f"nlvr-{safe_key(ident)}", rec, images=pair, unlabelled=missing)
 
 
 # ---- COCO captions (Karpathy) -------------------------------------------------------------
@@ -201,14 +200,14 @@ def _caption_args(p) -> None:
 def _caption_plan(args, sources, skipped: Counter):
     for cocoid, im in sorted(_karpathy_images(args).items()):
         captions = [s["raw"].strip() for s in im.get("sentences", ()) if s.get("raw", "").strip()]
-        if not captions:
-            skipped["no captions"] += 1
-            continue
         ref = _image(sources["images"], im["filename"], skipped)
         if ref is None:
             continue
-        rec = {"task": "caption", "id": str(cocoid), "captions": captions, "image_id": cocoid}
-        yield Item(f"caption-{cocoid}", rec, images=(("", ref),))
+        rec = {"task": "caption", "id": str(cocoid)}
+        rec |= {"captions": captions} if captions else {}
+        rec["image_id"] = cocoid
+        missing = "" if captions else "no captions"
+        yield Item(f"caption-{cocoid}", rec, images=(("", ref),), unlabelled=missing)
 
 
 def _files(*names):

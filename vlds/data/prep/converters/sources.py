@@ -5,6 +5,10 @@ Indexing reads directory entries and archive tables only. A member whose path is
 climbs with "..", or a symlink resolving outside its folder, is never indexed, and a name asked
 for that is not a plain file name (it holds a path separator or is "..") is refused: both count
 as "path outside the dataset root".
+
+Two entries with one file name (the same image in two --images folders, or in a folder and an
+archive) are counted and the first few named; `prefer="first"` (the default) keeps the entry of
+the source listed first, "last" the one listed last.
 """
 
 from __future__ import annotations
@@ -35,11 +39,17 @@ class Sources:
     """File name -> Ref over a list of folders and archives; also by stem (name without its
     extension) for videos and feature files named after a video id."""
 
-    def __init__(self, paths):
+    EXAMPLES = 5  # duplicate names kept for the summary
+
+    def __init__(self, paths, prefer: str = "first"):
+        if prefer not in ("first", "last"):
+            raise ValueError(f"prefer={prefer!r}; valid: first, last")
         self.paths = [Path(p) for p in paths or ()]
+        self.prefer = prefer
         self.by_name: dict[str, Ref] = {}
         self.outside = 0  # entries refused while indexing
-        self.duplicates = 0  # later entries with a name already seen (the first wins)
+        self.duplicates = 0  # entries whose name was already indexed
+        self.duplicate_names: list[str] = []  # the first EXAMPLES of them
         for p in self.paths:
             if p.is_dir():
                 self._index_dir(p)
@@ -58,8 +68,11 @@ class Sources:
     def _add(self, name: str, ref: Ref) -> None:
         if name in self.by_name:
             self.duplicates += 1
-        else:
-            self.by_name[name] = ref
+            if len(self.duplicate_names) < self.EXAMPLES:
+                self.duplicate_names.append(name)
+            if self.prefer == "first":
+                return
+        self.by_name[name] = ref
 
     def _index_dir(self, root: Path) -> None:
         real_root = os.path.realpath(root)

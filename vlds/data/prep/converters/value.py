@@ -14,6 +14,12 @@ choices, TVQA five: all present are kept); TVC / YC2C `{vid_name, clip_id, ts, d
 `{vid_name, sub: [{start, end, text}]}`; by default the whole video's subtitles are kept,
 `--subs-window ts` keeps those overlapping the moment. Videos and feature files are found by
 name: `{vid_name}.mp4` (.mkv .webm .avi .mov .m4v) or `{vid_name}.npy` / `.npz`.
+
+A moment the release leaves undefined ("NaN-NaN", missing, unparsable) is repaired, never
+dropped, and counted in the summary: TVQA's as its own preprocessing does (jayleicn/TVQA
+`convert_ts`: [10, 30] seconds); How2QA's and TVC's become the whole clip, [0, duration] from
+the record's `duration`, else up to the end of its last subtitle, else TVQA's window (nothing
+tells the clip's length). YC2C's prompt shows no moment, so there is nothing to repair.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from vlds.data.prep.converters import Converter, Item, safe_key
 from vlds.data.prep.converters.images import read_jsonl
 from vlds.data.prep.converters.sources import safe_name
 from vlds.data.prep.video import FEATURE_EXTS, VIDEO_EXTS
+from vlds.data.tasks import labelled
 
 QA_TASKS = ("tvqa", "how2qa")
+TVQA_NAN_TS = [10.0, 30.0]  # jayleicn/TVQA preprocessing.py, convert_ts
 
 
 def _args(p) -> None:
@@ -70,6 +78,31 @@ def parse_ts(value) -> list[float] | None:
     return ts if all(math.isfinite(x) for x in ts) else None
 
 
+def _finite(x) -> float | None:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) and x > 0 else None
+
+
+def repair_ts(task: str, r: dict, subs) -> tuple[list[float] | None, str | None, bool]:
+    """(ts, repair note or None, whether ts is the whole clip) of an annotation row; see the
+    module docstring."""
+    ts = parse_ts(r.get("ts"))
+    if ts is not None or task == "yc2c":
+        return ts, None, False
+    if task == "tvqa":
+        return list(TVQA_NAN_TS), "ts repaired: undefined -> [10, 30] (TVQA's preprocessing)", False
+    duration = _finite(r.get("duration"))
+    if duration:
+        return [0.0, duration], "ts repaired: undefined -> the whole clip (duration)", True
+    last = max((_finite(end) or _finite(start) or 0.0 for start, end, _ in subs), default=0.0)
+    if last:
+        return [0.0, last], "ts repaired: undefined -> the whole clip (subtitles)", True
+    return list(TVQA_NAN_TS), "ts repaired: undefined -> [10, 30] (no clip length known)", False
+
+
 def load_subtitles(paths) -> dict[str, list[tuple[float, float, str]]]:
     subs = {}
     for path in paths:
@@ -108,30 +141,24 @@ def _plan(task: str):
                 if not safe_name(vid):
                     skipped["path outside the dataset root"] += 1
                     continue
-                ts = parse_ts(r.get("ts"))
-                if ts is None and task != "yc2c":  # the prompt shows the moment
-                    skipped["bad ts"] += 1
-                    continue
+                ts, note, whole = repair_ts(task, r, subs.get(vid, ()))
                 rec = {"task": task}
                 if task in QA_TASKS:
                     choices = [str(r[f"a{i}"]) for i in range(5) if f"a{i}" in r]
-                    if "answer_idx" not in r or "q" not in r or len(choices) < 2:
-                        skipped["no answer"] += 1
+                    if "q" not in r or len(choices) < 2:
+                        skipped["missing field"] += 1
                         continue
                     rec.update(
-                        id=str(r.get("qid", f"{vid}-{line}")),
-                        question=r["q"],
-                        choices=choices,
-                        answer_idx=int(r["answer_idx"]),
+                        id=str(r.get("qid", f"{vid}-{line}")), question=r["q"], choices=choices
                     )
+                    if "answer_idx" in r:  # the test release has none
+                        rec["answer_idx"] = int(r["answer_idx"])
                 else:
                     descs = r.get("descs") or []
                     caps = [d["desc"] if isinstance(d, dict) else d for d in descs]
                     caps = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
-                    if not caps:
-                        skipped["no captions"] += 1
-                        continue
-                    rec.update(id=str(r.get("clip_id", f"{vid}-{line}")), captions=caps)
+                    rec["id"] = str(r.get("clip_id", f"{vid}-{line}"))
+                    rec |= {"captions": caps} if caps else {}
                 window = ts if args.subs_window == "ts" else None
                 rec["subtitles"] = subtitle_text(subs.get(vid, ()), window)
                 if ts is not None:
@@ -142,11 +169,14 @@ def _plan(task: str):
                     skipped[missing] += 1
                     continue
                 key = f"{task}-{safe_key(rec['id'])}"
+                notes = (note,) if note else ()
+                missing = "no answer" if task in QA_TASKS else "no captions"
+                missing = "" if labelled(rec) else missing
                 if args.features:
-                    yield Item(key, rec, feats=ref)
+                    yield Item(key, rec, feats=ref, notes=notes, unlabelled=missing)
                 else:
-                    clip = tuple(ts) if args.window == "ts" and ts else None
-                    yield Item(key, rec, video=ref, window=clip)
+                    clip = tuple(ts) if args.window == "ts" and ts and not whole else None
+                    yield Item(key, rec, video=ref, window=clip, notes=notes, unlabelled=missing)
 
     return plan
 
