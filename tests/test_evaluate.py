@@ -123,6 +123,48 @@ def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     with pytest.raises(ValueError, match="gqa/test has no labels"):
         score_file(ev_test / FILE_NAMES["gqa"], "gqa", test_root, split="test")
 
+    # A split written from odd release files (NLVR2 ".png" files holding WEBP, TIFF, GIF and
+    # ICO bytes) by the release writer: its prediction file meets the official NLVR2 scorer's
+    # completeness rule, every identifier of the annotation file exactly once.
+    from tests.test_release_files import nlvr2_odd_release
+    from tests.test_shards import convert
+
+    (tmp_path / "odd").mkdir()
+    images, ann = nlvr2_odd_release(tmp_path / "odd", broken=False)
+    odd_root = linked_root(shapes_root, tmp_path / "odd-data", tasks)
+    s = convert(
+        "nlvr2", "--annotations", ann, "--images", images, "--split", "val", "--out", odd_root
+    )
+    assert len(s["repaired"]) == 4 and not s["skipped"]
+    ev_odd = tmp_path / "eval-odd"
+    run(
+        [
+            sys.executable,
+            "-m",
+            "vlds.evaluate",
+            "--checkpoint",
+            str(out / "adapter"),
+            "--shards",
+            str(odd_root),
+            "--task",
+            "nlvr",
+            "--out",
+            str(ev_odd),
+        ]
+    )
+    ids = [line.split(",")[0] for line in (ev_odd / FILE_NAMES["nlvr"]).read_text().splitlines()]
+    want = [json.loads(line)["identifier"] for line in ann.read_text().splitlines()]
+    assert sorted(ids) == sorted(want) and len(ids) == len(want) == 6
+
+
+def linked_root(root: Path, dst: Path, tasks) -> Path:
+    """A data root holding links to root's files except its task folders."""
+    dst.mkdir()
+    for entry in root.iterdir():
+        if entry.name not in tasks:
+            (dst / entry.name).symlink_to(entry)
+    return dst
+
 
 def unlabelled_copy(root: Path, dst: Path, tasks, n: int) -> Path:
     """A data root (the others' files linked) whose "test" split holds the first n validation
@@ -132,10 +174,7 @@ def unlabelled_copy(root: Path, dst: Path, tasks, n: int) -> Path:
     from vlds.data.shardio import load_index
     from vlds.data.tasks import LABEL
 
-    dst.mkdir()
-    for entry in root.iterdir():
-        if entry.name not in tasks:
-            (dst / entry.name).symlink_to(entry)
+    linked_root(root, dst, tasks)
     for t in tasks:
         members: dict[str, dict] = {}
         for path, _ in load_index(root, t, "val").shards:

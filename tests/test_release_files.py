@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,7 @@ def corrupt_member(path, name: str) -> None:
 def vqa_release(root):
     """VQAv2 in its official format: 4 val2014 images in a zip (one member with a bad CRC)
     and a folder holding a truncated copy of another; one question per image."""
+    root.mkdir(parents=True, exist_ok=True)
     names = [f"COCO_val2014_{i:012d}.jpg" for i in range(1, 5)]
     write_zip(
         root / "val2014.zip", {f"val2014/{n}": picture(i, "JPEG") for i, n in enumerate(names)}
@@ -86,13 +88,17 @@ def test_bad_zip_member_skipped_and_duplicates_reported(tmp_path, capsys):
     assert "1 file name(s) found in more than one source" in out
 
 
-def test_nlvr2_pngs_in_other_formats_are_kept(tmp_path):
-    """NLVR2's download script saves raw responses: some ".png" files hold other formats."""
-    images = tmp_path / "dev"
+FORMATS = {0: "PNG", 1: "WEBP", 2: "TIFF", 3: "GIF", 4: "ICO", 5: "JPEG"}
+
+
+def nlvr2_odd_release(root, broken: bool = True):
+    """NLVR2 dev in its official format (identifier, sentence, label, left_url, right_url,
+    directory) whose ".png" left images hold FORMATS' bytes; `broken` adds a pair whose left
+    file is an HTML error page. Returns (images folder, annotation file)."""
+    images = root / "dev"
     images.mkdir()
-    formats = {0: "PNG", 1: "WEBP", 2: "TIFF", 3: "GIF", 4: "ICO", 5: "JPEG"}
     rows = []
-    for n, fmt in formats.items():
+    for n, fmt in FORMATS.items():
         for img in (0, 1):
             data = picture(n * 2 + img, fmt if img == 0 else "PNG", (64, 48))
             (images / f"dev-{n}-0-img{img}.png").write_bytes(data)
@@ -106,10 +112,17 @@ def test_nlvr2_pngs_in_other_formats_are_kept(tmp_path):
                 "directory": str(n),
             }
         )
-    (images / "dev-6-0-img0.png").write_bytes(b"<html>404 Not Found</html>")  # not an image
-    (images / "dev-6-0-img1.png").write_bytes(picture(99, "PNG"))
-    rows.append({**rows[0], "identifier": "dev-6-0-0"})
-    ann = jsonl(tmp_path / "dev.json", rows)
+    if broken:
+        (images / "dev-6-0-img0.png").write_bytes(b"<html>404 Not Found</html>")  # no image
+        (images / "dev-6-0-img1.png").write_bytes(picture(99, "PNG"))
+        rows.append({**rows[0], "identifier": "dev-6-0-0"})
+    return images, jsonl(root / "dev.json", rows)
+
+
+def test_nlvr2_pngs_in_other_formats_are_kept(tmp_path):
+    """NLVR2's download script saves raw responses: some ".png" files hold other formats."""
+    images, ann = nlvr2_odd_release(tmp_path)
+    formats = FORMATS
     s = convert(
         "nlvr2", "--annotations", ann, "--images", images, "--split", "val", "--out", tmp_path
     )
@@ -303,3 +316,27 @@ def shards_printed(tvqa, feats, tmp_path, capsys) -> str:
     argv = ["tvqa", "--annotations", tvqa, "--features", feats, "--split", "test2", "--out"]
     shards_main([str(a) for a in (*argv, tmp_path / "out", "--workers", "1")])
     return capsys.readouterr().out
+
+
+def test_what_makes_a_split_meaningless_aborts_naming_the_file(tmp_path, capsys):
+    base = vqa_release(tmp_path)
+    images = ["--images", tmp_path / "val2014.zip"]
+    q = Path(base[2])
+    q.write_text(q.read_text()[:-40])  # a truncated download
+    with pytest.raises(SystemExit) as e:
+        convert(*base, *images, "--out", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"annotation file {q} is not valid JSON" in err
+    nl = jsonl(tmp_path / "train.json", [{"identifier": "train-1-0-0", "sentence": "x"}])
+    nl.write_text(nl.read_text() + '{"identifier": "train-1\n')
+    with pytest.raises(SystemExit):
+        convert("nlvr2", "--annotations", nl, *images, "--split", "train", "--out", tmp_path)
+    assert f"annotation file {nl} line 2 is not valid JSON" in capsys.readouterr().err
+    # an output that cannot be written (a path through a file)
+    vqa_release(tmp_path / "ok")
+    (tmp_path / "file").write_text("")
+    ok = [tmp_path / "ok" / Path(x).name if str(x).endswith(".json") else x for x in base]
+    with pytest.raises(SystemExit) as e:
+        convert(*ok, "--images", tmp_path / "ok" / "val2014.zip", "--out", tmp_path / "file" / "o")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is writable" in err and str(tmp_path / "file") in err

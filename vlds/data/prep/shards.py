@@ -426,6 +426,13 @@ def main(argv=None) -> dict:
             file=sys.stderr,
         )
         raise SystemExit(2) from None
+    except OSError as e:  # per-sample read errors are skips: this is an annotation or the output
+        print(
+            f"error: {e.filename or args.out}: {e.strerror or e}; check that the annotation files "
+            f"are readable and --out is writable, with space for the shards",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

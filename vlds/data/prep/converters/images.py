@@ -35,15 +35,33 @@ KARPATHY = {"train": "train,restval", "val": "val", "test": "test"}
 
 
 def load_json(path) -> object:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """An annotation file; a missing or unparsable one aborts the split (ValueError naming the
+    file: nothing can be planned without it)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"annotation file {path} is not valid JSON ({e}); is it truncated? download it again"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"annotation file {path} is not UTF-8 text ({e}); is it compressed?"
+        ) from None
 
 
 def read_jsonl(path):
+    """The records of a jsonl annotation file (a bad line aborts, naming the file and line)."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                yield json.loads(line)
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(
+                        f"annotation file {path} line {n} is not valid JSON ({e}); is the file "
+                        f"truncated or not jsonl (one JSON object per line)?"
+                    ) from None
 
 
 def karpathy_splits(args) -> set[str]:
