@@ -29,6 +29,12 @@ def run(cmd, timeout=300):
     return p.stdout + p.stderr
 
 
+def evaluate_cli(run_dir: Path, shards: Path, *args):
+    """`python -m vlds.evaluate --checkpoint RUN/adapter --shards SHARDS ARGS...`"""
+    cmd = [sys.executable, "-m", "vlds.evaluate", "--checkpoint", str(run_dir / "adapter")]
+    return run([*cmd, "--shards", str(shards), *map(str, args)])
+
+
 def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     out = tmp_path / "run"
     run(
@@ -54,21 +60,7 @@ def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     trained = json.loads((out / "metrics.json").read_text())["metrics"]
 
     ev = tmp_path / "eval"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "vlds.evaluate",
-            "--checkpoint",
-            str(out / "adapter"),
-            "--shards",
-            str(shapes_root),
-            "--max-samples",
-            "16",
-            "--out",
-            str(ev),
-        ]
-    )
+    evaluate_cli(out, shapes_root, "--max-samples", "16", "--out", str(ev))
     evaluated = json.loads((ev / "metrics.json").read_text())["metrics"]
     tasks = ("vqa", "gqa", "nlvr", "caption")
     assert set(trained) == set(evaluated) == {*tasks, "average", "shuffled_average"}
@@ -95,21 +87,7 @@ def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     # the submission files hold the very predictions the labelled split got.
     test_root = unlabelled_copy(shapes_root, tmp_path / "test-data", tasks, 16)
     ev_test = tmp_path / "eval-test"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "vlds.evaluate",
-            "--checkpoint",
-            str(out / "adapter"),
-            "--shards",
-            str(test_root),
-            "--split",
-            "test",
-            "--out",
-            str(ev_test),
-        ]
-    )
+    evaluate_cli(out, test_root, "--split", "test", "--out", str(ev_test))
     unscored = json.loads((ev_test / "metrics.json").read_text())["metrics"]
     assert unscored == {
         **{t: {"score": None, "n": 16, "labelled": False} for t in tasks},
@@ -137,21 +115,7 @@ def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     )
     assert len(s["repaired"]) == 4 and not s["skipped"]
     ev_odd = tmp_path / "eval-odd"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "vlds.evaluate",
-            "--checkpoint",
-            str(out / "adapter"),
-            "--shards",
-            str(odd_root),
-            "--task",
-            "nlvr",
-            "--out",
-            str(ev_odd),
-        ]
-    )
+    evaluate_cli(out, odd_root, "--task", "nlvr", "--out", str(ev_odd))
     ids = [line.split(",")[0] for line in (ev_odd / FILE_NAMES["nlvr"]).read_text().splitlines()]
     want = [json.loads(line)["identifier"] for line in ann.read_text().splitlines()]
     assert sorted(ids) == sorted(want) and len(ids) == len(want) == 6
