@@ -433,9 +433,30 @@ def test_shard_writer_commands_run_as_written(command: Command, args, official_r
     assert index.get("labelled", True) == (not split.startswith("test")), command.where
 
 
+SYNTHETIC_CALLS = [
+    (c, args)
+    for c, module, args in python_module_calls()
+    if module == "vlds.data.synthetic" and "--out" in args
+]
+
+
+@pytest.mark.parametrize(
+    "command,args", SYNTHETIC_CALLS, ids=[command_id(c) for c, _ in SYNTHETIC_CALLS]
+)
+def test_synthetic_writer_command_runs_as_written(command: Command, args, tmp_path):
+    """Its --out folder replaced by a temp one (the bare call writes the 359 MB default world
+    into the user's cache: checked, not run)."""
+    out = args.index("--out") + 1
+    argv = [*args[:out], str(tmp_path / "w"), *args[out + 1 :]]
+    proc = run(["-m", "vlds.data.synthetic", *argv])
+    assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert list((tmp_path / "w").glob("shapes-*/COMPLETE")), f"{command.where}: no world written"
+
+
 def test_report_and_help_are_found():
     assert len(REPORT_CALLS) >= 2
     assert {a[0] for _, a in SHARD_CALLS} >= {"vqa", "gqa", "nlvr2", "coco-caption", "tvqa"}
+    assert SYNTHETIC_CALLS
     assert {"vlds.evaluate", "vlds.peft.report", "vlds.data.prep.shards"} <= set(HELP_MODULES)
 
 

@@ -539,6 +539,24 @@ def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenize
     )
     batches = list(stream)
     assert len(batches) == 3 + 4
+    # VQA's questions come from shared-image groups: a stream resumed at step 3 gives exactly
+    # the batches from step 3 on (the raw groups are replayed, expanded the same way)
+    resumed = TrainStream(
+        idx,
+        {"vqa": 4, "nlvr": 2},
+        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Collator(tokenizer, ["vqa", "nlvr"], 40, 20),
+        rank=0,
+        world=1,
+        seed=0,
+        epoch=0,
+        shuffle_buffer=4,
+        skip_steps=3,
+    )
+    assert [b["ids"] for b in resumed] == [b["ids"] for b in batches[3:]]
+    assert sorted(i for b in batches if b["task"] == "vqa" for i in b["ids"]) == sorted(
+        json.loads(s["json"])["id"] for s in samples(out, "vqa", "train").values()
+    )
     shapes = {b["task"]: b["images"].shape for b in batches}
     assert shapes == {"vqa": (4, 1, 3, 96, 96), "nlvr": (2, 2, 3, 96, 96)}
     r = release
