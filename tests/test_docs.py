@@ -8,12 +8,14 @@ and lines starting with `$ ` anywhere. Each one is checked without running long 
   the `python -m MODULE` they run; `python FILE`,
   `deepspeed ... FILE`, `torchrun ... FILE`, `srun ... python FILE`, `sbatch FILE`, `bash FILE`
   and `pytest FILE` name files of the repository; `--deepspeed FILE` names an existing JSON;
-- the `--preset NAME` and `--section.key=value` arguments of a train, evaluate or tune command
+- the `--preset NAME` and `--section.key=value` (or `value` as the next argument) arguments of a
+  train, evaluate or tune command
   (and of `make train ARGS="..."`) parse with `vlds.config.parse_cli` and pass
   `vlds.config.validate`, so a renamed preset, key, method or task fails here;
 - `make TARGET` names a Makefile target; `pytest -m EXPR` uses registered markers;
 - cheap commands really run: every `python -m vlds.peft.report ...` as written (its output is
-  compared with a `# {...}` line right after it, when there is one), every
+  compared with a `# {...}` line right after it, when there is one), `bash -n ...` and
+  `make lint`, `python -m vlds.data.synthetic --out DIR ...` (into a temp DIR), every
   `python -m vlds.data.prep.shards ...` as written on a miniature release laid out under the
   releases' own file names ("/data/" pointing at it), and `--help` of every
   `python -m vlds...` command line that uses argparse.
@@ -453,10 +455,26 @@ def test_synthetic_writer_command_runs_as_written(command: Command, args, tmp_pa
     assert list((tmp_path / "w").glob("shapes-*/COMPLETE")), f"{command.where}: no world written"
 
 
+# seconds-long shell commands: run as written from the checkout
+QUICK_CALLS = [
+    c
+    for c in COMMANDS
+    if (Path(c.argv[0]).name == "bash" and "-n" in c.argv) or list(c.argv) == ["make", "lint"]
+]
+
+
+@pytest.mark.parametrize("command", QUICK_CALLS, ids=command_id)
+def test_quick_commands_run_as_written(command: Command):
+    proc = subprocess.run(
+        list(command.argv), cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S
+    )
+    assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stdout[-2000:]}"
+
+
 def test_report_and_help_are_found():
     assert len(REPORT_CALLS) >= 2
     assert {a[0] for _, a in SHARD_CALLS} >= {"vqa", "gqa", "nlvr2", "coco-caption", "tvqa"}
-    assert SYNTHETIC_CALLS
+    assert SYNTHETIC_CALLS and len(QUICK_CALLS) >= 2
     assert {"vlds.evaluate", "vlds.peft.report", "vlds.data.prep.shards"} <= set(HELP_MODULES)
 
 
