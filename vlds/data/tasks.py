@@ -43,21 +43,6 @@ def majority_answer(answers: list[str]) -> str:
     return next(a for a in answers if counts[a] == best)
 
 
-def majority_baseline(task: str, train_records, val_records) -> float:
-    """The task's score (its METRICS entry, 0-100) of always answering the most common
-    training answer (``majority_answer`` of each record's references): what a model must beat
-    to have learned anything from the images. QA tasks only."""
-    from vlds.eval.metrics import METRICS
-
-    t = get_task(task)
-    if t.generative_caption:
-        raise ValueError(f"{task} is a captioning task; a majority answer is not defined")
-    common = Counter(majority_answer(t.references(r)) for r in train_records)
-    top = common.most_common(1)[0][0]
-    refs = [t.references(r) for r in val_records]
-    return METRICS[task]([top] * len(refs), refs)["score"]
-
-
 # the field that holds what a record is scored against; absent in unlabelled test splits
 LABEL = {
     "vqa": "answers",

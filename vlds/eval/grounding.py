@@ -66,9 +66,9 @@ def text_prior(task: str, train_records, val_records, metric=None) -> float:
 def text_prior_and_majority(
     task: str, train_records, val_records, metric=None
 ) -> tuple[float, float | None]:
-    """(the text prior's score, the score of always answering the overall most common training
-    answer: vlds.data.tasks.majority_baseline, None for captions), from one pass over the
-    training records."""
+    """(the text prior's score, the majority-answer baseline: the score of always answering the
+    overall most common training answer, `majority_answer` of each record's references; None
+    for captions), from one pass over the training records."""
     from vlds.eval.metrics import METRICS
 
     table, fallback = prior_answers(task, train_records)
