@@ -526,34 +526,26 @@ def test_parallel_writers_give_the_same_bytes(release, tmp_path):
 def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenizer):
     out, _ = image_shards
     idx = {t: load_index(out, t, "train") for t in ("vqa", "nlvr")}
-    stream = TrainStream(
-        idx,
-        {"vqa": 4, "nlvr": 2},
-        Preprocess(96, CLIP_MEAN, CLIP_STD),
-        Collator(tokenizer, ["vqa", "nlvr"], 40, 20),
-        rank=0,
-        world=1,
-        seed=0,
-        epoch=0,
-        shuffle_buffer=4,
-    )
-    batches = list(stream)
+
+    def stream(skip_steps=0):
+        return TrainStream(
+            idx,
+            {"vqa": 4, "nlvr": 2},
+            Preprocess(96, CLIP_MEAN, CLIP_STD),
+            Collator(tokenizer, ["vqa", "nlvr"], 40, 20),
+            rank=0,
+            world=1,
+            seed=0,
+            epoch=0,
+            shuffle_buffer=4,
+            skip_steps=skip_steps,
+        )
+
+    batches = list(stream())
     assert len(batches) == 3 + 4
     # VQA's questions come from shared-image groups: a stream resumed at step 3 gives exactly
     # the batches from step 3 on (the raw groups are replayed, expanded the same way)
-    resumed = TrainStream(
-        idx,
-        {"vqa": 4, "nlvr": 2},
-        Preprocess(96, CLIP_MEAN, CLIP_STD),
-        Collator(tokenizer, ["vqa", "nlvr"], 40, 20),
-        rank=0,
-        world=1,
-        seed=0,
-        epoch=0,
-        shuffle_buffer=4,
-        skip_steps=3,
-    )
-    assert [b["ids"] for b in resumed] == [b["ids"] for b in batches[3:]]
+    assert [b["ids"] for b in stream(skip_steps=3)] == [b["ids"] for b in batches[3:]]
     assert sorted(i for b in batches if b["task"] == "vqa" for i in b["ids"]) == sorted(
         json.loads(s["json"])["id"] for s in samples(out, "vqa", "train").values()
     )
