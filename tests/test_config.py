@@ -135,6 +135,8 @@ def test_every_owner_registers_its_check():
         "vlds.peft.registry",
         "vlds.kernels",
         "vlds.trackers",
+        "vlds.engine",  # train.decay_exempt
+        "vlds.model.vl",  # model.visual_input, eval.nlvr_predict / no_repeat_ngram_size
     }
 
 
@@ -184,14 +186,24 @@ def test_grad_accum_and_global_batch_cannot_disagree():
         validate(cfg)
 
 
-def test_global_batch_identity_and_divisibility():
+def test_global_batch_identity_and_nearest_multiple():
+    # no global batch: micro x accumulation x world
     cfg = build_config("tiny", {"data.batch_size": "4", "train.grad_accum": "3"})
-    assert global_batch(cfg, 2) == (24, 3)
+    assert global_batch(cfg, 2) == (24, 3, 4)
+    # a global batch the world divides: exact, accumulation makes up what micro-batches cannot
     cfg = build_config("tiny", {"data.batch_size": "4", "train.global_batch_size": "32"})
-    assert global_batch(cfg, 2) == (32, 4)
+    assert global_batch(cfg, 2) == (32, 4, 4)
+    # bart-base's 500 (data.batch_size 500 = the most a rank holds): one rank takes it whole,
+    # 8 ranks 62 each (500 / 8 = 62.5 -> the nearest multiple, 496), 3 ranks 167 (501)
+    cfg = build_config("tiny", {"data.batch_size": "500", "train.global_batch_size": "500"})
+    assert global_batch(cfg, 1) == (500, 1, 500)
+    assert global_batch(cfg, 8) == (496, 1, 62)
+    assert global_batch(cfg, 3) == (501, 1, 167)
+    # ranks that hold 40: ceil(500 / 320) = 2 accumulation steps of 500 / 16 -> 31
+    cfg = build_config("tiny", {"data.batch_size": "40", "train.global_batch_size": "500"})
+    assert global_batch(cfg, 8) == (496, 2, 31)
     cfg = build_config("tiny", {"data.batch_size": "4", "train.global_batch_size": "30"})
-    with pytest.raises(ConfigError, match="not divisible by data.batch_size x world size = 4 x 2"):
-        global_batch(cfg, 2)
+    assert global_batch(cfg, 2) == (32, 4, 4)  # 30 / 8 = 3.75 -> 4 per rank and step
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ and lines starting with `$ ` anywhere. Each one is checked without running long 
   (and of `make train ARGS="..."`) parse with `vlds.config.parse_cli` and pass
   `vlds.config.validate`, so a renamed preset, key, method or task fails here;
 - `make TARGET` names a Makefile target; `pytest -m EXPR` uses registered markers;
-- cheap commands really run: every `python -m vlds.peft.report ...` as written (its output is
+- cheap commands really run: every `python -m vlds.recipe ...` as written; every
+  `python -m vlds.peft.report ...` as written (its output is
   compared with a `# {...}` line right after it, when there is one), `bash -n ...` and
   `make lint`, `python -m vlds.data.synthetic --out DIR ...` (into a temp DIR), every
   `python -m vlds.data.prep.shards ...` as written on a miniature release laid out under the
@@ -328,6 +329,16 @@ def test_peft_report_runs_as_written(command: Command, args: list[str]):
         )
 
 
+RECIPE_CALLS = [(c, args) for c, module, args in python_module_calls() if module == "vlds.recipe"]
+
+
+@pytest.mark.parametrize("command,args", RECIPE_CALLS, ids=[command_id(c) for c, _ in RECIPE_CALLS])
+def test_recipe_printer_runs_as_written(command: Command, args: list[str]):
+    proc = run(["-m", "vlds.recipe", *args])
+    assert proc.returncode == 0, f"{command.where}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "train.lr" in proc.stdout and "global batch" in proc.stdout
+
+
 @pytest.mark.parametrize("module", HELP_MODULES)
 def test_module_help_runs(module: str):
     assert module_files(module), f"no module {module}"
@@ -472,7 +483,7 @@ def test_quick_commands_run_as_written(command: Command):
 
 
 def test_report_and_help_are_found():
-    assert len(REPORT_CALLS) >= 2
+    assert len(REPORT_CALLS) >= 2 and RECIPE_CALLS
     assert {a[0] for _, a in SHARD_CALLS} >= {"vqa", "gqa", "nlvr2", "coco-caption", "tvqa"}
     assert SYNTHETIC_CALLS and len(QUICK_CALLS) >= 2
     assert {"vlds.evaluate", "vlds.peft.report", "vlds.data.prep.shards"} <= set(HELP_MODULES)

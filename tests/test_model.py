@@ -36,10 +36,10 @@ def test_shapes_through_the_model(arch):
     greedy = model.generate(b, num_beams=1, max_new_tokens=5)
     beam = model.generate(b, num_beams=3, max_new_tokens=5)
     assert greedy.shape[0] == 3 and beam.shape[0] == 3
-    scores = model.score_choices(
-        b, [torch.tensor(tok("true").input_ids), torch.tensor(tok("false").input_ids)]
-    )
-    assert scores.shape == (3, 2) and (scores < 0).all()
+    choices = [torch.tensor(tok("true").input_ids), torch.tensor(tok("false").input_ids)]
+    assert model.score_choices(b, choices).shape == (3, 2)  # logits at the first position
+    scores = model.score_choices(b, choices, "sequence")
+    assert scores.shape == (3, 2) and (scores < 0).all()  # summed log-probabilities
 
 
 def test_video_frames_become_frame_tokens():

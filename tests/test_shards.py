@@ -569,8 +569,13 @@ def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenize
         "--split",
         "train",
     )
+    # the converter's index counts one training sample per caption (data.caption_samples=
+    # sentence, the default): the stream trains every caption of every clip
+    tvc = load_index(tmp_path, "tvc", "train")
+    recs = [json.loads(s["json"]) for s in samples(tmp_path, "tvc", "train").values()]
+    assert tvc.sentences == sum(len(r["captions"]) for r in recs) > tvc.total
     stream = TrainStream(
-        {"tvc": load_index(tmp_path, "tvc", "train")},
+        {"tvc": tvc},
         {"tvc": 2},
         Preprocess(96, CLIP_MEAN, CLIP_STD),
         Collator(tokenizer, ["tvc"], 40, 20),
@@ -580,7 +585,7 @@ def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenize
         epoch=0,
         shuffle_buffer=4,
     )
-    assert [b["frames"].shape for b in stream] == [(2, 3, 3, 96, 96)] * 2
+    assert [b["frames"].shape for b in stream] == [(2, 3, 3, 96, 96)] * (tvc.sentences // 2)
 
 
 def test_feature_extraction_keeps_shared_images_grouped(image_shards, tmp_path):

@@ -151,8 +151,12 @@ def test_missing_data_is_explained(tmp_path):
 
 def test_task_batch_scale():
     assert task_batch_sizes(["vqa", "gqa"], 60, "gqa=1.67") == {"vqa": 60, "gqa": 100}
-    with pytest.raises(DataError, match="names 'nlvr'"):
-        task_batch_sizes(["vqa"], 60, "nlvr=0.5")
+    # a fraction, floored as the reference's int(batch x 100 / 60); an absent known task ignored
+    assert task_batch_sizes(["vqa", "gqa"], 500, "gqa=100/60,nlvr=0.5") == {"vqa": 500, "gqa": 833}
+    with pytest.raises(DataError, match="names 'nlvr2', not a task"):
+        task_batch_sizes(["vqa"], 60, "nlvr2=0.5")
+    with pytest.raises(DataError, match="needs a factor > 0, e.g. gqa=100/60"):
+        task_batch_sizes(["vqa", "gqa"], 60, "gqa=0")
 
 
 def test_global_split_makes_batches_independent_of_the_world_size(uneven_root, tokenizer):

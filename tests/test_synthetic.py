@@ -130,6 +130,9 @@ def test_index_matches_tar_contents(dataset):
             assert index["schema_version"] == SCHEMA_VERSION == 2
             counts = [len(tar_samples(dataset / task / s["url"])) for s in index["shards"]]
             assert counts == [s["samples"] for s in index["shards"]] and sum(counts) == n
+            # sentences: the training samples with one per caption (5 per image, 3 per clip)
+            per_record = {"caption": 5, "tvc": 3, "yc2c": 3}.get(task, 1)
+            assert [s["sentences"] for s in index["shards"]] == [per_record * c for c in counts]
 
 
 @pytest.mark.parametrize("task", ALL_TASKS)

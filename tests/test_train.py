@@ -62,7 +62,7 @@ def trainable_names(out: Path) -> set[str]:
 
 def test_one_rank_trains_checkpoints_and_resumes(shapes_root, tmp_path):
     out = tmp_path / "run"
-    launch(
+    log = launch(
         tiny_args(
             shapes_root,
             out,
@@ -73,6 +73,11 @@ def test_one_rank_trains_checkpoints_and_resumes(shapes_root, tmp_path):
     )
     result = json.loads((out / "metrics.json").read_text())
     assert result["step"] == 6
+    # the batch plan, printed at start-up and stored: 16 x 1 x 1, the tiny mixing's shares
+    plan = result["batch_plan"]
+    assert "global batch 16 = 16 x 1 accumulation x 1 rank(s); steps per epoch" in log
+    assert f"vqa {plan['task_share_pct']['vqa']:.1f} % (batch 16)" in log
+    assert abs(sum(plan["task_share_pct"].values()) - 100) < 0.05
     tasks = ("vqa", "gqa", "nlvr", "caption")
     assert set(result["metrics"]) == {*tasks, "average", "shuffled_average"}
     assert all(result["metrics"][t]["n"] == 16 for t in tasks)
@@ -172,6 +177,9 @@ def test_every_method_trains_through_deepspeed(shapes_root, tmp_path, method):
 )
 def test_two_ranks_with_gloo(shapes_root, tmp_path, zero, method):
     out = tmp_path / f"zero{zero}"
+    # ZeRO-2 also trains at a global batch the ranks' 16 do not make: 2 ranks x 12 = 24, with
+    # the reference's per-task batch fractions (int(12 x 100/60) = 20, int(12 x 20/60) = 4)
+    batch = ["--train.global_batch_size=24", "--data.task_batch_scale=gqa=100/60,nlvr=20/60"]
     launch(
         tiny_args(
             shapes_root,
@@ -179,12 +187,19 @@ def test_two_ranks_with_gloo(shapes_root, tmp_path, zero, method):
             "--train.max_steps=4",
             "--eval.max_samples=15",
             f"--peft.method={method}",
+            *(batch if zero == 2 else []),
         ),
         ranks=2,
         zero=zero,
     )
     result = json.loads((out / "metrics.json").read_text())
     assert result["step"] == 4
+    plan = result["batch_plan"]
+    assert plan["global_batch"] == plan["micro_batch"] * plan["accumulation"] * 2
+    assert sum(plan["task_steps"].values()) == plan["steps_per_epoch"]
+    if zero == 2:
+        assert (plan["global_batch"], plan["micro_batch"], plan["accumulation"]) == (24, 12, 1)
+        assert plan["task_batch"] == {"vqa": 12, "gqa": 20, "nlvr": 4, "caption": 12}
     # 15 validation samples split over 2 ranks (8 + 7): each counted exactly once
     assert all(result["metrics"][t]["n"] == 15 for t in ("vqa", "gqa", "nlvr", "caption"))
     # the adapter export holds whole tensors, also when ZeRO-3 partitions them
@@ -209,8 +224,8 @@ def test_two_ranks_with_gloo(shapes_root, tmp_path, zero, method):
         (["--data.root=/nonexistent/shards"], "data folder /nonexistent/shards does not exist"),
         (["--peft.reduction_factor=3"], "peft.reduction_factor=3 does not divide d_model=64"),
         (
-            ["--data.batch_size=4", "--train.global_batch_size=10"],
-            "train.global_batch_size=10 is not divisible by data.batch_size x world size = 4 x 1",
+            ["--data.task_batch_scale=gqa=100/60,vqq=2"],
+            "data.task_batch_scale names 'vqq', not a task",
         ),
         (["--train.lrate=1"], "unknown key 'train.lrate'"),
         (["--deepspeed", "nope.json"], "DeepSpeed config nope.json does not exist"),

@@ -6,7 +6,8 @@ an unknown section, key or preset fails at once with the valid choices. The reso
 written as JSON into every run folder and checkpoint, and a JSON file can be read back with
 `--config FILE` (parsed, never executed).
 
-A leaf: it imports nothing from vlds. Each field carries its role ("match": a resume must keep
+A leaf: it imports nothing from vlds but vlds.recipe (the reference's recipe table, a leaf
+too). Each field carries its role ("match": a resume must keep
 it; "run": where and how a run executes, not what it trains); the owners of a section's meaning
 (tasks, mixing, decoding, PEFT, kernels) register their checks with `@config_check`. Longer than
 ~400 lines for a reason: every key is defined, commented, typed, preset and checked here, in one
@@ -18,6 +19,7 @@ place a user reads to learn the run's knobs.
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -71,7 +73,9 @@ class ModelConfig:
     # "" = the tokenizer that belongs to `lm` (hub name or local dir); "synthetic" = the
     # shapes-world sentencepiece model written next to the embedded data; or a directory.
     tokenizer: str = _match("synthetic")
-    extra_tokens: int = _match(0)  # the reference adds 200 special tokens to bart-base's vocabulary
+    # Tokens added to the vocabulary: the reference adds 200 to bart-base and 100
+    # <vis_extra_id_k> to t5-base (32,200 rows); its object-order rows are the last rows.
+    extra_tokens: int = _match(0)
     # open_clip model name ("RN101", "ViT-B-32", or the embedded "vlds-tiny-rn") and weights:
     # "" = random (tests), "openai" (hub), or a path to a checkpoint file.
     vision: str = _match("vlds-tiny-rn")
@@ -80,6 +84,11 @@ class ModelConfig:
     grid_pool: int = _match(6)
     # video: frames resampled to this many (max-pool down, zero-pad up)
     max_frames: int = _match(64)
+    # Visual tokens: "reference" = zero boxes + an object-order term (row N - k - 1 of the LM's
+    # token table, k the token's index in its image), and under BART no learned positions and no
+    # layernorm_embedding on them (the paper's code); "grid" = grid-cell / time-slice boxes, no
+    # object order, BART's positions and LayerNorm over [visual ; text] (vlds' earlier input).
+    visual_input: str = _match("reference")
 
 
 @dataclass
@@ -119,9 +128,20 @@ class DataConfig:
     task_batch_scale: str = _match("")
     num_workers: int = _run(1)
     shuffle_buffer: int = _match(256)
-    # encoder text tokens (video tasks use up to 600 in the reference)
-    max_text_len: int = _match(40)
-    max_target_len: int = _match(20)
+    # Token limits (special tokens included) of the encoder text and of the training target:
+    # 0 = each task's reference length (vlds.data.tasks.Task.max_text_len / max_target_len:
+    # VQA/GQA text 20, VQA answers 10, caption targets 40, video text 600 / targets 20, the
+    # rest untruncated); a positive value is the limit of every task.
+    max_text_len: int = _match(0)
+    max_target_len: int = _match(0)
+    # Images to the tower's square input: "squash" = resize to size x size ignoring the aspect
+    # ratio, bicubic (the reference's Resize((224, 224))); "crop" = shorter side to size, then
+    # the centre square. Cached feature shards record the mode they were extracted with.
+    image_resize: str = _match("squash")
+    # VQA training target: "soft" = each visit draws one normalised human answer in proportion
+    # to its soft score min(1, 0.3 x count) and weights the sample's loss by that score (the
+    # reference); "majority" = the most frequent raw answer, weight 1.
+    vqa_target: str = _match("soft")
     # Steps per task in an epoch: "proportional" to its batch count (the reference),
     # "weights" (data.mixing_weights, e.g. "vqa=2,gqa=1,nlvr=1,caption=1": every task), or
     # "temperature" (batch counts ^ (1 / data.mixing_temperature); 1 = proportional, large =
@@ -132,6 +152,14 @@ class DataConfig:
     # "shard": each rank/worker reads its own shards (least I/O); "global": all read the same
     # stream and slice each global batch, so results do not depend on the number of ranks
     split: str = _match("shard")
+    # Training samples of a caption task (caption, tvc, yc2c): "sentence" = one per reference
+    # sentence, an image with 5 captions is 5 samples and 5x the steps (the reference);
+    # "image" = one per image, each visit training on one of its captions drawn at random.
+    # Evaluation is one sample per image either way.
+    caption_samples: str = _match("sentence")
+    # Task prompts ("vqa: ", ...) in the encoder text: "auto" = for the methods whose reference
+    # script passes --use_tasks_prompts (vlds.data.tasks.uses_task_prompts), "true", "false".
+    task_prompts: str = _match("auto")
     # Cached CLIP features (python -m vlds.data.prep.extract): "auto" = use feats.npy where the
     # shards have it, "true" = require feature shards, "false" = pixels only.
     features: str = "auto"
@@ -151,13 +179,24 @@ class TrainConfig:
     max_steps: int = 0  # > 0 stops early (and sizes the LR schedule)
     lr: float = 1e-3
     weight_decay: float = 0.01
+    # Which parameters weight decay skips: "reference" = those whose name in the paper's code
+    # contains "bias" or "LayerNorm.weight" (its LM's LayerNorm gains are decayed); "norms" =
+    # every 1-D tensor (biases and all norm gains). vlds.engine.param_groups lists both.
+    decay_exempt: str = _match("reference")
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-6
     warmup_ratio: float = 0.1
     grad_clip: float = 5.0
     grad_accum: int = _match(1)
-    global_batch_size: int = _match(0)  # 0 = batch_size x grad_accum x world; else must divide
+    # Loss reduction of COCO caption batches: "token" = the mean over every target token of the
+    # micro-batch (the reference's caption_model.py; it depends on how a batch is split over
+    # ranks); "sample" = each sample's token mean, then the mean over samples, as every other
+    # task (the video captions tvc / yc2c too: the reference's video_model.py) always uses.
+    caption_loss: str = _match("token")
+    # 0 = batch_size x grad_accum x world; else this global batch whatever the world size (the
+    # nearest multiple of it), data.batch_size the largest micro-batch per rank (global_batch)
+    global_batch_size: int = _match(0)
     seed: int = _match(0)
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" | "fp32"
     out_dir: str = _run("runs/{preset}")  # a fresh run moves an earlier one aside
@@ -181,7 +220,15 @@ class EvalConfig:
     batch_size: int = _run(64)
     qa_beams: int = 1  # greedy for QA (reference)
     caption_beams: int = _run(5)  # beam 5 for captions (reference)
-    max_new_tokens: int = 20
+    # tokens generated per answer or caption; 0 = each task's reference length (captions 40,
+    # the rest 20: vlds.data.tasks.Task.max_new_tokens)
+    max_new_tokens: int = 0
+    # NLVR2: "first_token" = "true" vs "false" logit at the first decoding position (the
+    # reference); "sequence" = the larger summed log-probability of the whole target
+    nlvr_predict: str = _run("first_token")
+    # none = the backbone's generation config (bart-base: 3), as the reference's generate;
+    # 0 = off; n = no n-gram repeats in generated text
+    no_repeat_ngram_size: int | None = _run(None)
     # PTBTokenizer + METEOR start two JVMs per caption evaluation (~10 s on 2 cores); false =
     # basic tokenisation, no METEOR (CIDEr, the caption score, needs neither)
     java_metrics: bool = _run(True)
@@ -232,8 +279,6 @@ _REAL_IMAGE = {
     "data.tasks": "vqa,gqa,nlvr,caption",
     "data.num_workers": 8,
     "data.shuffle_buffer": 2000,
-    "train.epochs": 20,
-    "train.lr": 1e-3,
     "eval.batch_size": 256,
 }
 
@@ -260,6 +305,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         # count; bench/RESULTS.md, "Grounding of the embedded default")
         "data.mixing": "weights",
         "data.mixing_weights": "vqa=3,gqa=3,nlvr=3,caption=1",
+        # one caption sample per image: per sentence (the reference) would make the shapes
+        # world's 5 captions per image 5x the caption steps and double the epoch
+        "data.caption_samples": "image",
         "train.epochs": 3,
         "train.lr": 3e-3,
         "train.log_every": 10,
@@ -277,30 +325,30 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.max_text_len": 96,
         "train.epochs": 8,  # 600 clips per task (the image tasks' 8,000 make 3 enough)
     },
+    # The real presets: the backbone here, the training recipe (learning rate per method, global
+    # batch, per-task batches, epochs, ...) from vlds.recipe, applied for the run's method.
     "t5-base": {
         **_REAL_IMAGE,
+        "recipe": "t5-base",
         "model.arch": "t5",
         "model.lm": "t5-base",
         "model.d_model": 768,
-        "data.batch_size": 300,
+        "model.extra_tokens": 100,  # <vis_extra_id_k> rows: the object-order rows (reference)
     },
     "bart-base": {
         **_REAL_IMAGE,
+        "recipe": "bart-base",
         "model.arch": "bart",
         "model.lm": "facebook/bart-base",
         "model.d_model": 768,
         "model.extra_tokens": 200,
-        "data.batch_size": 500,
     },
     "bart-base-video": {
         "base": "bart-base",
+        "recipe": "bart-base-video",
         "model.vision": "ViT-B-32",
         "model.max_frames": 64,
         "data.tasks": "tvqa,how2qa,tvc,yc2c",
-        "data.max_text_len": 600,
-        "data.batch_size": 32,
-        "train.epochs": 7,
-        "train.lr": 3e-4,
     },
     # t5-base sizes with random weights: step-time benchmarks without a download.
     "t5-base-random": {
@@ -318,6 +366,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _preset_overrides(name: str) -> dict[str, Any]:
+    """A preset's overrides, its bases' first; "recipe" (the last one named) kept as a key."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
     spec = dict(PRESETS[name])
@@ -401,13 +450,43 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return Config(preset=preset, **sections)
 
 
-def build_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:
-    """Preset defaults, then `overrides` ({"train.lr": "3e-4", ...}); strings are parsed."""
-    cfg = apply_overrides(Config(preset=preset), _preset_overrides(preset))
-    cfg = apply_overrides(cfg, overrides or {})
+def resolve_config(
+    preset: str = "tiny", overrides: dict[str, Any] | None = None
+) -> tuple[Config, dict[str, str]]:
+    """`build_config` and, for every "section.key", where its value comes from: "default",
+    "preset NAME", "recipe: <the reference's file and line>" (vlds.recipe, for presets that name
+    a recipe; applied for the run's peft.method between the preset and the overrides) or
+    "override"."""
+    from vlds.recipe import BEHAVIOUR, recipe_values
+
+    overrides = dict(overrides or {})
+    spec = _preset_overrides(preset)
+    recipe = spec.pop("recipe", None)
+    sources = {
+        key: f"default: {BEHAVIOUR[key]}" if key in BEHAVIOUR else "default"
+        for key in (f"{s}.{f.name}" for s in SECTIONS for f in fields(_SECTION_TYPES[s]))
+    }
+    cfg = apply_overrides(Config(preset=preset), spec)
+    sources.update({k: f"preset {preset}" for k in spec})
+    if recipe:
+        method = str(overrides.get("peft.method", cfg.peft.method))
+        try:
+            values = recipe_values(recipe, method)
+        except KeyError as e:
+            raise ConfigError(f"preset {preset}: {e.args[0]}; choose another peft.method") from None
+        cfg = apply_overrides(cfg, {k: v for k, (v, _) in values.items()})
+        sources.update({k: f"recipe: {src}" for k, (_, src) in values.items()})
+    cfg = apply_overrides(cfg, overrides)
+    sources.update({k: "override" for k in overrides if k != "preset"})
     if "{preset}" in cfg.train.out_dir:
         cfg.train.out_dir = cfg.train.out_dir.format(preset=preset)
-    return cfg
+    return cfg, sources
+
+
+def build_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:
+    """Preset defaults, its recipe (vlds.recipe), then `overrides` ({"train.lr": "3e-4", ...});
+    strings are parsed."""
+    return resolve_config(preset, overrides)[0]
 
 
 def config_from_dict(d: dict) -> Config:
@@ -526,22 +605,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be in [0, 1]")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} must be >= 0")
+    if cfg.eval.max_new_tokens < 0:
+        raise ConfigError(
+            f"eval.max_new_tokens={cfg.eval.max_new_tokens}; give 0 (each task's reference "
+            f"length) or a positive number of tokens"
+        )
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError("train.warmup_ratio must be in [0, 1)")
     for check in CHECKS.values():
         check(cfg)
 
 
-def global_batch(cfg: Config, world_size: int) -> tuple[int, int]:
-    """(train_batch, grad_accum) with train_batch = micro x accum x world, or a clear error."""
+def global_batch(cfg: Config, world_size: int) -> tuple[int, int, int]:
+    """(global batch, accumulation steps, micro-batch per rank): global = micro x accum x world.
+
+    Without train.global_batch_size: data.batch_size x train.grad_accum x world. With it (the
+    real presets set the paper's batch whatever the world size), data.batch_size is the largest
+    micro-batch a rank takes: accumulation makes up what the ranks cannot hold, and a batch the
+    world does not divide becomes the nearest one it does (printed at start-up and stored in
+    metrics.json as the effective global batch)."""
     micro = cfg.data.batch_size
-    if cfg.train.global_batch_size <= 0:
-        return micro * cfg.train.grad_accum * world_size, cfg.train.grad_accum
-    per_step = micro * world_size
-    if cfg.train.global_batch_size % per_step:
-        raise ConfigError(
-            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-            f"data.batch_size x world size = {micro} x {world_size} = {per_step}; set it to a "
-            f"multiple of {per_step} or change data.batch_size"
-        )
-    return cfg.train.global_batch_size, cfg.train.global_batch_size // per_step
+    target = cfg.train.global_batch_size
+    if target <= 0:
+        return micro * cfg.train.grad_accum * world_size, cfg.train.grad_accum, micro
+    accum = max(1, math.ceil(target / (micro * world_size)))
+    micro = max(1, min(micro, round(target / (world_size * accum))))
+    return micro * accum * world_size, accum, micro

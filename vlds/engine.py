@@ -19,9 +19,10 @@ import vlds.data.decode  # noqa: F401  (registers the data.features check)
 import vlds.data.mixing  # noqa: F401  (registers the data.mixing checks)
 import vlds.data.tasks  # noqa: F401  (registers the data.tasks check)
 import vlds.kernels  # noqa: F401  (registers the peft.fused_kernel check)
+import vlds.model.vl  # noqa: F401  (registers the model.visual_input / eval.nlvr_predict checks)
 import vlds.peft  # noqa: F401  (registers the peft.method check)
 import vlds.trackers  # noqa: F401  (registers the train.report_to check)
-from vlds.config import Config, ConfigError, global_batch
+from vlds.config import Config, ConfigError, config_check, global_batch
 
 # vlds/ds_configs/ ships inside the package (an installed copy has it too); the repository's
 # top-level ds_configs/ is a link to it, so `--deepspeed ds_configs/zero2.json` works in a checkout
@@ -45,10 +46,10 @@ def deepspeed_config(path: str | Path, cfg: Config, world: int, bf16: bool) -> d
             f"ds_configs/zero2.json or ds_configs/zero3.json"
         )
     ds = json.loads(p.read_text())
-    train_batch, accum = global_batch(cfg, world)
+    train_batch, accum, micro = global_batch(cfg, world)
     want = {
         "train_batch_size": train_batch,
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": cfg.train.grad_clip,
     }
@@ -76,16 +77,60 @@ def lr_lambda(total: int, warmup: int):
     return f
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and norm weights (every 1-D tensor)."""
+DECAY_EXEMPT = ("reference", "norms")
+# The reference's rule (trainer_base.py:420-483): no decay where the name contains one of these
+_REFERENCE_NO_DECAY = ("bias", "LayerNorm.weight")
+
+
+def reference_names(model) -> dict[int, str]:
+    """id(parameter) -> the name the reference's rule is applied to: vlds' own name, except
+    where a module declares what the reference calls its tensor (`reference_param_names`:
+    Compacter's PHM bias is `b`, Hyperformer's bias generators and LayerNorm are
+    `bias_generator` and `LayerNorm`). Shared tensors (tied embeddings) keep their first name."""
+    names: dict[int, str] = {}
+    for mod_name, mod in model.named_modules():
+        alias = getattr(mod, "reference_param_names", {})
+        for p_name, p in mod.named_parameters(recurse=False):
+            names.setdefault(id(p), f"{mod_name}.{alias.get(p_name, p_name)}")
+    return names
+
+
+def is_decay_exempt(name: str, p, mode: str) -> bool:
+    """Mode "reference": the name (`reference_names`) holds "bias" or "LayerNorm.weight". On the
+    LM's names that exempts every bias and T5's relative_attention_bias tables but decays every
+    LayerNorm / T5LayerNorm gain (none is called "LayerNorm"), the visual embedding's norm
+    gains and image-order table, Compacter's PHM bias; it exempts Hyperformer's LayerNorm and
+    its bias generators (weights too). "norms": every 1-D tensor (all biases and norm gains,
+    Compacter's bias; Hyperformer's bias-generator weights and relative_attention_bias are
+    decayed)."""
+    if mode == "norms":
+        return p.ndim < 2
+    return any(k in name for k in _REFERENCE_NO_DECAY)
+
+
+def param_groups(model, weight_decay: float, mode: str = "reference") -> list[dict]:
+    """AdamW groups of the trainable parameters: decayed, and exempt by `is_decay_exempt`."""
+    if mode not in DECAY_EXEMPT:
+        raise ValueError(f"decay exemption {mode!r}; valid: {', '.join(DECAY_EXEMPT)}")
+    names = reference_names(model)
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
+            (no_decay if is_decay_exempt(names[id(p)], p, mode) else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+@config_check
+def check_decay_exempt(cfg: Config) -> None:
+    if cfg.train.decay_exempt not in DECAY_EXEMPT:
+        raise ConfigError(
+            f"train.decay_exempt={cfg.train.decay_exempt!r}; valid: reference (no decay where "
+            f"the reference's parameter name holds 'bias' or 'LayerNorm.weight') or norms (no "
+            f"decay on any 1-D tensor)"
+        )
 
 
 def is_zero3(ds_config: dict) -> bool:
@@ -102,7 +147,7 @@ def build_engine(cfg: Config, model, ds_config: dict, total_steps: int):
     # the LR schedule counts optimizer steps, one per grad_accum micro-steps
     opt_steps = math.ceil(total_steps / ds_config["gradient_accumulation_steps"])
     optimizer = torch.optim.AdamW(
-        param_groups(model, t.weight_decay),
+        param_groups(model, t.weight_decay, t.decay_exempt),
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
         eps=t.adam_eps,

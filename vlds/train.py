@@ -131,7 +131,10 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     if info.is_main:
         log.info(summary_line(model, cfg.peft.method))
     data = build.DataBuilder(cfg, data_root, tokenizer, tower.image_size, info)
-    total_steps = cfg.train.epochs * data.steps_per_epoch()
+    plan = data.batch_plan()
+    total_steps = cfg.train.epochs * plan["steps_per_epoch"]
+    if info.is_main:
+        log.info(plan_line(plan))
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
     engine = build_engine(cfg, model, ds_config, total_steps)
@@ -152,6 +155,22 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     )
     trainer.load(found)
     return trainer.fit()
+
+
+def plan_line(plan: dict) -> str:
+    """ "global batch 504 (asked 500) = 63 x 1 accumulation x 8 ranks; steps/epoch 4386: vqa 27.6
+    % (batch 63), ..." """
+    asked = plan["global_batch_asked"]
+    note = f" (asked {asked}, not a multiple of the world)" if asked != plan["global_batch"] else ""
+    shares = ", ".join(
+        f"{t} {pct:.1f} % (batch {plan['task_batch'][t]})"
+        for t, pct in plan["task_share_pct"].items()
+    )
+    return (
+        f"global batch {plan['global_batch']}{note} = {plan['micro_batch']} x "
+        f"{plan['accumulation']} accumulation x {plan['world']} rank(s); steps per epoch "
+        f"{plan['steps_per_epoch']}: {shares}"
+    )
 
 
 if __name__ == "__main__":

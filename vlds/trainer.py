@@ -373,6 +373,7 @@ class Trainer:
             "train_time_s": round(train_time, 1),
             "metrics": metrics,
             "bad_steps_total": self.guard.total,
+            "batch_plan": self.data.batch_plan(),
             "majority_baseline": self.baselines()["majority_baseline"],
             "text_prior": self.baselines()["text_prior"],
             **self.cost(self.out_dir / "adapter"),

@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
+from vlds.config import global_batch
 from vlds.data.decode import Collator, Preprocess
-from vlds.data.mixing import task_batch_sizes
+from vlds.data.mixing import run_batch_sizes
 from vlds.data.shardio import DataError, load_index, read_records
 from vlds.data.stream import EvalStream, TrainStream, reader_split_notes
+from vlds.data.tasks import uses_task_prompts
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("vlds")
@@ -39,7 +41,8 @@ def data_root(cfg, is_main: bool) -> Path:
 
 def check_features(cfg, indexes: dict) -> None:
     """Feature shards must come from the tower the config names (their width is the model's
-    input width); data.features=true needs feature shards, false needs pixel shards."""
+    input width) and, for images, the resize mode it names (data.image_resize);
+    data.features=true needs feature shards, false needs pixel shards."""
     m, mode = cfg.model, cfg.data.features
     for idx in indexes.values():
         where = f"{cfg.data.root}/{idx.task}/{idx.split}.index.json"
@@ -73,6 +76,16 @@ def check_features(cfg, indexes: dict) -> None:
                 f"{where}: features were extracted with {', '.join(diffs)}; train with {fix}, "
                 f"or re-extract with the configured tower"
             )
+        # Image features saw the images resized one way; an index written before the mode was
+        # recorded was cropped. (Video frames are resized when they are written, not here.)
+        resized = feats.get("resize", "crop")
+        if feats.get("kind") == "grid" and resized != cfg.data.image_resize:
+            raise DataError(
+                f"{where}: features were extracted from images resized with {resized!r} "
+                f"(config: data.image_resize={cfg.data.image_resize!r}); train with "
+                f"--data.image_resize={resized}, or re-extract with python -m "
+                f"vlds.data.prep.extract --resize {cfg.data.image_resize}"
+            )
 
 
 class _Loader:
@@ -104,10 +117,22 @@ def preprocess_and_collate(cfg, tokenizer, image_size: int) -> tuple[Preprocess,
     """Sample decoding and batching as training does them."""
     d = cfg.data
     preprocess = Preprocess(
-        image_size, CLIP_MEAN, CLIP_STD, features=d.features, draft=d.jpeg_draft
+        image_size,
+        CLIP_MEAN,
+        CLIP_STD,
+        features=d.features,
+        draft=d.jpeg_draft,
+        resize=d.image_resize,
     )
     collate = Collator(
-        tokenizer, cfg.task_list, d.max_text_len, d.max_target_len, max_frames=cfg.model.max_frames
+        tokenizer,
+        cfg.task_list,
+        d.max_text_len,
+        d.max_target_len,
+        max_frames=cfg.model.max_frames,
+        prompts=uses_task_prompts(cfg),
+        vqa_target=d.vqa_target,
+        caption_loss=cfg.train.caption_loss,
     )
     return preprocess, collate
 
@@ -141,7 +166,7 @@ class DataBuilder:
         if train:  # the evaluator alone may read an unlabelled split: it writes predictions
             refuse_unlabelled([*self.train_idx.values(), *self.val_idx.values()])
         check_features(cfg, {**self.train_idx, **{f"val/{t}": i for t, i in self.val_idx.items()}})
-        self.sizes = task_batch_sizes(tasks, d.batch_size, d.task_batch_scale)
+        self.sizes = run_batch_sizes(cfg, info.world_size)  # each task's micro-batch
         self.preprocess, self.collate = preprocess_and_collate(cfg, tokenizer, image_size)
         if info.is_main:  # once per run, not once per worker
             for note in reader_split_notes(self.train_idx, info.world_size, d.num_workers):
@@ -165,10 +190,30 @@ class DataBuilder:
             mixing_weights=d.mixing_weights,
             mixing_temperature=d.mixing_temperature,
             max_bad_fraction=d.max_bad_fraction,
+            caption_samples=d.caption_samples,
         )
 
     def steps_per_epoch(self) -> int:
         return len(self._stream(0).schedule)
+
+    def batch_plan(self) -> dict:
+        """What an epoch trains on: the effective global batch (micro x accumulation x world),
+        each task's micro-batch and its share of the epoch's steps. Logged at start-up and
+        stored in metrics.json; `python -m vlds.recipe` prints the same for the real releases."""
+        train_batch, accum, micro = global_batch(self.cfg, self.info.world_size)
+        schedule = self._stream(0).schedule
+        steps = {t: schedule.count(t) for t in self.sizes}
+        return {
+            "global_batch": train_batch,
+            "global_batch_asked": self.cfg.train.global_batch_size or train_batch,
+            "micro_batch": micro,
+            "accumulation": accum,
+            "world": self.info.world_size,
+            "task_batch": dict(self.sizes),
+            "steps_per_epoch": len(schedule),
+            "task_steps": steps,
+            "task_share_pct": {t: round(100.0 * n / len(schedule), 2) for t, n in steps.items()},
+        }
 
     def train_loader(self, epoch: int, skip_steps: int = 0):
         nw = self.cfg.data.num_workers

@@ -23,12 +23,39 @@ from vlds.data.tasks import get_task, labelled
 from vlds.model.vision import frame_tokens, image_tokens
 
 FEATURE_MODES = ("auto", "true", "false")
+RESIZE_MODES = ("squash", "crop")
+VQA_TARGETS = ("soft", "majority")
+CAPTION_LOSSES = ("token", "sample")
 
 
 @config_check
 def check_feature_mode(cfg) -> None:
     if cfg.data.features not in FEATURE_MODES:
         raise ConfigError(f"data.features={cfg.data.features!r}; valid: {', '.join(FEATURE_MODES)}")
+
+
+@config_check
+def check_decoding(cfg) -> None:
+    """data.image_resize, data.vqa_target, train.caption_loss and the token limits."""
+    d = cfg.data
+    for key, value, valid in (
+        ("data.image_resize", d.image_resize, RESIZE_MODES),
+        ("data.vqa_target", d.vqa_target, VQA_TARGETS),
+        ("train.caption_loss", cfg.train.caption_loss, CAPTION_LOSSES),
+    ):
+        if value not in valid:
+            raise ConfigError(
+                f"{key}={value!r}; valid: {', '.join(valid)} (e.g. --{key}={valid[0]})"
+            )
+    for key, value in (
+        ("data.max_text_len", d.max_text_len),
+        ("data.max_target_len", d.max_target_len),
+    ):
+        if value < 0:
+            raise ConfigError(
+                f"{key}={value} must be >= 0: 0 = each task's reference length, N > 0 = N tokens "
+                f"for every task (e.g. --{key}=0)"
+            )
 
 
 _CHECK_RNG = random.Random(0)  # targets drawn only to validate the record
@@ -49,18 +76,32 @@ def check_record(rec: dict) -> None:
 
 
 class Preprocess:
-    """Raw shard sample -> {task, id, rec, visual}: CLIP resize/crop/normalise for pixels, or
-    the cached feature array as stored (`features`: "auto" uses feats.npy when a sample has
-    it, "true" requires it, "false" reads pixels only).
+    """Raw shard sample -> {task, id, rec, visual}: CLIP resize/normalise for pixels, or the
+    cached feature array as stored (`features`: "auto" uses feats.npy when a sample has it,
+    "true" requires it, "false" reads pixels only).
 
+    `resize`: "squash" resizes the whole image to image_size x image_size, ignoring its aspect
+    ratio (the reference: torchvision Resize((224, 224)), bicubic); "crop" resizes the shorter
+    side to image_size and keeps the centre square (CLIP's own preprocessing). Both bicubic.
     JPEGs are decoded in PIL's draft mode when `draft`: the decoder scales by 1/2, 1/4 or 1/8
     in the DCT (the largest factor that keeps both sides >= image_size), about 2-3x faster
     than a full decode, before the same bicubic resize; `draft=False` decodes fully."""
 
-    def __init__(self, image_size: int, mean, std, *, features: str = "auto", draft: bool = True):
+    def __init__(
+        self,
+        image_size: int,
+        mean,
+        std,
+        *,
+        features: str = "auto",
+        draft: bool = True,
+        resize: str = "squash",
+    ):
         if features not in FEATURE_MODES:
             raise DataError(f"data.features={features!r}; valid: {', '.join(FEATURE_MODES)}")
-        self.size, self.features, self.draft = image_size, features, draft
+        if resize not in RESIZE_MODES:
+            raise DataError(f"data.image_resize={resize!r}; valid: {', '.join(RESIZE_MODES)}")
+        self.size, self.features, self.draft, self.resize = image_size, features, draft, resize
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         # (x / 255 - mean) / std == x * scale - shift, two in-place passes
@@ -81,7 +122,9 @@ class Preprocess:
         if img.mode != "RGB":
             img = img.convert("RGB")
         w, h = img.size
-        if (w, h) != (s, s):
+        if (w, h) != (s, s) and self.resize == "squash":
+            img = img.resize((s, s), Image.BICUBIC)  # both sides -> s, the aspect ratio lost
+        elif (w, h) != (s, s):
             # shorter side -> s (bicubic), centre crop: only the kept region is resampled
             scale = s / min(w, h)
             rw, rh = max(s, round(w * scale)), max(s, round(h * scale))
@@ -144,6 +187,8 @@ class Preprocess:
             "visual": visual,
             "feats": use_feats,
             "key": sample["__key__"],
+            # the caption this copy of a record trains on (data.caption_samples=sentence)
+            "sentence": sample.get("__sentence__"),
         }
 
 
@@ -199,31 +244,65 @@ def feature_inputs(feats: list[np.ndarray], kind: str, max_frames: int) -> dict:
 
 
 class Collator:
-    """Decoded samples of one task -> a padded batch of tensors."""
+    """Decoded samples of one task -> a padded batch of tensors. `prompts`: the encoder texts
+    start with the task prompt (vlds.data.tasks.uses_task_prompts).
+
+    Token limits: `max_text_len` / `max_target_len` > 0 hold for every task, 0 = each task's
+    reference length (Task.max_text_len / max_target_len; None there = untruncated). The batch
+    carries "loss_weight" (B,) (with vqa_target="soft" a VQA sample's drawn answer's soft
+    score, else 1.0) and "loss_reduction": "token" for a task the reference averages over
+    tokens (Task.token_mean_loss) when caption_loss="token", else "sample"; VLModel.forward
+    applies both."""
 
     def __init__(
-        self, tokenizer, tasks: list[str], max_text_len: int, max_target_len: int, max_frames=64
+        self,
+        tokenizer,
+        tasks: list[str],
+        max_text_len: int,
+        max_target_len: int,
+        max_frames=64,
+        prompts: bool = True,
+        *,
+        vqa_target: str = "soft",
+        caption_loss: str = "token",
     ):
-        self.tok = tokenizer
+        if vqa_target not in VQA_TARGETS:
+            raise DataError(f"data.vqa_target={vqa_target!r}; valid: {', '.join(VQA_TARGETS)}")
+        if caption_loss not in CAPTION_LOSSES:
+            raise DataError(
+                f"train.caption_loss={caption_loss!r}; valid: {', '.join(CAPTION_LOSSES)}"
+            )
+        self.tok, self.prompts = tokenizer, prompts
         self.task_ids = {t: i for i, t in enumerate(tasks)}
         self.max_text, self.max_target = max_text_len, max_target_len
         self.max_frames = max_frames
+        self.vqa_target, self.caption_loss = vqa_target, caption_loss
+
+    def _target(self, task, sample: dict, epoch: int) -> tuple[str, float]:
+        """(training target, loss weight) of one labelled sample at this epoch's visit."""
+        rng = _LazyRandom(f"{sample['key']}-{epoch}")
+        if self.vqa_target == "soft" and task.soft_target is not None:
+            return task.soft_target(sample["rec"], rng)
+        return task.train_target(sample["rec"], rng, sample.get("sentence")), 1.0
+
+    def _tokenize(self, texts: list[str], limit: int, task_limit: int | None):
+        n = limit if limit > 0 else task_limit  # None: untruncated, as the reference
+        return self.tok(
+            texts, max_length=n, truncation=n is not None, padding=True, return_tensors="pt"
+        )
 
     def __call__(self, samples: list[dict], epoch: int = 0) -> dict:
         task = get_task(samples[0]["task"])
-        texts = [task.encoder_text(s["rec"]) for s in samples]
-        # The caption reference trained on is drawn per (sample, epoch): reproducible on resume.
-        # Unlabelled test records (predicted only: DataBuilder never trains on them) have none.
-        targets = [
-            task.target(s["rec"], _LazyRandom(f"{s['key']}-{epoch}")) if labelled(s["rec"]) else ""
-            for s in samples
-        ]
-        enc = self.tok(
-            texts, max_length=self.max_text, truncation=True, padding=True, return_tensors="pt"
-        )
-        lab = self.tok(
-            targets, max_length=self.max_target, truncation=True, padding=True, return_tensors="pt"
-        )
+        texts = [task.encoder_text(s["rec"], self.prompts) for s in samples]
+        # A per-sentence caption sample trains on its sentence; one per image draws its
+        # reference per (sample, epoch): reproducible on resume. Unlabelled test records
+        # (predicted only: DataBuilder never trains on them) have none.
+        # A VQA sample with data.vqa_target=soft draws its answer and loss weight the same way.
+        drawn = [self._target(task, s, epoch) if labelled(s["rec"]) else ("", 1.0) for s in samples]
+        targets = [t for t, _ in drawn]
+        enc = self._tokenize(texts, self.max_text, task.max_text_len)
+        lab = self._tokenize(targets, self.max_target, task.max_target_len)
+        token_mean = self.caption_loss == "token" and task.token_mean_loss
         labels = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
         if all(s.get("feats") for s in samples):
             visual = feature_inputs([s["visual"] for s in samples], task.kind, self.max_frames)
@@ -238,6 +317,8 @@ class Collator:
             "input_ids": enc.input_ids,
             "attention_mask": enc.attention_mask,
             "labels": labels,
+            "loss_weight": torch.tensor([w for _, w in drawn], dtype=torch.float32),  # (B,)
+            "loss_reduction": "token" if token_mean else "sample",
             **visual,
             "ids": [s["id"] for s in samples],
             "refs": [task.references(s["rec"]) if labelled(s["rec"]) else [] for s in samples],

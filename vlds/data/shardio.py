@@ -2,10 +2,11 @@
 
 Layout on disk (written by vlds.data.synthetic, vlds.data.prep.shards and
 vlds.data.prep.extract): `{root}/{task}/{split}-*.tar` plus `{root}/{task}/{split}.index.json`
-with per-shard sample counts (and, for feature shards, a "features" entry saying which CLIP
-tower made them). A sample is webdataset's grouping of tar members: `{key}.json` (the record)
-plus its visual payload (`{key}.jpg`, `.img0.png`/`.img1.png`, `.frames.npy[.gz]`,
-`.feats.npy`).
+with per-shard sample and sentence counts (`record_sentences`; indexes written before the
+latter are completed by python -m vlds.data.prep.recount) and, for feature shards, a
+"features" entry saying which CLIP tower made them. A sample is webdataset's grouping of tar
+members: `{key}.json` (the record) plus its visual payload (`{key}.jpg`,
+`.img0.png`/`.img1.png`, `.frames.npy[.gz]`, `.feats.npy`).
 
 Bad data (a truncated tar, a member escaping the shard, a sample without a record) is skipped
 and counted by a `SkipCounter`; once more than `data.max_bad_fraction` of a reader's samples
@@ -69,6 +70,10 @@ class TaskIndex:
     shards: tuple[tuple[str, int], ...]  # (absolute path, samples)
     # "features" for feature shards: {"kind": "grid" | "frames", "vision", "pretrained", ...}
     meta: dict = field(default_factory=dict, compare=False)
+    # Training samples with one per reference sentence (`record_sentences` summed over the
+    # records): the shards' "sentences" counts, None for an index written before they were
+    # recorded (python -m vlds.data.prep.recount adds them).
+    sentences: int | None = field(default=None, compare=False)
 
     @property
     def total(self) -> int:
@@ -110,7 +115,9 @@ def load_index(root: str | Path, task: str, split: str) -> TaskIndex:
     if not shards:
         raise DataError(f"{f} lists no shards; re-run the shard writer")
     meta = {k: v for k, v in idx.items() if k not in ("shards", "task", "split", "total")}
-    return TaskIndex(task, split, tuple(shards), meta)
+    counted = all("sentences" in s for s in idx["shards"])
+    sentences = sum(int(s["sentences"]) for s in idx["shards"]) if counted else None
+    return TaskIndex(task, split, tuple(shards), meta, sentences)
 
 
 # ---- samples and records ---------------------------------------------------------------
@@ -146,6 +153,19 @@ class SkipCounter:
 
     def read(self) -> None:
         self.seen += 1
+
+
+def record_sentences(rec) -> int:
+    """The training samples a record makes with one sample per reference sentence: its
+    number of captions for a caption record, else 1 (one record, one sample)."""
+    caps = rec.get("captions") if isinstance(rec, dict) else None
+    return len(caps) if isinstance(caps, list) and caps else 1
+
+
+def sample_sentences(member: str, data: bytes) -> int:
+    """`record_sentences` summed over the records of a tar sample's json (or GROUP) member."""
+    recs = json.loads(data)
+    return sum(map(record_sentences, recs)) if member == GROUP else record_sentences(recs)
 
 
 def expand_group(sample: dict) -> list[dict]:

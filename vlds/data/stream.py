@@ -10,10 +10,13 @@ Training stream, per epoch (everything a pure function of seed, epoch, rank and 
    same number of steps. So every rank runs the same number of steps and no collective hangs,
    however unevenly the shards divide.
 2. Each (rank, worker) slot reads its own slice of every task's shards, shuffled by
-   (seed, epoch, round): whole shards round-robin when there are at least as many shards as
-   slots, otherwise every slot reads all shards and keeps every n-th sample (correct, but each
-   shard is read by every slot). The slice repeats (new shuffle each round) so a slot never
-   runs dry, which is also what lets weighted mixing oversample a small task.
+   (seed, epoch, round); with `data.caption_samples=sentence` a caption record is one sample
+   per reference sentence (the reference's COCO Karpathy / TVC / YC2C training sets), placed
+   consecutively and spread by the shuffle buffer. Whole shards go round-robin when there are
+   at least as many shards as slots, otherwise every slot reads all shards and keeps every
+   n-th sample (correct, but each shard is read by every slot). The slice repeats (new shuffle
+   each round) so a slot never runs dry, which is also what lets weighted mixing oversample a
+   small task.
 3. Step i of the schedule is produced by worker i % num_workers, which is the order torch's
    DataLoader returns worker outputs in: the schedule is kept exactly (on a resume at step k
    the loader's workers are rotated by k, so its first output is still step k).
@@ -29,11 +32,12 @@ stream raises DataError naming the worst shards.
 
 from __future__ import annotations
 
+import json
 import random
 
 import torch
 
-from vlds.data.mixing import epoch_schedule
+from vlds.data.mixing import epoch_schedule, per_sentence
 from vlds.data.shardio import DataError, SkipCounter, TaskIndex, read_samples
 
 
@@ -45,25 +49,44 @@ def slot_stream(
     slots: int,
     on_error: SkipCounter,
     repeat: bool = True,
+    per_sentence: bool = False,
 ):
-    """Raw samples of one (rank, worker) slot, as described in the module docstring."""
+    """Raw samples of one (rank, worker) slot, as described in the module docstring; with
+    `per_sentence`, one per reference sentence of each record (`sentence_samples`)."""
     rnd = 0
+    read = sentence_samples if per_sentence else read_samples
     while True:
         shards = list(index.shards)
         random.Random(f"{seed}-{epoch}-{rnd}-{index.task}").shuffle(shards)
         if len(shards) >= slots:
             for path, n in shards[slot::slots]:
-                yield from read_samples(path, on_error, n)
+                yield from read(path, on_error, n)
         else:
             i = 0
             for path, n in shards:
-                for s in read_samples(path, on_error, n):
+                for s in read(path, on_error, n):
                     if i % slots == slot:
                         yield s
                     i += 1
         if not repeat:
             return
         rnd += 1
+
+
+def sentence_samples(path: str, on_error: SkipCounter, expected: int | None = None):
+    """The samples of one shard, each caption record repeated once per reference sentence,
+    in order, with "__sentence__" = its index (the Collator trains that copy on that caption;
+    the payload bytes are shared, not copied). A record without captions (or an unreadable
+    one, counted bad when decoded) stays one sample."""
+    for s in read_samples(path, on_error, expected):
+        try:
+            n = len(json.loads(s["json"]).get("captions") or ())
+        except (ValueError, TypeError, AttributeError):
+            n = 0
+        if not n:
+            yield s
+        for i in range(n):
+            yield {**s, "__sentence__": i}
 
 
 def reader_split_notes(indexes: dict[str, TaskIndex], world: int, workers: int) -> list[str]:
@@ -135,10 +158,12 @@ class TrainStream(torch.utils.data.IterableDataset):
         mixing_weights="",
         mixing_temperature=1.0,
         max_bad_fraction=0.01,
+        caption_samples="sentence",
     ):
         super().__init__()
         if split not in ("shard", "global"):
             raise DataError(f"data.split={split!r}; valid: shard, global")
+        self.caption_samples = caption_samples
         self.split = split
         self.indexes, self.sizes = indexes, sizes
         self.preprocess, self.collate = preprocess, collate
@@ -146,7 +171,15 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer, self.skip_steps = shuffle_buffer, skip_steps
         self.max_bad_fraction = max_bad_fraction
         self.schedule = epoch_schedule(
-            indexes, sizes, world, seed, epoch, mixing, mixing_weights, mixing_temperature
+            indexes,
+            sizes,
+            world,
+            seed,
+            epoch,
+            mixing,
+            mixing_weights,
+            mixing_temperature,
+            caption_samples,
         )
 
     def __len__(self) -> int:
@@ -169,7 +202,8 @@ class TrainStream(torch.utils.data.IterableDataset):
         streams = {}
         for t, idx in self.indexes.items():
             rng = random.Random(f"buf-{self.seed}-{self.epoch}-{slot}-{t}")
-            raw = slot_stream(idx, self.seed, self.epoch, slot, slots, errors)
+            sent = per_sentence(t, self.caption_samples)
+            raw = slot_stream(idx, self.seed, self.epoch, slot, slots, errors, per_sentence=sent)
             streams[t] = shuffled(raw, self.shuffle_buffer, rng)
         for i, task in enumerate(self.schedule):
             b = self.sizes[task]

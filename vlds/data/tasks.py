@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlds.config import ConfigError, config_check
+from vlds.eval.vqa import normalize_answer
 
 IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
 VIDEO_TASKS = ("tvqa", "how2qa", "tvc", "yc2c")
@@ -41,6 +42,32 @@ def majority_answer(answers: list[str]) -> str:
     counts = Counter(answers)
     best = max(counts.values())
     return next(a for a in answers if counts[a] == best)
+
+
+# Soft score of an answer given by `count` of the humans: the reference's answer table (LXMERT's
+# VQA json, made by bottom-up-attention-vqa's compute_softscore.py get_score): 0.3 per human,
+# 1.0 from four on
+_SOFT_SCORES = (0.0, 0.3, 0.6, 0.9, 1.0)
+
+
+def vqa_soft_scores(answers: list[str]) -> dict[str, float]:
+    """{normalised answer: soft score} of a question's human answers, in first-given order.
+    Answers that normalise to "" are dropped. Unlike the reference, no answer vocabulary
+    (its 3,129 frequent answers) restricts the labels: every normalised answer is kept."""
+    counts = Counter(a for a in map(normalize_answer, answers) if a)
+    return {a: _SOFT_SCORES[min(c, 4)] for a, c in counts.items()}
+
+
+def draw_soft_answer(answers: list[str], rng) -> tuple[str, float]:
+    """One answer drawn in proportion to its soft score, and that score (the sample's loss
+    weight), as the reference's vqa_data.py does at each visit; ("", 0.0) when no answer is
+    left after normalisation (the reference's empty label)."""
+    scores = vqa_soft_scores(answers)
+    if not scores:
+        return "", 0.0
+    labels, weights = list(scores), list(scores.values())
+    answer = rng.choices(labels, weights=weights)[0]
+    return answer, scores[answer]
 
 
 # the field that holds what a record is scored against; absent in unlabelled test splits
@@ -78,13 +105,37 @@ class Task:
     target: Callable[[dict, random.Random], str]  # training target
     references: Callable[[dict], list[str]]  # what the metric compares a prediction with
     generative_caption: bool = False  # beam search + caption metrics
+    # The reference's token limits (special tokens and the prompt included; None = untruncated),
+    # used when data.max_text_len / data.max_target_len are 0
+    max_text_len: int | None = None
+    max_target_len: int | None = None
+    # The reference averages this task's loss over every target token of the batch
+    # (caption_model.py, reduce_loss=True), not per sample (see train.caption_loss)
+    token_mean_loss: bool = False
+    # (target, loss weight) drawn at each training visit when data.vqa_target=soft; None =
+    # `target` with weight 1
+    soft_target: Callable[[dict, random.Random], tuple[str, float]] | None = None
+    # tokens generated at evaluation when eval.max_new_tokens is 0: the reference's
+    # gen_max_length (param.py default 20; multitask.py: captions 40)
+    max_new_tokens: int = 20
 
-    def encoder_text(self, rec: dict) -> str:
-        return self.prompt + self.source(rec)
+    def encoder_text(self, rec: dict, prompt: bool = True) -> str:
+        """The prompt (when `prompt`, see `uses_task_prompts`) and the source text. Without
+        the prompt a caption's text is empty, as the reference's (its tokenizer then encodes
+        only the special tokens)."""
+        return (self.prompt if prompt else "") + self.source(rec)
+
+    def train_target(self, rec: dict, rng, sentence: int | None = None) -> str:
+        """The target of a training sample: reference sentence `sentence` of a caption
+        record made one sample per sentence (data.caption_samples=sentence), else `target`."""
+        if sentence is not None and self.generative_caption:
+            return rec["captions"][sentence]
+        return self.target(rec, rng)
 
 
 def _draw_caption(rec: dict, rng) -> str:
-    """The reference a caption sample trains on at this visit (per-sample seeded rng)."""
+    """The reference a caption sample trains on at this visit with data.caption_samples=image
+    (per-sample seeded rng); with "sentence" each sentence is its own sample (train_target)."""
     return rng.choice(rec["captions"])
 
 
@@ -111,6 +162,10 @@ TASKS: dict[str, Task] = {
         lambda r: r["question"],
         lambda r, rng: majority_answer(r["answers"]),
         lambda r: list(r["answers"]),
+        # vqa_clip_data.py: encode(prompt + question, max_length=20), encode(answer, max_length=10)
+        max_text_len=20,
+        max_target_len=10,
+        soft_target=lambda r, rng: draw_soft_answer(r["answers"], rng),
     ),
     # The reference code's prompt for GQA has the typo "gpa: "; we use the intended one.
     "gqa": Task(
@@ -120,7 +175,9 @@ TASKS: dict[str, Task] = {
         lambda r: r["question"],
         lambda r, rng: r["answer"],
         lambda r: [r["answer"]],
+        max_text_len=20,  # gqa_clip_data.py: max_length=20; the answer untruncated
     ),
+    # nlvr_clip_data.py encodes the sentence and "true" / "false" untruncated
     "nlvr": Task(
         "nlvr",
         "pair",
@@ -129,8 +186,10 @@ TASKS: dict[str, Task] = {
         lambda r, rng: "true" if r["label"] else "false",
         lambda r: ["true" if r["label"] else "false"],
     ),
-    # A caption sample is one image with all its references; each visit trains on one of
-    # them, drawn with a per-sample seeded rng so a resumed run sees the same choice.
+    # A caption record is one image with all its references. Training makes it one sample per
+    # reference (data.caption_samples=sentence, the reference) or one sample whose visits each
+    # train on a reference drawn with a per-sample seeded rng, so a resumed run sees the same
+    # choice ("image"); evaluation scores one sample per image against all of them.
     "caption": Task(
         "caption",
         "image",
@@ -139,6 +198,11 @@ TASKS: dict[str, Task] = {
         _draw_caption,
         _all_captions,
         generative_caption=True,
+        # multitask.py: caption max_text_length = gen_max_length = 40 (caption_clip_data.py)
+        max_text_len=40,
+        max_target_len=40,
+        token_mean_loss=True,
+        max_new_tokens=40,
     ),
     # TVQA and How2QA share the VALUE release's format: subtitles, question, timestamps, five
     # choices; the model generates the tag of the right one
@@ -150,6 +214,8 @@ TASKS: dict[str, Task] = {
             _qa_source,
             lambda r, rng: _choice_tag(r),
             lambda r: [_choice_tag(r)],
+            max_text_len=600,  # video/{tvqa,how2qa}_data.py: max_length=600, targets 20
+            max_target_len=20,
         )
         for name in ("tvqa", "how2qa")
     },
@@ -161,6 +227,8 @@ TASKS: dict[str, Task] = {
         _draw_caption,
         _all_captions,
         generative_caption=True,
+        max_text_len=600,  # video/tvc_data.py: max_length=600, targets 20
+        max_target_len=20,
     ),
     "yc2c": Task(
         "yc2c",
@@ -170,6 +238,8 @@ TASKS: dict[str, Task] = {
         _draw_caption,
         _all_captions,
         generative_caption=True,
+        max_text_len=600,  # video/yc2c_data.py: max_length=600, targets 20
+        max_target_len=20,
     ),
 }
 
@@ -186,6 +256,36 @@ def check_tasks(cfg) -> None:
             "data.tasks mixes image and video tasks, whose visual features differ (grid tokens "
             "vs frame embeddings); train them in separate runs, as the paper does"
         )
+
+
+TASK_PROMPTS = ("auto", "true", "false")
+# The methods whose reference script passes --use_tasks_prompts (VL-T5/scripts/image/*.sh and
+# video/*.sh, commit 545fcbb): the single-module ones; image full fine-tuning, the multiple-
+# module methods and Hyperformer train without; video full fine-tuning sets it. Methods no
+# script runs (half_shared_adapter, visual_only, visual_ln; video hyperformer and multiple_*)
+# get none either.
+PROMPTED_METHODS = {
+    "image": frozenset({"single_adapter", "single_compacter", "single_lora", "single_prompt"}),
+    "video": frozenset({"full_finetune", "single_adapter", "single_lora", "single_prompt"}),
+}
+
+
+def uses_task_prompts(cfg) -> bool:
+    """Whether this config's encoder texts start with the task prompts ("vqa: " ...):
+    data.task_prompts "true" / "false", or "auto" = as the reference's script for
+    peft.method on these tasks (PROMPTED_METHODS)."""
+    mode = cfg.data.task_prompts
+    if mode not in TASK_PROMPTS:
+        raise ConfigError(f"data.task_prompts={mode!r}; valid: {', '.join(TASK_PROMPTS)}")
+    if mode != "auto":
+        return mode == "true"
+    kind = "video" if any(t in VIDEO_TASKS for t in cfg.task_list) else "image"
+    return cfg.peft.method in PROMPTED_METHODS[kind]
+
+
+@config_check
+def check_task_prompts(cfg) -> None:
+    uses_task_prompts(cfg)
 
 
 def get_task(name: str) -> Task:

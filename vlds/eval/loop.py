@@ -3,7 +3,9 @@ predictions are gathered, every sample counts exactly once, and rank 0 computes 
 (captions start Java once, not once per rank) and sends them to every rank.
 
 Decoding follows the reference: greedy for QA, beam search for captions (cfg.eval.qa_beams /
-caption_beams), and NLVR2 by comparing the model's scores of "true" and "false". The standalone
+caption_beams), and NLVR2 by comparing the model's "true" and "false" logits at the first decoding
+position (eval.nlvr_predict="first_token", the reference's nlvr_model.py; "sequence" compares the
+summed log-probabilities of the whole targets, EOS included). The standalone
 evaluator (vlds/evaluate.py) runs the same `evaluate_tasks` on one process.
 """
 
@@ -48,14 +50,18 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
         elif shuffled:
             b, prev_visual = shuffle_visual(b, prev_visual), b
         if choices is not None:
-            scores = model.score_choices(b, choices)  # (B, 2)
-            preds = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
+            rule = cfg.eval.nlvr_predict
+            scores = model.score_choices(b, choices, rule)  # (B, 2)
+            if rule == "first_token":  # the reference: true only when its logit is larger
+                preds = ["true" if s[0] > s[1] else "false" for s in scores.tolist()]
+            else:
+                preds = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
         else:
             beams = cfg.eval.caption_beams if task.generative_caption else cfg.eval.qa_beams
             ids = model.generate(
                 b,
                 num_beams=beams,
-                max_new_tokens=cfg.eval.max_new_tokens,
+                max_new_tokens=cfg.eval.max_new_tokens or task.max_new_tokens,
                 synced_gpus=zero3 and dist.is_initialized(),
             )
             preds = [p.strip() for p in tokenizer.batch_decode(ids, skip_special_tokens=True)]

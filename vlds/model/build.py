@@ -75,7 +75,9 @@ def build_lm(
                 eos_token_id=eos,
                 decoder_start_token_id=pad,
             )
-            return T5ForConditionalGeneration(config)
+            lm = T5ForConditionalGeneration(config)
+            set_generation_defaults(lm, cfg.eval.no_repeat_ngram_size)
+            return lm
         from transformers import BartConfig, BartForConditionalGeneration
 
         bos = bos if bos is not None else pad
@@ -98,7 +100,9 @@ def build_lm(
             forced_eos_token_id=None,
             tie_word_embeddings=True,
         )
-        return BartForConditionalGeneration(config)
+        lm = BartForConditionalGeneration(config)
+        set_generation_defaults(lm, cfg.eval.no_repeat_ngram_size)
+        return lm
 
     from transformers import AutoConfig, AutoModelForSeq2SeqLM
 
@@ -114,13 +118,29 @@ def build_lm(
     METHODS[cfg.peft.method](cfg.peft, cfg.task_list).check(hf_config.d_model, m.arch)
     drop = {"dropout_rate": m.dropout} if m.arch == "t5" else {"dropout": m.dropout}
     lm = AutoModelForSeq2SeqLM.from_pretrained(name, **drop)
-    if vocab > lm.get_input_embeddings().num_embeddings:
-        lm.resize_token_embeddings(vocab)
-    # Pretrained BART ships generation defaults (no_repeat_ngram_size, forced BOS) meant for
-    # summarisation; decoding here is set explicitly per task.
-    lm.generation_config.no_repeat_ngram_size = 0
-    lm.generation_config.forced_bos_token_id = None
+    old_rows = lm.get_input_embeddings().num_embeddings
+    if vocab > old_rows:
+        lm.resize_token_embeddings(vocab, mean_resizing=False)
+        # The added rows (and the object-order rows among them, vlds.model.vl) drawn as the
+        # reference's transformers 4.2 drew them: its resize ran the model's _init_weights on a
+        # fresh nn.Embedding, N(0, init_std = 0.02) for BART; T5's leaves nn.Embedding at
+        # PyTorch's N(0, 1).
+        with torch.no_grad():
+            std = lm.config.init_std if m.arch == "bart" else 1.0
+            lm.get_input_embeddings().weight[old_rows:].normal_(0.0, std)
+    set_generation_defaults(lm, cfg.eval.no_repeat_ngram_size)
     return lm
+
+
+def set_generation_defaults(lm, no_repeat_ngram_size: int | None) -> None:
+    """Decoding as the reference's `generate` (transformers 4.2.1, which reads the backbone's
+    config): its no_repeat_ngram_size (bart-base: 3) unless eval.no_repeat_ngram_size sets one;
+    no forced BOS / EOS token (4.2.1 had neither; bart-base's config now names both)."""
+    g = lm.generation_config
+    if no_repeat_ngram_size is not None:
+        g.no_repeat_ngram_size = no_repeat_ngram_size
+    g.forced_bos_token_id = None
+    g.forced_eos_token_id = None
 
 
 def vocab_of(tokenizer) -> tuple[int, int, int, int | None]:
@@ -177,6 +197,6 @@ def build_model(
     if path != cfg.model.lm:
         torch.manual_seed(cfg.train.seed + 1)
     lm = build_lm(cfg, *vocab_of(tokenizer), path=path)
-    model = VLModel(lm, cfg.model.arch, feat_dim_for(cfg, tower))
+    model = VLModel(lm, cfg.model.arch, feat_dim_for(cfg, tower), cfg.model.visual_input)
     apply_peft(model, cfg.peft, cfg.task_list)
     return model

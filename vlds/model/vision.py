@@ -7,6 +7,8 @@ resampled in time to `max_frames` (max-pool when longer, zero-pad + mask when sh
 
 Every visual token carries a 5-d box (x1, y1, x2, y2, area) in [0, 1] for the position code of
 the visual embedding: its grid cell for images, its time slice (t/T, 0, (t+1)/T, 1) for frames.
+Only model.visual_input="grid" reads them; the reference's input (the default) feeds zero boxes
+and derives each token's object order from vis_order (vlds.model.vl.VisualEmbedding).
 This module is the one place that layout is written: `image_tokens` and `frame_tokens` turn
 tower outputs, or the same outputs cached as features (vlds.data.decode), into the model's
 vis_feats / vis_boxes / vis_order / vis_mask inputs.

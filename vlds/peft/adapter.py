@@ -1,6 +1,9 @@
 """Adapters (as VL-Adapter): h + Up(gelu_new(Down(h))) on every sub-layer output.
 
 Bottleneck = d_model / reduction_factor (96 for d = 768, r = 8), biases, no extra LayerNorm.
+Init as the reference's: plain nn.Linear layers (adapters/adapter_modeling.py:47-48) that
+BART's init_weights re-draws from N(0, 0.02) with zero biases, and T5 leaves at PyTorch's default
+(VLModel.backbone_init): an adapter under T5 does not start near the identity.
 Three ways to share them across tasks (paper, Table 1):
 - single_adapter: one adapter per site for all tasks (tasks differ by their text prompt);
 - multiple_adapters: one adapter per task per site;
@@ -18,15 +21,8 @@ from vlds.peft.inject import per_task, sublayer_sites, transform_output
 from vlds.peft.registry import Method, register
 
 
-def _init(lin: nn.Linear) -> nn.Linear:
-    # Near-identity start: small weights, zero biases (the reference's init, std 1e-2).
-    nn.init.normal_(lin.weight, std=1e-2)
-    nn.init.zeros_(lin.bias)
-    return lin
-
-
 def linear(d_in: int, d_out: int) -> nn.Module:
-    return _init(nn.Linear(d_in, d_out))
+    return nn.Linear(d_in, d_out)  # PyTorch's init; re-drawn under BART by VLModel.backbone_init
 
 
 def bottleneck_adapter(h: torch.Tensor, down: nn.Module, up: nn.Module, fused: str):
@@ -105,8 +101,8 @@ class SingleAdapter(Method):
     def inject(self, model: nn.Module) -> None:
         d = model.d_model
         for site in sublayer_sites(model.lm, model.arch):
-            model.peft[site.key] = Adapter(
-                d, self.bottleneck(d), self.make_linear, self.cfg.fused_kernel
+            model.peft[site.key] = model.backbone_init(
+                Adapter(d, self.bottleneck(d), self.make_linear, self.cfg.fused_kernel)
             )
             transform_output(site.module, model.peft[site.key])
 
@@ -119,14 +115,16 @@ class MultipleAdapters(SingleAdapter):
     def inject(self, model: nn.Module) -> None:
         d, n = model.d_model, len(self.tasks)
         for site in sublayer_sites(model.lm, model.arch):
-            model.peft[site.key] = TaskAdapters(
-                d,
-                self.bottleneck(d),
-                n,
-                model.router,
-                self.share_up,
-                self.make_linear,
-                self.cfg.fused_kernel,
+            model.peft[site.key] = model.backbone_init(
+                TaskAdapters(
+                    d,
+                    self.bottleneck(d),
+                    n,
+                    model.router,
+                    self.share_up,
+                    self.make_linear,
+                    self.cfg.fused_kernel,
+                )
             )
             transform_output(site.module, model.peft[site.key])
 

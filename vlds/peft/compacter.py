@@ -3,10 +3,16 @@ parameterised hypercomplex multiplication (PHM) layers, W = sum_i kron(A_i, B_i)
 
 n = 2, a rule tensor A per layer (not shared across layers), B not factorised; same placement
 and activation as the Adapter. single_compacter shares one per site across tasks,
-multiple_compacters has one per task per site.
+multiple_compacters has one per task per site. Init as the reference's PHMLinear (the scripts'
+CompactorConfig: hypercomplex_nonlinearity "glorot-uniform", phm_c_init "normal",
+--phm_init_range 0.01): each B_i xavier-uniform with gain sqrt(2), A N(0, 0.01), bias zero
+(adapters/hypercomplex/layers.py:98-147, inits.py); BART's init_weights does not touch it (not an
+nn.Linear).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -17,7 +23,12 @@ from vlds.peft.registry import register
 
 
 class PHMLinear(nn.Module):
-    """y = x @ (sum_i kron(A_i, B_i)) + b with A (n, n, n), B (n, d_in/n, d_out/n)."""
+    """y = x @ (sum_i kron(A_i, B_i)) + b with A (n, n, n), B (n, d_in/n, d_out/n).
+
+    The reference names these phm_rule, W and b: its weight decay (by name) decays the bias
+    (`reference_param_names`, read by vlds.engine.param_groups)."""
+
+    reference_param_names = {"rule": "phm_rule", "weight": "W", "bias": "b"}
 
     def __init__(self, d_in: int, d_out: int, n: int):
         super().__init__()
@@ -25,8 +36,9 @@ class PHMLinear(nn.Module):
         self.rule = nn.Parameter(torch.empty(n, n, n))  # A_i: (n, n)
         self.weight = nn.Parameter(torch.empty(n, d_in // n, d_out // n))  # B_i
         self.bias = nn.Parameter(torch.zeros(d_out))
-        nn.init.normal_(self.rule, std=1e-2)
-        nn.init.normal_(self.weight, std=1e-2)
+        nn.init.normal_(self.rule, std=0.01)
+        for i in range(n):  # per (d_in/n, d_out/n) slice, as the reference
+            nn.init.xavier_uniform_(self.weight.data[i], gain=math.sqrt(2))
 
     def full_weight(self) -> torch.Tensor:
         # sum_i kron(A_i, B_i): (n, n) x (d_in/n, d_out/n) -> (d_in, d_out)

@@ -9,6 +9,12 @@ adapter's weights from a task embedding and a layer embedding.
 with one generator set per sub-layer type (self-attention, cross-attention, FFN). Encoder and
 decoder each have their own hypernetwork, layer embeddings and generators; the task embeddings
 are shared. With bart-base, r = 8, 4 tasks this updates 5.79 % of the parameters (paper).
+
+Init as the reference's (adapters/adapter_utils.py:16-26, adapter_hypernetwork.py:62-72): every
+Linear of the hypernetwork and the generators N(0, 0.01) with zero biases, the LayerNorm's eps
+1e-6; under BART its init_weights then re-draws those Linear weights and the layer embeddings
+from N(0, 0.02) (VLModel.backbone_init). The task embeddings are N(0, 1) under both (the
+reference's TaskEmbeddingController: torch.randn parameters that no init_weights touches).
 """
 
 from __future__ import annotations
@@ -22,10 +28,16 @@ from vlds.peft.registry import Method, register
 
 
 def _small(lin: nn.Linear) -> nn.Linear:
-    # Generated weights start small (std 1e-2 generators, zero biases): near-identity adapters.
+    # The reference's linear_layer: N(0, 0.01) weights, zero biases
     nn.init.normal_(lin.weight, std=1e-2)
     nn.init.zeros_(lin.bias)
     return lin
+
+
+def _bias_generator(lin: nn.Linear) -> nn.Linear:
+    # named "bias_generator" in the reference, so its weight decay (by name) skips both tensors
+    lin.reference_param_names = {"weight": "bias_generator.weight", "bias": "bias_generator.bias"}
+    return _small(lin)
 
 
 class Generators(nn.Module):
@@ -35,9 +47,9 @@ class Generators(nn.Module):
         super().__init__()
         self.d, self.b = d, b
         self.down_w = _small(nn.Linear(p, d * b))
-        self.down_b = _small(nn.Linear(p, b))
+        self.down_b = _bias_generator(nn.Linear(p, b))
         self.up_w = _small(nn.Linear(p, b * d))
-        self.up_b = _small(nn.Linear(p, d))
+        self.up_b = _bias_generator(nn.Linear(p, d))
 
     def forward(self, z: torch.Tensor):
         d, b = self.d, self.b
@@ -55,11 +67,14 @@ class HyperNet(nn.Module):
     def __init__(self, cfg, n_layers: int, kinds: list[str], d: int, b: int):
         super().__init__()
         self.layer_embed = nn.Embedding(n_layers, cfg.hyper_layer_dim)
+        norm = nn.LayerNorm(cfg.hyper_proj, eps=1e-6)
+        # named "LayerNorm" in the reference: its weight decay (by name) skips the gain too
+        norm.reference_param_names = {"weight": "LayerNorm.weight"}
         self.net = nn.Sequential(
-            nn.Linear(cfg.hyper_task_dim + cfg.hyper_layer_dim, cfg.hyper_hidden),
+            _small(nn.Linear(cfg.hyper_task_dim + cfg.hyper_layer_dim, cfg.hyper_hidden)),
             nn.ReLU(),
-            nn.Linear(cfg.hyper_hidden, cfg.hyper_proj),
-            nn.LayerNorm(cfg.hyper_proj),
+            _small(nn.Linear(cfg.hyper_hidden, cfg.hyper_proj)),
+            norm,
         )
         self.generators = nn.ModuleDict({k: Generators(cfg.hyper_proj, d, b) for k in kinds})
 
@@ -111,7 +126,9 @@ class Hyperformer(Method):
             mine = [s for s in sites if s.key.startswith(side)]
             kinds = sorted({s.kind for s in mine})
             n_layers = max(s.layer for s in mine) + 1
-            model.peft[f"hyper_{side}"] = HyperNet(self.cfg, n_layers, kinds, d, b)
+            model.peft[f"hyper_{side}"] = model.backbone_init(
+                HyperNet(self.cfg, n_layers, kinds, d, b)
+            )
             for s in mine:
                 model.peft[s.key] = HyperSite(
                     model.peft[f"hyper_{side}"],

@@ -1,7 +1,10 @@
 """Prompt tuning (encoder only) as in VL-Adapter: 40 trainable vectors, reparameterised as
 Linear(hidden -> d)(tanh(Linear(d -> hidden)(Embedding(40, d)))) with hidden = 800, prepended to
 the encoder input. single_prompt shares one prompt across tasks, multiple_prompts has one per
-task. The language model's LayerNorms stay frozen (paper).
+task. The language model's LayerNorms stay frozen (paper). Init as the reference's InputPrompts
+(prompt/prompt_modeling.py:13-18, plain layers): BART's init_weights re-draws the embedding and
+both Linear weights from N(0, 0.02), biases zero; under T5 they keep PyTorch's default (the
+embedding N(0, 1)) (VLModel.backbone_init).
 """
 
 from __future__ import annotations
@@ -49,12 +52,14 @@ class SinglePrompt(Method):
     def inject(self, model: nn.Module) -> None:
         c = self.cfg
         n = len(self.tasks) if self.per_task else 1
-        model.peft["prompt"] = Prompts(
-            n,
-            c.prompt_length,
-            model.d_model,
-            c.prompt_hidden,
-            model.router if self.per_task else None,
+        model.peft["prompt"] = model.backbone_init(
+            Prompts(
+                n,
+                c.prompt_length,
+                model.d_model,
+                c.prompt_hidden,
+                model.router if self.per_task else None,
+            )
         )
         model.input_transforms.append(model.peft["prompt"])
 

@@ -21,13 +21,15 @@ from vlds.config import PeftConfig
 from vlds.peft.inject import apply_peft, count_parameters
 from vlds.peft.registry import METHODS
 
-# The published configurations of the two backbones (config.json of the hub models).
+# The published configurations of the two backbones (config.json of the hub models), the
+# length of their tokenizers and the tokens the reference adds (vlds' presets: model.extra_tokens).
 BACKBONES = {
     "t5-base": dict(arch="t5", vocab_size=32128, d_model=768, d_ff=3072, num_layers=12,
-                    num_heads=12, d_kv=64, extra_tokens=0),
+                    num_heads=12, d_kv=64, tokenizer_len=32100, extra_tokens=100),
     "bart-base": dict(arch="bart", vocab_size=50265, d_model=768, encoder_layers=6,
                       decoder_layers=6, encoder_attention_heads=12, decoder_attention_heads=12,
-                      encoder_ffn_dim=3072, decoder_ffn_dim=3072, extra_tokens=200),
+                      encoder_ffn_dim=3072, decoder_ffn_dim=3072, tokenizer_len=50265,
+                      extra_tokens=200),
 }  # fmt: skip
 
 # Paper (VL-Adapter, Table 1 and the video table): bart-base, r = 8, 4 tasks.
@@ -52,7 +54,9 @@ def build_lm(backbone: str, extra_tokens: int | None = None):
     arch = spec.pop("arch")
     extra = spec.pop("extra_tokens") if extra_tokens is None else extra_tokens
     spec.pop("extra_tokens", None)
-    spec["vocab_size"] += extra  # the reference adds <vis_extra_id_k> tokens to the vocabulary
+    # the embedding grows to tokenizer + added tokens when that is larger (vlds.model.build):
+    # t5-base's 32,128 rows become the reference's 32,200 with its 100 <vis_extra_id_k>
+    spec["vocab_size"] = max(spec["vocab_size"], spec.pop("tokenizer_len") + extra)
     with torch.device("meta"):
         if arch == "t5":
             return arch, T5ForConditionalGeneration(T5Config(**spec))
@@ -90,7 +94,7 @@ def main(argv=None) -> None:
         "--extra-tokens",
         type=int,
         default=None,
-        help="tokens added to the vocabulary (default: 200 for bart-base, 0 for t5)",
+        help="tokens added to the vocabulary (default: 200 for bart-base, 100 for t5-base)",
     )
     p.add_argument("--all", action="store_true", help="a table of every method")
     a = p.parse_args(argv)

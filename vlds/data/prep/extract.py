@@ -11,7 +11,8 @@ Every sample keeps its key and its json bytes and gets `feats.npy` instead of pi
 (n_tok, C) grid tokens per image (ResNet layer4 max-pooled to grid_pool^2; ViT patch tokens),
 NLVR2's two images stacked (2 n_tok, C), or (T, D) pooled frame embeddings for video. Shards
 keep their names and order; `{split}.index.json` gains a "features" entry naming the tower
-(vision, pretrained, grid_pool, dim, dtype), which training checks against its config. Boxes
+(vision, pretrained, grid_pool, dim, dtype) and, for images, the resize mode (`--resize`, as
+data.image_resize), which training checks against its config. Boxes
 are not stored: grid cells and time slices follow from the token count (vlds.model.vision).
 
 The tower runs batched (`--batch-size` images or frames at once) on the GPU when there is one;
@@ -44,6 +45,7 @@ from vlds.data.shardio import (
     expand_group,
     load_index,
     read_samples,
+    sample_sentences,
 )
 from vlds.data.tasks import get_task
 from vlds.model.build import build_tower
@@ -122,6 +124,7 @@ class Extractor:
                 w["tar"], p["key"], {p["member"]: p["json"], "feats.npy": _npy(feats)}
             )
             w["samples"] += p["n"]
+            w["sentences"] += sample_sentences(p["member"], p["json"])
         self.pending = []
 
 
@@ -140,6 +143,8 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
         "dtype": args.dtype,
         "image_size": tower.image_size,
     }
+    if kind != "video":  # images only: frames were resized when they were written
+        feats_meta["resize"] = args.resize  # checked against data.image_resize
     if not args.vision_pretrained:
         feats_meta["seed"] = args.seed
     index_file = Path(args.shards) / task / f"{split}.index.json"
@@ -156,7 +161,12 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
     feed = ShardFeed(
         todo,
         Preprocess(
-            tower.image_size, CLIP_MEAN, CLIP_STD, features="false", draft=not args.no_draft
+            tower.image_size,
+            CLIP_MEAN,
+            CLIP_STD,
+            features="false",
+            draft=not args.no_draft,
+            resize=args.resize,
         ),
     )
     loader = torch.utils.data.DataLoader(feed, batch_size=None, num_workers=args.workers)
@@ -175,7 +185,7 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
         k = item["shard"]
         if k not in writers:
             cm = shardwrite.open_shard(out_dir / urls[k])
-            writers[k] = {"cm": cm, "tar": cm.__enter__(), "samples": 0, "bytes": 0}
+            writers[k] = {"cm": cm, "tar": cm.__enter__(), "samples": 0, "sentences": 0, "bytes": 0}
         if "end" not in item:
             ex.pending.append(item)
             if sum(p["visual"].shape[0] for p in ex.pending) >= args.batch_size:
@@ -188,6 +198,7 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
             "shard": k,
             "url": urls[k],
             "samples": w["samples"],
+            "sentences": w["sentences"],
             "items": src.shards[k][1],
             "bytes": w["bytes"],
             "file_bytes": (out_dir / urls[k]).stat().st_size,
@@ -223,6 +234,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0, help="random tower init (= train.seed)")
     p.add_argument("--no-draft", action="store_true", help="decode JPEGs fully (no draft mode)")
+    p.add_argument(
+        "--resize",
+        choices=("squash", "crop"),
+        default="squash",
+        help="images to size x size: squash (the reference) or shorter side + centre crop; "
+        "training checks it against data.image_resize",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     return p

@@ -52,7 +52,7 @@ from vlds.cli import MissingExtra
 from vlds.data.prep import shardwrite
 from vlds.data.prep.converters import ALIASES, Converter, Item, converters
 from vlds.data.prep.converters.sources import Sources, read, ref_name
-from vlds.data.shardio import GROUP
+from vlds.data.shardio import GROUP, record_sentences
 
 # samples per shard by payload: ~150 MB of COCO jpgs; frames 32 x 224^2 x 3 = 4.8 MB a sample
 DEFAULT_SHARD = {"image": 1000, "frames": 32, "features": 1000}
@@ -155,6 +155,7 @@ def write_shard(job: tuple) -> dict:
     task_dir, split, shard, groups, opts = job
     url = shardwrite.shard_url(split, shard)
     skipped, repaired, written, payloads, size, dims = Counter(), Counter(), 0, 0, 0, set()
+    sentences = 0  # training samples with one per caption (record_sentences)
     examples: dict[str, list[str]] = {}  # the first few files skipped for each reason
     with shardwrite.open_shard(Path(task_dir) / url) as tar:
         for group in groups:
@@ -179,12 +180,14 @@ def write_shard(job: tuple) -> dict:
                 key = f"{first.key}-group"
             size += shardwrite.write_sample(tar, key, sample)
             written += len(group)
+            sentences += sum(record_sentences(it.rec) for it in group)
             payloads += 1
     file_bytes = (Path(task_dir) / url).stat().st_size
     return {
         "shard": shard,
         "url": url,
         "samples": written,
+        "sentences": sentences,
         "payloads": payloads,
         "items": sum(len(g) for g in groups),
         "bytes": size,

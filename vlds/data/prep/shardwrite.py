@@ -11,7 +11,8 @@ A split being written looks like this inside its task folder:
     {split}.manifest.json    the arguments and input fingerprints of the run (written first)
     {split}.progress.jsonl   one line per finished shard: url, samples, bytes, skipped reasons
     {split}-NNNNN.tar        finished shards (written to a temp name, renamed when whole)
-    {split}.index.json       per-shard sample counts, written last: training reads only this
+    {split}.index.json       per-shard sample and sentence counts, written last: training
+                             reads only this
 """
 
 from __future__ import annotations
@@ -70,8 +71,16 @@ def open_shard(path: Path):
 
 def write_index(task_dir: Path, task: str, split: str, shards: list[dict], **extra) -> dict:
     """{split}.index.json: {"task", "split", "total", "schema_version", "shards": [{"url",
-    "samples"}], **extra} (e.g. "features" for feature shards); urls relative to task_dir."""
-    shards = [{"url": s["url"], "samples": s["samples"]} for s in shards]
+    "samples", "sentences"}], **extra} (e.g. "features" for feature shards); urls relative to
+    task_dir. "sentences" (vlds.data.shardio.record_sentences summed: the training samples with
+    one per caption) is kept only when every shard has it (a writer resuming shards recorded
+    before it was counted leaves it out; python -m vlds.data.prep.recount adds it)."""
+    counted = all("sentences" in s for s in shards)
+    shards = [
+        {"url": s["url"], "samples": s["samples"]}
+        | ({"sentences": s["sentences"]} if counted else {})
+        for s in shards
+    ]
     index = {
         "task": task,
         "split": split,

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from vlds.data.prep.shardwrite import SCHEMA_VERSION, shard_url, write_index, write_sample
+from vlds.data.shardio import record_sentences
 from vlds.data.synthetic.language import make_sample
 from vlds.data.synthetic.tokenizer import train_tokenizer
 from vlds.data.synthetic.world import GENERATOR_VERSION, SyntheticSpec, _split_sizes
@@ -31,8 +32,10 @@ from vlds.data.tasks import ALL_TASKS, get_task
 # --- shards -------------------------------------------------------------------------------
 
 
-def _write_shard(job: tuple) -> int:
+def _write_shard(job: tuple) -> tuple[int, int]:
+    """Write one shard; returns (samples, sentences) for its index entry."""
     root, task, split, shard, start, stop, spec = job
+    sentences = 0
     # Plain tarfile in webdataset's layout ({key}.{ext}, exts sorted): importing webdataset pulls
     # in torch, seconds per worker, and its TarWriter stamps the current time.
     with tarfile.open(
@@ -41,9 +44,10 @@ def _write_shard(job: tuple) -> int:
         for i in range(start, stop):
             sample = make_sample(task, split, i, spec)
             key = sample.pop("__key__")
+            sentences += record_sentences(sample["json"])
             sample["json"] = json.dumps(sample["json"]).encode()
             write_sample(tar, key, sample)
-    return stop - start
+    return stop - start, sentences
 
 
 def _shard_jobs(root: Path, task: str, split: str, n: int, spec: SyntheticSpec) -> list[tuple]:
@@ -52,8 +56,18 @@ def _shard_jobs(root: Path, task: str, split: str, n: int, spec: SyntheticSpec) 
     return [(str(root), task, split, s, a, min(n, a + step), spec) for s, a in enumerate(starts)]
 
 
-def _write_index(root: Path, task: str, split: str, jobs: list[tuple]) -> dict:
-    shards = [{"url": shard_url(split, j[3]), "samples": j[5] - j[4]} for j in jobs]
+def _write_index(
+    root: Path, task: str, split: str, jobs: list[tuple], sentences: dict[tuple, int]
+) -> dict:
+    """`sentences`: {(task, split, shard): count}, what `_write_shard` returned."""
+    shards = [
+        {
+            "url": shard_url(split, j[3]),
+            "samples": j[5] - j[4],
+            "sentences": sentences[task, split, j[3]],
+        }
+        for j in jobs
+    ]
     return write_index(Path(root) / task, task, split, shards)
 
 
@@ -63,9 +77,8 @@ def write_task_split(root: Path, task: str, split: str, n: int, spec: SyntheticS
     get_task(task)
     (Path(root) / task).mkdir(parents=True, exist_ok=True)
     jobs = _shard_jobs(root, task, split, n, spec)
-    for job in jobs:
-        _write_shard(job)
-    return _write_index(root, task, split, jobs)
+    sentences = {(task, split, j[3]): _write_shard(j)[1] for j in jobs}
+    return _write_index(root, task, split, jobs, sentences)
 
 
 # --- the cached data set ------------------------------------------------------------------
@@ -170,19 +183,22 @@ def _generate(out: Path, spec: SyntheticSpec, workers: int | None) -> None:
     # Costliest shards first (clips render 8 frames, NLVR two images) so the pool ends together.
     cost = {"nlvr": 2, "tvqa": 4, "how2qa": 4, "tvc": 4, "yc2c": 4}
     jobs.sort(key=lambda j: -(j[5] - j[4]) * cost.get(j[1], 1))
+    sentences = {}  # (task, split, shard) -> count, for the indexes
     with tqdm(total=total, unit="sample", desc="shapes world", smoothing=0) as bar:
         if workers <= 1:
             for job in jobs:
-                bar.update(_write_shard(job))
+                n, sentences[job[1:4]] = _write_shard(job)
+                bar.update(n)
         else:
             # spawn, not fork: the caller may already hold threads (torch, a data loader).
             with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                for done in pool.imap_unordered(_write_shard, jobs):
-                    bar.update(done)
+                for job, (n, counted) in zip(jobs, pool.imap(_write_shard, jobs), strict=True):
+                    sentences[job[1:4]] = counted
+                    bar.update(n)
         bar.set_postfix_str("tokenizer")
         train_tokenizer(out, spec)
     for (task, split), split_jobs in splits.items():
-        _write_index(out, task, split, split_jobs)
+        _write_index(out, task, split, split_jobs, sentences)
     marker = {
         "spec": dataclasses.asdict(spec),
         "generator_version": GENERATOR_VERSION,
@@ -215,4 +231,19 @@ def ensure_synthetic(
         _remove_stale_temps(final.parent, final.name)
         _generate(tmp, spec, workers)
 
-    return build_once(final, _is_complete, generate)
+    path = build_once(final, _is_complete, generate)
+    _add_sentence_counts(path)
+    return path
+
+
+def _add_sentence_counts(path: Path) -> None:
+    """A world cached before the indexes recorded sentence counts gets them, once, under its
+    lock (json members only: seconds). Regenerating it instead would also retrain the language
+    model cached inside it."""
+    from vlds.data.prep.recount import needs_recount, recount
+
+    if any(needs_recount(f) for f in path.glob("*/*.index.json")):
+        with file_lock(path.parent / f"{path.name}.lock"):
+            for f in sorted(path.glob("*/*.index.json")):
+                if needs_recount(f):
+                    recount(f)
