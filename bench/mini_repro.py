@@ -18,13 +18,14 @@
    with the reference's learning rate for its method (vlds.recipe: adapters/Compacter/
    Hyperformer/LoRA/prompts 1e-3, multiple adapters 3e-4, full fine-tuning 1e-4; video 3e-4,
    full 3e-5) and the reference's training defaults (task prompts only for the single-module
-   methods, soft-score VQA targets, the caption token-mean loss, zero boxes + object order,
-   its init and weight-decay groups; docs/differences.md). The image tasks mix in the
-   reference's step shares on the real releases (IMAGE_MIX: VQA 28 / GQA 29 / NLVR2 12 /
-   captions 31 %): the shapes world's equal task sizes would give other shares under the
-   reference's rule (one sample per caption sentence, per-task batches), so it keeps one
-   caption sample per image or clip and batches of 32 (16 for video). Two runs at a time, one core
-   each; a finished run (its metrics.json) is never redone, so an interrupted experiment
+   methods, the caption token-mean loss, zero boxes + object order, its init and weight-decay
+   groups; docs/differences.md), except the VQA target: the majority answer, as in `make
+   train` (the shapes world's wrong human answers are noise, not ambiguity). The image tasks
+   mix in the reference's step shares on the real releases (IMAGE_MIX: VQA 28 / GQA 29 /
+   NLVR2 12 / captions 31 %): the shapes world's equal task sizes would give other shares
+   under the reference's rule (one sample per caption sentence, per-task batches), so it keeps
+   one caption sample per image or clip and batches of 32 (16 for video). Two runs at a time,
+   one core each; a finished run (its metrics.json) is never redone, so an interrupted experiment
    continues where it stopped.
 5. Report: report.md (per method: % updated, each task's official metric as mean +- std over
    seeds, the average, the same model's average with shuffled images and the gap between the
