@@ -75,27 +75,29 @@ _IMAGE_SCALE = (
     "src/multitask.py: gqa/nlvr/caption batch = int(batch_size * 100/60, 20/60, 50/60)",
 )
 
+
+def _image_recipe(backbone: str, batch: int) -> dict:
+    return {
+        "kind": "image",
+        "values": {
+            **_COMMON,
+            "train.epochs": (20, f"{_IMG}/*.sh: --epochs 20"),
+            "train.global_batch_size": (
+                batch,
+                f"{_IMG}/*.sh: batch_size={batch} ({backbone}), {_ONE_PROCESS}",
+            ),
+            "data.batch_size": (
+                batch,
+                "the reference's per-process batch (the most one GPU holds)",
+            ),
+            "data.task_batch_scale": _IMAGE_SCALE,
+        },
+    }
+
+
 RECIPES: dict[str, dict] = {
-    "t5-base": {
-        "kind": "image",
-        "values": {
-            **_COMMON,
-            "train.epochs": (20, f"{_IMG}/*.sh: --epochs 20"),
-            "train.global_batch_size": (300, f"{_IMG}/*.sh: batch_size=300 (t5), {_ONE_PROCESS}"),
-            "data.batch_size": (300, "the reference's per-process batch (the most one GPU holds)"),
-            "data.task_batch_scale": _IMAGE_SCALE,
-        },
-    },
-    "bart-base": {
-        "kind": "image",
-        "values": {
-            **_COMMON,
-            "train.epochs": (20, f"{_IMG}/*.sh: --epochs 20"),
-            "train.global_batch_size": (500, f"{_IMG}/*.sh: batch_size=500 (bart), {_ONE_PROCESS}"),
-            "data.batch_size": (500, "the reference's per-process batch (the most one GPU holds)"),
-            "data.task_batch_scale": _IMAGE_SCALE,
-        },
-    },
+    "t5-base": _image_recipe("t5", 300),
+    "bart-base": _image_recipe("bart", 500),
     "bart-base-video": {
         "kind": "video",
         "values": {
