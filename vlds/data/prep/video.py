@@ -8,7 +8,9 @@ Sampling: the window [start, end] (default: the whole video) is cut into N equal
 each segment's centre takes the frame shown at that time (the last frame starting at or
 before it), so a short clip repeats frames and a long one skips them, with one sequential
 decode that stops after the last needed frame. Frames are resized (shorter side -> size,
-bicubic, in FFmpeg's scaler) and centre-cropped to size x size, the crop the image path uses.
+bicubic, in FFmpeg's scaler) and centre-cropped to size x size, as the image path's
+data.image_resize=crop (the reference reads the VALUE release's precomputed frame features and
+resizes no frames itself).
 """
 
 from __future__ import annotations
