@@ -193,9 +193,6 @@ class DataBuilder:
             caption_samples=d.caption_samples,
         )
 
-    def steps_per_epoch(self) -> int:
-        return len(self._stream(0).schedule)
-
     def batch_plan(self) -> dict:
         """What an epoch trains on: the effective global batch (micro x accumulation x world),
         each task's micro-batch and its share of the epoch's steps. Logged at start-up and

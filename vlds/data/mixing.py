@@ -192,13 +192,12 @@ def epoch_schedule(
 ) -> list[str]:
     """The task of every step of an epoch, identical on every rank; a task's batches count
     its `train_samples` (a caption task's sentences with caption_samples="sentence")."""
-    batches = {}
-    for t, idx in indexes.items():
-        n = train_samples(idx, caption_samples)
-        batches[t] = n // (world * sizes[t])
-        if batches[t] == 0:
+    totals = {t: train_samples(idx, caption_samples) for t, idx in indexes.items()}
+    batches = task_batches(totals, sizes, world)
+    for t, n in batches.items():
+        if n == 0:
             raise DataError(
-                f"task {t!r} has {n} samples, fewer than one global batch "
+                f"task {t!r} has {totals[t]} samples, fewer than one global batch "
                 f"({world} ranks x {sizes[t]}); lower data.batch_size or add data"
             )
     sched = []
