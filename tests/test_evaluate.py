@@ -63,7 +63,8 @@ def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     evaluate_cli(out, shapes_root, "--max-samples", "16", "--out", str(ev))
     evaluated = json.loads((ev / "metrics.json").read_text())["metrics"]
     tasks = ("vqa", "gqa", "nlvr", "caption")
-    assert set(trained) == set(evaluated) == {*tasks, "average", "shuffled_average"}
+    assert set(trained) == set(evaluated) == {*tasks, "average", "shuffled_average", "loss"}
+    assert evaluated["loss"] == trained["loss"]
     for t in tasks:
         # every value, not only the score: breakdowns, consistency, BLEU..CIDEr
         assert evaluated[t] == trained[t], t

@@ -107,6 +107,9 @@ class ReadsItsImage(torch.nn.Module):
     def generate(self, b, **kw):
         return b["vis_feats"][:, 0, 0].long()[:, None]
 
+    def sample_losses(self, b):  # a known validation loss: the answer index + 1
+        return b["vis_feats"][:, 0, 0] + 1
+
 
 class Tok:
     def batch_decode(self, ids, skip_special_tokens=True):
@@ -153,6 +156,8 @@ def test_shuffled_score_and_blind_run_on_a_model_that_reads_its_image(blind):
     assert metrics["gqa"]["shuffled_score"] == 0.0
     assert metrics["shuffled_average"] == 0.0
     assert [p["prediction"] for p in preds["gqa"]] == [ANSWERS[a] for a in answers]
+    # the validation loss: from the real images only, the mean over samples, then over tasks
+    assert metrics["gqa"]["loss"] == metrics["loss"] == pytest.approx(sum(answers) / 7 + 1)
 
 
 def test_shuffled_score_counts_coincidences():

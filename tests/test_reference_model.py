@@ -382,3 +382,29 @@ def test_no_repeat_ngram_size_is_checked():
 def test_real_t5_preset_adds_the_reference_rows():
     cfg = build_config("t5-base")
     assert cfg.model.extra_tokens == 100 and cfg.model.visual_input == "reference"
+
+
+def test_validation_loss_is_each_samples_mean_token_cross_entropy():
+    """predict's loss column: each sample's mean cross-entropy over its own target tokens,
+    computed here from the LM's logits by hand; the training loss (no weights, per-sample
+    reduction) is their mean; an unlabelled sample (no references) has none."""
+    cfg, tok, tower, model = tiny("t5", method="full_finetune")
+    model.eval()
+    b = image_batch(tok, tower, b=3)
+    embeds, mask = model.encoder_inputs(b)
+    logits = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=b["labels"]).logits
+    want = []
+    for i in range(3):
+        keep = b["labels"][i] != -100
+        logp = torch.log_softmax(logits[i][keep].double(), dim=-1)
+        want.append(-logp.gather(1, b["labels"][i][keep][:, None]).mean().item())
+    assert len({len(x) for x in tok(["red", "square", "true"]).input_ids}) > 1  # lengths differ
+    batch = {**b, "ids": ["a", "b", "c"], "refs": [["red"], ["square"], []], "meta": None}
+    rows = predict(model, tower, [batch], "gqa", tok, cfg, "cpu", False)
+    assert [r[4] for r in rows[:2]] == pytest.approx(want[:2], rel=1e-5) and rows[2][4] is None
+    with torch.no_grad():
+        assert model(b).item() == pytest.approx(sum(want) / 3, rel=1e-5)
+    cfg.eval.loss = False
+    assert [r[4] for r in predict(model, tower, [batch], "gqa", tok, cfg, "cpu", False)] == [
+        None
+    ] * 3

@@ -640,6 +640,7 @@ def test_converted_shards_train(image_shards, shapes_root, tmp_path):
         "caption",
         "average",
         "shuffled_average",
+        "loss",
     }
 
 

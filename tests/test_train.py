@@ -79,8 +79,11 @@ def test_one_rank_trains_checkpoints_and_resumes(shapes_root, tmp_path):
     assert f"vqa {plan['task_share_pct']['vqa']:.1f} % (batch 16)" in log
     assert abs(sum(plan["task_share_pct"].values()) - 100) < 0.05
     tasks = ("vqa", "gqa", "nlvr", "caption")
-    assert set(result["metrics"]) == {*tasks, "average", "shuffled_average"}
+    assert set(result["metrics"]) == {*tasks, "average", "shuffled_average", "loss"}
     assert all(result["metrics"][t]["n"] == 16 for t in tasks)
+    task_losses = [result["metrics"][t]["loss"] for t in tasks]  # the validation loss
+    assert result["metrics"]["loss"] == pytest.approx(sum(task_losses) / 4)
+    assert all(0 < x < 20 for x in task_losses)
     # grounding, reported beside every score: the shuffled-image score and the text prior
     # (recomputed here from the records the run read)
     from vlds.data.shardio import load_index, read_records
@@ -97,6 +100,7 @@ def test_one_rank_trains_checkpoints_and_resumes(shapes_root, tmp_path):
     last = [r for r in evals if r["kind"] == "eval"][-1]
     assert last["vqa/text_prior"] == pytest.approx(result["text_prior"]["vqa"])
     assert last["shuffled_average"] == pytest.approx(result["metrics"]["shuffled_average"])
+    assert last["loss"] == result["metrics"]["loss"] and last["vqa/loss"] == task_losses[0]
     assert (out / "curves.png").stat().st_size > 10_000
     assert any((out / "tb").iterdir())
     cfg = json.loads((out / "config.json").read_text())

@@ -18,7 +18,14 @@ import pytest
 
 from vlds.config import build_config, keys_with_role, parse_cli, validate
 from vlds.tune import results, space
-from vlds.tune.scheduler import CONTINUE, STOP, StrictASHA
+from vlds.tune.scheduler import (
+    CONTINUE,
+    PAUSE,
+    STOP,
+    StrictASHA,
+    SuccessiveHalving,
+    halving_cost,
+)
 from vlds.tune.space import rungs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -179,18 +186,28 @@ def _rows(run: Path, kind: str) -> list[dict]:
     return [r for r in rows if r["kind"] == kind]
 
 
+def _waiting(state_file: Path) -> int:
+    """Trials waiting at the first rung, undecided (0 while the state is being written)."""
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return 0
+    return 0 if state["decided"] else len(state["values"]["2"])
+
+
 @pytest.fixture(scope="module")
 def searched(shapes_root, tmp_path_factory):
-    """The search, interrupted (SIGINT) once its first trial has finished, then resumed."""
+    """The default search (successive halving), interrupted (SIGINT) while two trials wait at
+    its rung, then resumed."""
     out = tmp_path_factory.mktemp("tune")
     args = [sys.executable, *_search_args(shapes_root, out)]
     proc = subprocess.Popen(
         args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     t0 = time.time()
-    while not list((out / "t" / "runs").glob("*/metrics.json")):
+    while _waiting(out / "t" / space.HALVING_STATE) < 2:
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.time() - t0 < 240, "no trial finished"
+        assert time.time() - t0 < 240, "no two trials reached the rung"
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     first = proc.communicate(timeout=120)[0]
@@ -203,22 +220,31 @@ def searched(shapes_root, tmp_path_factory):
     return out / "t", p.stdout
 
 
-def test_every_configuration_ran_once_and_stopped_where_asha_says(searched):
+def test_every_configuration_ran_once_and_the_best_at_the_rung_went_on(searched):
     exp, _ = searched
     rows = list(csv.DictReader((exp / "results.csv").open()))
     points = {(float(r["lr"]), int(r["reduction_factor"])) for r in rows}
     assert len(rows) == 4 and points == {
         (lr, rf) for lr in space.lr_grid(1e-3, 4e-2, 2) for rf in (4, 8)
     }
+    state = json.loads((exp / space.HALVING_STATE).read_text())
+    at_rung = state["values"]["2"]  # [score, -loss] per trial, as each reported at the rung
+    assert len(at_rung) == 4  # every trial reached the rung, the interrupted ones included
     for r in rows:
         step, run = int(r["step"]), Path(r["run_dir"])
-        assert step in (2, 6) and r["status"] == ("finished" if step == 6 else "stopped")
-        # the steps ASHA is charged are the steps trained: a stopped trial halts at the report
+        # a stopped trial halts at the rung; one that was waiting there when the search was
+        # interrupted may be restarted by Tune on resume and train one more evaluation before
+        # it waits again. The steps charged are the steps trained.
+        assert step in (2, 4, 6) and r["status"] == ("finished" if step == 6 else "stopped")
         assert max(e["step"] for e in _rows(run, "eval")) == step
         assert all(t["step"] <= step for t in _rows(run, "train"))
         assert (run / "metrics.json").is_file() == (step == 6)
         assert float(r["score"]) == _rows(run, "eval")[-1]["average"]
-    assert sum(int(r["step"]) == 6 for r in rows) >= 1  # the first arrival always goes on
+        score, neg_loss = at_rung[r["trial_id"]]  # what the rung ranked: an evaluation's
+        assert any((e["average"], -e["loss"]) == (score, neg_loss) for e in _rows(run, "eval"))
+    # 4 // 3 = 1 goes on: the best at the rung by score, then by loss
+    best = max(at_rung, key=lambda t: at_rung[t])
+    assert [r["trial_id"] for r in rows if r["step"] == "6"] == [best] == state["decided"]["2"]
 
 
 def test_budget_report_is_consistent(searched):
@@ -294,6 +320,10 @@ def test_bad_search_arguments_fail_before_ray_starts(shapes_root, tmp_path):
     assert p.returncode == 2 and "needs a value" in p.stderr
     p = run("--grace=50")
     assert p.returncode == 2 and "not a multiple of --eval-every" in p.stderr
+    p = run("--grace=960")  # the default --max-steps: no rung left
+    assert p.returncode == 2 and "the rungs need 0 < --grace (960) < --max-steps (960)" in p.stderr
+    p = run("--rung-metric=loss", "--eval.loss=false", f"--data.root={shapes_root}")
+    assert p.returncode == 2 and "eval.loss=false turns off" in p.stderr
 
 
 @pytest.mark.slow
@@ -311,3 +341,151 @@ def test_a_trial_on_two_ranks_runs_torchrun_and_reports_from_metrics_jsonl(shape
         (Path(row["run_dir"]) / "checkpoints" / "step6" / "trainer_state.json").read_text()
     )
     assert state["world_size"] == 2
+
+
+# ---- synchronous successive halving ---------------------------------------------------------
+
+
+class FakeController:
+    """The part of Tune's controller the scheduler uses: its trials and stop_trial (which tells
+    the scheduler about a paused or pending trial, as Tune does). No cluster."""
+
+    def __init__(self, scheduler, names):
+        from ray.tune.experiment import Trial
+
+        self.T, self.s = Trial, scheduler
+        self.trials = [
+            SimpleNamespace(trial_id=n, status=Trial.PENDING, is_saving=False) for n in names
+        ]
+        for t in self.trials:
+            scheduler.on_trial_add(self, t)
+
+    def get_trials(self):
+        return self.trials
+
+    def trial(self, name):
+        return next(t for t in self.trials if t.trial_id == name)
+
+    def stop_trial(self, t):
+        if t.status in (self.T.PENDING, self.T.PAUSED):
+            self.s.on_trial_remove(self, t)
+        t.status = self.T.TERMINATED
+
+    def report(self, name, step, score, loss=1.0):
+        """A result of a running trial; its status follows the decision, as in Tune."""
+        t = self.trial(name)
+        t.status = self.T.RUNNING
+        action = self.s.on_trial_result(self, t, {"step": step, "score": score, "loss": loss})
+        t.status = {CONTINUE: self.T.RUNNING, STOP: self.T.TERMINATED, PAUSE: self.T.PAUSED}[action]
+        return action
+
+    def status(self):
+        return {t.trial_id: t.status for t in self.trials}
+
+
+def _halving(names, eta=2, state_file=None, rung_metric="score"):
+    loss_ranks = rung_metric == "loss"
+    s = SuccessiveHalving(
+        8,
+        2,
+        eta,
+        n_trials=len(names),
+        rung_metric=rung_metric,
+        rung_mode="min" if loss_ranks else "max",
+        tie_metric="score" if loss_ranks else "loss",
+        tie_mode="max" if loss_ranks else "min",
+        state_file=state_file,
+    )
+    assert s.set_search_properties("score", "max")
+    return s, FakeController(s, names)
+
+
+SCORES = dict(zip("abcdefgh", [5.0, 9.0, 1.0, 7.0, 3.0, 8.0, 2.0, 6.0], strict=True))
+
+
+def test_successive_halving_waits_for_the_whole_rung_then_keeps_the_best():
+    s, tc = _halving("abcdefgh")
+    assert s.milestones == [2, 4]
+    assert halving_cost(8, 2, 2, 8) == 8 * 2 + 4 * 2 + 2 * 4
+    assert halving_cost(16, 120, 4, 960) == 16 * 120 + 4 * 360 + 1 * 480  # 4.0 full runs
+    assert tc.report("a", 1, 0.0) == CONTINUE  # below the first rung
+    for i, name in enumerate("abcdefg"):  # everyone but h reports at rung 2: they wait there
+        assert tc.report(name, 2, SCORES[name]) == PAUSE
+        assert s.waiting_at(name) == 2
+        assert s.choose_trial_to_run(tc).trial_id == "abcdefgh"[i + 1]  # not a waiting one
+    # h completes the rung: the best 8 // 2 are b 9, f 8, d 7 and h 6, which goes straight on
+    assert tc.report("h", 2, SCORES["h"]) == CONTINUE
+    st = tc.status()
+    assert {n for n in st if st[n] == "TERMINATED"} == set("aceg")  # the waiting losers
+    assert s.choose_trial_to_run(tc).trial_id == "b"  # the winners start again, as added
+    # rung 4: b 10, d and f tie on score and loss (identical predictions): both go on with
+    # b, so 3 of 4 go on instead of 2, and h stops; nothing is decided by arrival order
+    assert tc.report("h", 4, 4.0, 0.5) == PAUSE
+    assert tc.report("b", 4, 10.0, 0.9) == PAUSE
+    assert tc.report("d", 4, 8.0, 0.5) == PAUSE
+    assert tc.report("f", 4, 8.0, 0.5) == CONTINUE
+    assert tc.status()["h"] == "TERMINATED" and s.choose_trial_to_run(tc).trial_id == "b"
+    assert tc.report("f", 6, 1.0) == CONTINUE and tc.report("f", 8, 1.0) == CONTINUE  # to the end
+    assert "step 4: 4 of 4 reported, 3 went on" in s.debug_string()
+
+
+def test_successive_halving_breaks_score_ties_by_the_loss():
+    s, tc = _halving("abcd", eta=2)
+    for name, loss in zip("abc", [0.8, 0.6, 0.7], strict=True):  # four equal scores
+        assert tc.report(name, 2, 50.0, loss) == PAUSE
+    assert tc.report("d", 2, 50.0, 0.9) == STOP  # the best 2: lowest losses b 0.6, c 0.7
+    assert tc.status() == {"a": "TERMINATED", "b": "PAUSED", "c": "PAUSED", "d": "TERMINATED"}
+    s, tc = _halving("abcd", eta=2, rung_metric="loss")  # ranked by loss, score breaks ties
+    for name, score, loss in [("a", 1.0, 0.5), ("b", 9.0, 0.5), ("c", 5.0, 0.4)]:
+        assert tc.report(name, 2, score, loss) == PAUSE
+    assert tc.report("d", 2, 99.0, 0.7) == STOP
+    assert {n for n, v in tc.status().items() if v == "PAUSED"} == {"b", "c"}
+
+
+def test_successive_halving_decides_the_same_whatever_the_arrival_order():
+    rng = random.Random(0)
+    for _ in range(20):
+        order = rng.sample("abcdefgh", 8)
+        s, tc = _halving("abcdefgh")
+        actions = {n: tc.report(n, 2, SCORES[n]) for n in order}
+        assert all(a == PAUSE for n, a in actions.items() if n != order[-1])
+        went_on = {n for n, v in tc.status().items() if v != "TERMINATED"}
+        assert went_on == set("bfdh")
+
+
+def test_successive_halving_rung_completes_when_a_trial_errors_and_resumes_from_its_state(
+    tmp_path,
+):
+    import pickle
+
+    state = tmp_path / "halving_state.json"
+    s, tc = _halving("abcd", state_file=str(state))
+    for name in "abc":
+        assert tc.report(name, 2, SCORES[name]) == PAUSE
+    # the search is interrupted: Tune restores the scheduler from its pickle (made before any
+    # trial ran, here after: the state file wins either way) and re-adds every trial, PENDING
+    fresh = pickle.loads(pickle.dumps(SuccessiveHalving(8, 2, 2, 4, state_file=str(state))))
+    fresh.set_search_properties("score", "max")
+    tc2 = FakeController(fresh, "abcd")
+    assert fresh.waiting_at("a") == 2 and fresh.choose_trial_to_run(tc2).trial_id == "d"
+    # d fails before the rung: the rung is decided without it (a 5, b 9, c 1: keep 1, b)
+    tc2.trial("d").status = "ERROR"
+    fresh.on_trial_error(tc2, tc2.trial("d"))
+    assert {n for n, v in tc2.status().items() if v == "TERMINATED"} == {"a", "c"}
+    assert fresh.choose_trial_to_run(tc2).trial_id == "b"
+    assert json.loads(state.read_text())["decided"] == {"2": ["b"]}
+    with pytest.raises(ValueError, match="resume with the same arguments"):
+        SuccessiveHalving(16, 2, 2, 4, state_file=str(state))  # rungs 2, 4, 8: not these
+
+
+def test_successive_halving_ranks_by_the_mean_of_the_last_evaluations():
+    s = SuccessiveHalving(8, 2, 2, n_trials=2, rung_metric="score", window=2)
+    assert s.set_search_properties("score", "max")
+    tc = FakeController(s, "ab")
+    # a: 0 then 10 (mean 5); b: 6 then 6 (mean 6): b goes on although a scores more at the rung
+    assert tc.report("a", 1, 0.0) == CONTINUE and tc.report("b", 1, 6.0) == CONTINUE
+    assert tc.report("a", 2, 10.0) == PAUSE
+    assert tc.report("b", 2, 6.0) == CONTINUE and tc.status()["a"] == "TERMINATED"
+    assert json.loads(json.dumps(s._values)) == {"2": {"a": [5.0, 0.0], "b": [6.0, 0.0]}, "4": {}}
+    with pytest.raises(ValueError, match="window"):
+        SuccessiveHalving(8, 2, 2, n_trials=2, window=0)

@@ -236,6 +236,9 @@ class EvalConfig:
     # another's visual tokens): the gap to the real score is what the images contribute.
     # Doubles the evaluation time; on in the embedded presets (vlds.eval.grounding).
     shuffled_images: bool = _run(False)
+    # Also the validation loss: each sample's teacher-forced cross-entropy over its target
+    # tokens, averaged per task and over tasks (metrics "loss"), one forward per batch
+    loss: bool = _run(True)
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""A run's curves.png: training loss per task and validation scores over steps, each task's
-score beside its shuffled-image score (dashed, same colour) and its text prior (dotted line),
-when the run measured them (vlds.eval.grounding)."""
+"""A run's curves.png: training loss per task (and the validation loss, dashed) and validation
+scores over steps, each task's score beside its shuffled-image score (dashed, same colour) and
+its text prior (dotted line), when the run measured them (vlds.eval.grounding)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,13 @@ def plot_run(jsonl: Path, out_png: Path) -> Path:
     for task, pts in sorted(losses.items()):
         steps, vals = zip(*pts, strict=True)
         a.plot(steps, _ema(list(vals)), label=task, lw=1.2)
-    a.set(xlabel="step", ylabel="training loss (EMA)", title="loss per task", yscale="log")
-    scores = {k: v for k, v in evals.items() if "/" not in k and k != "shuffled_average"}
+    if evals.get("loss"):  # the validation loss (eval.loss), all tasks
+        steps, vals = zip(*evals["loss"], strict=True)
+        a.plot(steps, vals, "k--", marker=".", lw=1.2, label="validation (all tasks)")
+    a.set(xlabel="step", ylabel="loss (training: EMA)", title="loss per task", yscale="log")
+    scores = {
+        k: v for k, v in evals.items() if "/" not in k and k not in ("shuffled_average", "loss")
+    }
     for task, pts in sorted(scores.items()):
         steps, vals = zip(*pts, strict=True)
         (line,) = b.plot(steps, vals, marker="o", label=task, lw=2.5 if task == "average" else 1.2)

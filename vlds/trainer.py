@@ -92,6 +92,8 @@ def eval_line(metrics: dict, priors: dict) -> str:
     avg = f"average {metrics['average']:.1f}"
     if "shuffled_average" in metrics:
         avg += f" (shuffled {metrics['shuffled_average']:.1f})"
+    if metrics.get("loss") is not None:
+        avg += f", validation loss {metrics['loss']:.4f}"
     return ", ".join(parts + [avg])
 
 
@@ -144,6 +146,7 @@ class Trainer:
         self.preemption = Preemption(Preemption.SIGNALS if cfg.train.handle_signals else ())
         self._saved_at = -1
         self._evaluated = None  # (step, metrics, predictions)
+        self._notified = -1  # the step on_eval last heard about
         self._baselines = None  # DataBuilder.baselines(), computed at the first evaluation
         self.step_times: list[float] = []  # wall seconds of each train_step (no data wait)
 
@@ -224,6 +227,8 @@ class Trainer:
                 row[t] = m
                 continue
             row[f"{t}/score"] = m["score"]
+            if "loss" in m:
+                row[f"{t}/loss"] = m["loss"]
             if "shuffled_score" in m:
                 row[f"{t}/shuffled"] = m["shuffled_score"]
             if t in priors:
@@ -232,9 +237,17 @@ class Trainer:
         if self.info.is_main:
             log.info("step %d eval: %s", self.step, eval_line(metrics, priors))
         self._evaluated = (self.step, metrics, preds)
-        if self.on_eval is not None:
-            self.on_eval(self.step, metrics, self.cfg)
         return metrics, preds
+
+    def notify(self) -> None:
+        """on_eval(step, metrics, cfg) with this step's evaluation, once per step, called after
+        the step's checkpoint (if one is due) is written: a search that pauses or stops a trial
+        on what it reports finds the trial's checkpoint at that step (vlds.tune)."""
+        if self.on_eval is None or self._evaluated is None or self._evaluated[0] != self.step:
+            return
+        if self._notified != self.step:
+            self._notified = self.step
+            self.on_eval(self.step, self._evaluated[1], self.cfg)
 
     def baselines(self) -> dict[str, dict[str, float]]:
         """The text prior per task and VQA's majority-answer baseline on the validation samples
@@ -320,6 +333,7 @@ class Trainer:
                     self.run_eval()
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                     self.checkpoint()
+                self.notify()
                 if self.preemption.requested(self.device):
                     preempted = True
                     break
@@ -331,6 +345,7 @@ class Trainer:
                     self.run_eval()
                 if not cfg.train.save_every:
                     self.checkpoint()
+                self.notify()
         bar.close()
         if preempted:
             self.checkpoint()
@@ -367,6 +382,7 @@ class Trainer:
     def finish(self, train_time: float) -> dict:
         metrics, preds = self.run_eval()
         self.checkpoint()
+        self.notify()
         save_adapter(self.engine.module, self.cfg_dict, self.out_dir / "adapter", self.info.is_main)
         result = {
             "step": self.step,

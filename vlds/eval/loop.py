@@ -26,8 +26,10 @@ def _to(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool, shuffled=False):
-    """(id, prediction, references, meta) for this rank's share of one task; `shuffled`: each
-    sample sees another sample's visual tokens (vlds.eval.grounding)."""
+    """(id, prediction, references, meta, loss) for this rank's share of one task; `shuffled`:
+    each sample sees another sample's visual tokens (vlds.eval.grounding). loss: the sample's
+    mean cross-entropy over its target tokens, teacher-forced (the validation loss; None when
+    cfg.eval.loss is off, for shuffled images and for a sample without references)."""
     task = get_task(task_name)
     out, it, last, prev_visual = [], iter(loader), None, None
     choices = None
@@ -49,6 +51,9 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
             b = blank_visual(b)
         elif shuffled:
             b, prev_visual = shuffle_visual(b, prev_visual), b
+        losses = [None] * len(batch["ids"])
+        if cfg.eval.loss and not shuffled:
+            losses = [None if x != x else x for x in model.sample_losses(b).tolist()]  # NaN
         if choices is not None:
             rule = cfg.eval.nlvr_predict
             scores = model.score_choices(b, choices, rule)  # (B, 2)
@@ -67,7 +72,9 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
             preds = [p.strip() for p in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         if real:
             meta = batch.get("meta") or [{} for _ in preds]
-            out += list(zip(batch["ids"], preds, batch["refs"], meta, strict=True))
+            refs = batch["refs"]
+            losses = [x if r else None for x, r in zip(losses, refs, strict=True)]
+            out += list(zip(batch["ids"], preds, refs, meta, losses, strict=True))
     return out
 
 
@@ -107,10 +114,13 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False, metrics=None):
-    """({task: metrics, "average": mean score}, {task: [{"id", "prediction", "meta"}]}), both
-    identical on every rank. `metrics` overrides METRICS entries (e.g. the legacy VQA scorer).
-    A task whose split has no labels (a test split: every reference empty) is predicted, not
-    scored: {"score": None, "n", "labelled": False}, left out of the average."""
+    """({task: metrics, "average": mean score, "loss": mean validation loss}, {task: [{"id",
+    "prediction", "meta"}]}), both identical on every rank. `metrics` overrides METRICS entries
+    (e.g. the legacy VQA scorer). A task whose split has no labels (a test split: every
+    reference empty) is predicted, not scored: {"score": None, "n", "labelled": False}, left
+    out of both averages. With cfg.eval.loss each scored task's metrics hold "loss", the mean
+    over its samples of each sample's teacher-forced cross-entropy (a finer signal than the
+    task metric early in training: the search's rungs use it, vlds.tune.scheduler)."""
     was_training = model.training
     model.eval()
     is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -127,6 +137,9 @@ def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=Fa
             continue
         metric = (metrics or {}).get(task_name) or task_metric(task_name, cfg.eval.java_metrics)
         results[task_name] = score_rows(task_name, rows, metric) if is_main else None
+        losses = [r[4] for r in rows if r[4] is not None]
+        if is_main and losses:
+            results[task_name]["loss"] = sum(losses) / len(losses)
         if shuffled:
             rows_s = gather_predictions(predict(*args, shuffled=True))
             if is_main:
@@ -136,6 +149,8 @@ def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=Fa
     results = from_rank0(results)
     scored = [t for t in results if results[t]["score"] is not None]
     results["average"] = _mean([results[t]["score"] for t in scored])
+    if any("loss" in results[t] for t in scored):
+        results["loss"] = _mean([results[t]["loss"] for t in scored if "loss" in results[t]])
     if shuffled:
         results["shuffled_average"] = _mean([results[t]["shuffled_score"] for t in scored])
     model.train(was_training)

@@ -202,20 +202,32 @@ class VLModel(nn.Module):
         ranks with micro-batch b equal one rank with micro-batch N x b. A batch whose
         `loss_reduction` is "token" (COCO captions, caption_model.py) takes the mean over every
         target token of the batch instead, which depends on the split over ranks."""
-        self._route(batch)
-        embeds, mask = self.encoder_inputs(batch)
-        labels = batch["labels"]
-        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
-        tok = F.cross_entropy(
-            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        )  # (B, L)
-        n = (labels != -100).sum(dim=1)  # (B,)
+        tok, n = self._token_losses(batch)
         if batch.get("loss_reduction") == "token":
             return tok.sum() / n.sum().clamp(min=1)
         per_sample = tok.sum(dim=1) / n.clamp(min=1)  # (B,)
         if "loss_weight" in batch:
             per_sample = per_sample * batch["loss_weight"].to(per_sample)
         return per_sample.mean()
+
+    def _token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token cross-entropy of `labels` (B, L), 0 where ignored, and each sample's count
+        of target tokens (B,)."""
+        self._route(batch)
+        embeds, mask = self.encoder_inputs(batch)
+        labels = batch["labels"]
+        logits = self.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels).logits
+        tok = F.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        return tok, (labels != -100).sum(dim=1)
+
+    @torch.no_grad()
+    def sample_losses(self, batch: dict) -> torch.Tensor:
+        """Each sample's mean cross-entropy over its target tokens (B,), unweighted: the
+        validation loss (vlds.eval.loop), NaN for a sample without targets."""
+        tok, n = self._token_losses(batch)
+        return tok.sum(dim=1) / n.float()  # 0 / 0 = NaN
 
     @torch.no_grad()
     def generate(self, batch: dict, num_beams: int = 1, max_new_tokens: int = 20, **kw):

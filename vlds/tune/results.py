@@ -1,4 +1,4 @@
-"""A finished search's outputs: one row per trial, the ASHA budget, the best trial and its
+"""A finished search's outputs: one row per trial, the budget, the best trial and its
 best_config.json (a --config file for vlds/train.py), results.csv and heatmap.png."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def collect(result_grid, runs_dir: Path, max_steps: int) -> list[dict]:
 
 
 def budget(rows: list[dict], max_steps: int, milestones: list[int]) -> dict:
-    """Trial-steps ASHA spent (the last step each trial reached: a stopped trial halts at the
+    """Trial-steps the search spent (the last step each trial reached: a stopped trial halts at the
     report that stopped it) vs. running every configuration to the end."""
     spent, full = sum(r["step"] for r in rows), len(rows) * max_steps
     return {
@@ -51,7 +51,7 @@ def budget(rows: list[dict], max_steps: int, milestones: list[int]) -> dict:
 def budget_text(b: dict) -> str:
     reached = ", ".join(f"{n} reached step {t}" for t, n in b["reached"].items())
     return (
-        f"ASHA budget: {b['trial_steps_spent']:,} trial-steps spent vs "
+        f"search budget: {b['trial_steps_spent']:,} trial-steps spent vs "
         f"{b['trial_steps_all_to_end']:,} to run all {b['configurations']} configurations to "
         f"step {b['max_steps']}: {b['full_runs_spent']} full runs' worth "
         f"({100 * b['fraction']:.0f}%); {reached}"
@@ -59,7 +59,7 @@ def budget_text(b: dict) -> str:
 
 
 def best_row(rows: list[dict]) -> dict:
-    """The highest final score among the trials that trained to the end (ASHA's survivors);
+    """The highest final score among the trials that trained to the end (the survivors);
     among all trials when none did."""
     pool = [r for r in rows if r["status"] == "finished" and r["score"] is not None]
     pool = pool or [r for r in rows if r["score"] is not None]
@@ -141,6 +141,6 @@ def plot_heatmap(rows: list[dict], path: Path, lr_range, n_bins: int, rfs: list[
             xlabel="learning rate", ylabel="reduction factor (d_model / bottleneck)", title=method
         )
     fig.colorbar(im, ax=axes[0].tolist(), label="validation score (task average)")
-    fig.suptitle("ASHA search: final score @ step reached")
+    fig.suptitle("search: final score @ step reached")
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""Ray Tune search over learning rate x adapter reduction factor (x PEFT method), pruned by ASHA.
+"""Ray Tune search over learning rate x adapter reduction factor (x PEFT method), pruned by
+successive halving.
 
     vlds tune                                  # 16 configurations of the tiny preset, CPU, minutes
     vlds tune --resume                         # continue an interrupted search (same arguments)
@@ -15,14 +16,16 @@ engine and its own rendezvous, reporting after every evaluation. With `--gpus-pe
 and reports the eval rows of the run's metrics.jsonl as they appear. Any `--section.key=value`
 argument goes to every trial.
 
-ASHA (vlds/tune/scheduler.py: strict ties, on Tune's public scheduler interface) stops the worst
-trials at each rung on the validation score, the average of the task metrics
-(`metrics["average"]`, mode max), with training steps as its time axis. At the end,
-in OUT/NAME: results.csv, heatmap.png (score over lr x reduction factor, a panel per method),
-best_config.json (`python vlds/train.py --config best_config.json` trains the winner) and
-budget.json (trial-steps ASHA spent vs. running every configuration to the end); trial t's run
+Synchronous successive halving (vlds/tune/scheduler.py, on Tune's public scheduler interface;
+`--scheduler asha` the asynchronous variant, `--scheduler grid` no stopping) trains every
+configuration to a rung, waits for all of them, and lets the best 1/eta go on, ranked by the
+validation score (the average of the task metrics, `metrics["average"]`) averaged over each
+trial's last evaluations, ties broken by the validation loss; training steps are its time axis.
+At the end, in OUT/NAME: results.csv, heatmap.png (score over lr x reduction factor, a panel per
+method), best_config.json (`python vlds/train.py --config best_config.json` trains the winner)
+and budget.json (trial-steps spent vs. running every configuration to the end); trial t's run
 folder is runs/<t> and its log runs/<t>.log (vlds/tune/results.py). The search space and its
-defaults are in vlds/tune/space.py.
+defaults per preset are in vlds/tune/space.py.
 """
 
 from __future__ import annotations
@@ -44,8 +47,9 @@ from .trial import run_trial, trial_overrides
 def build_tuner(args, setup: Setup, exp_dir: Path):
     """A new Tuner, or (--resume) the interrupted experiment in exp_dir restored."""
     from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
 
-    from .scheduler import StrictASHA
+    from .scheduler import StrictASHA, SuccessiveHalving
 
     def trainable(config):
         return run_trial(config.get("point", config), setup)
@@ -59,7 +63,27 @@ def build_tuner(args, setup: Setup, exp_dir: Path):
         return tune.Tuner.restore(
             str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
         )
-    scheduler = StrictASHA(args.max_steps, args.grace, args.eta, time_attr="step")
+    rung = {
+        "rung_metric": args.rung_metric,
+        "rung_mode": "min" if args.rung_metric == "loss" else "max",
+    }
+    if args.scheduler == "grid":
+        scheduler = FIFOScheduler()
+    elif args.scheduler == "asha":
+        scheduler = StrictASHA(args.max_steps, args.grace, args.eta, **rung)
+    else:
+        tie = "score" if args.rung_metric == "loss" else "loss"
+        scheduler = SuccessiveHalving(
+            args.max_steps,
+            args.grace,
+            args.eta,
+            n_trials=space.n_points(args),
+            tie_metric=tie,
+            tie_mode="max" if tie == "score" else "min",
+            window=args.rung_window,
+            state_file=str(exp_dir / space.HALVING_STATE),
+            **rung,
+        )
     return tune.Tuner(
         trainable,
         param_space=space.param_space(args),
@@ -80,7 +104,14 @@ def search_complete(exp_dir: Path) -> bool:
     reads, still has pending trials. (In memory, Tune marks every trial terminated on exit.)"""
     from ray.tune import ExperimentAnalysis
 
-    return all(t.status in ("TERMINATED", "ERROR") for t in ExperimentAnalysis(str(exp_dir)).trials)
+    # Tune saves a trial that successive halving stopped while it waited at a rung as PAUSED:
+    # the scheduler's own state says it is out
+    halving = exp_dir / space.HALVING_STATE
+    out = set(json.loads(halving.read_text())["out"]) if halving.is_file() else set()
+    return all(
+        t.status in ("TERMINATED", "ERROR") or t.trial_id in out
+        for t in ExperimentAnalysis(str(exp_dir)).trials
+    )
 
 
 def parse_args(argv: list[str]):
@@ -91,24 +122,46 @@ def parse_args(argv: list[str]):
     add("--out", default="runs/tune", help="experiments folder")
     add("--name", default="search", help="experiment name: its folder in --out")
     add("--resume", action="store_true", help="continue the interrupted experiment")
-    add("--lr-range", type=lambda s: [float(x) for x in s.split(",")], default=list(space.LR_RANGE))
-    add("--lr-points", type=int, default=space.LR_POINTS, help="grid: learning rates")
-    add(
-        "--reduction-factors",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=space.REDUCTION_FACTORS,
-    )
+    # None: the preset's default (vlds/tune/space.py SPACES)
+    add("--lr-range", type=lambda s: [float(x) for x in s.split(",")], default=None)
+    add("--lr-points", type=int, default=None, help="grid: learning rates")
+    add("--reduction-factors", type=lambda s: [int(x) for x in s.split(",")], default=None)
     add("--methods", type=lambda s: s.split(","), default=space.METHODS)
     add("--samples", type=int, default=0, help="N > 0: random search (log-uniform lr) of N")
-    add("--max-steps", type=int, default=space.MAX_STEPS)
-    add("--grace", type=int, default=space.GRACE, help="ASHA's first rung (steps)")
-    add("--eta", type=int, default=space.ETA, help="ASHA's reduction factor")
-    add("--eval-every", type=int, default=space.EVAL_EVERY)
+    add("--max-steps", type=int, default=None, help="a trial's training steps at most")
+    add("--eval-every", type=int, default=None, help="steps between evaluations (and reports)")
+    add("--grace", type=int, default=None, help="the first rung (steps; default max-steps / 8)")
+    add("--eta", type=int, default=space.ETA, help="the best 1/eta at a rung go on")
+    add(
+        "--scheduler",
+        choices=["halving", "asha", "grid"],
+        default="halving",
+        help="halving: synchronous successive halving (trials wait at each rung); asha: "
+        "asynchronous (no waiting, the first arrivals go on); grid: every configuration to the end",
+    )
+    add(
+        "--rung-window",
+        type=int,
+        default=space.RUNG_WINDOW,
+        help="a rung ranks by the mean of a trial's last N evaluations (halving)",
+    )
+    add(
+        "--rung-metric",
+        choices=["score", "loss"],
+        default=space.RUNG_METRIC,
+        help="what a rung ranks by: the validation score (task average) or loss; the other "
+        "breaks ties (halving)",
+    )
     add("--cpus-per-trial", type=float, default=1)
     add("--gpus-per-trial", type=int, default=0)
     add("--procs-per-trial", type=int, default=0, help="ranks per trial (default: its GPUs)")
     add("--java-metrics", action="store_true", help="PTBTokenizer + METEOR in every eval")
-    add("--seed", type=int, default=0, help="the order of the grid")
+    add(
+        "--seed",
+        type=int,
+        default=0,
+        help="the grid's order and every trial's train.seed (unless --train.seed is given)",
+    )
     try:  # vlds overrides first (their keys hold a dot; the search's own flags do not)
         overrides, own = take_overrides(list(argv))
     except ConfigError as e:
@@ -121,9 +174,20 @@ def parse_args(argv: list[str]):
         )
     args.overrides = overrides
     args.procs_per_trial = args.procs_per_trial or max(1, args.gpus_per_trial)
-    for t in rungs(args.grace, args.eta, args.max_steps)[:-1]:
-        if t % args.eval_every:
-            p.error(f"ASHA rung at step {t} is not a multiple of --eval-every {args.eval_every}")
+    for key, value in space.space_of(args.preset).items():
+        if getattr(args, key) is None:
+            setattr(args, key, list(value) if isinstance(value, tuple) else value)
+    if args.grace is None:
+        args.grace = space.default_grace(args.max_steps, args.eval_every)
+    if args.scheduler != "grid":
+        if not (0 < args.grace < args.max_steps and args.eta > 1):
+            p.error(
+                f"the rungs need 0 < --grace ({args.grace}) < --max-steps ({args.max_steps}) "
+                f"and --eta ({args.eta}) > 1"
+            )
+        for t in rungs(args.grace, args.eta, args.max_steps)[:-1]:
+            if t % args.eval_every:
+                p.error(f"rung at step {t} is not a multiple of --eval-every {args.eval_every}")
     return args
 
 
@@ -135,12 +199,18 @@ def make_setup(args, exp_dir: Path) -> Setup:
     from vlds.data.shardio import load_index
 
     tiny = args.preset.startswith("tiny")
-    overrides = {**(space.TINY_SEARCH if tiny else {}), **space.TRIAL_RUN, **args.overrides}
+    overrides = {
+        **(space.TINY_SEARCH if tiny else space.BASE_SEARCH),
+        **space.TRIAL_RUN,
+        "train.seed": args.seed,
+        **args.overrides,
+    }
     embedded = not build_config(args.preset, overrides).data.root
     if embedded:  # generated here once, not by 16 trials racing for its lock
         from vlds.data.synthetic import ensure_synthetic
 
         overrides["data.root"] = str(ensure_synthetic())
+    share_backbone(build_config(args.preset, overrides))
     setup = Setup(
         args.preset,
         overrides,
@@ -157,10 +227,28 @@ def make_setup(args, exp_dir: Path) -> Setup:
             point = {"lr": lr, "reduction_factor": r, "method": m}
             cfg = build_config(args.preset, trial_overrides(setup, point, exp_dir / "check"))
             validate(cfg)
+    if args.rung_metric == "loss" and not cfg.eval.loss:
+        raise ConfigError(
+            "--rung-metric loss ranks by the validation loss, which eval.loss=false turns off; "
+            "drop one of the two"
+        )
     for t in cfg.task_list:  # the shards exist (as vlds/train.py checks before any work)
         for split in (cfg.data.train_split, cfg.data.val_split):
             load_index(cfg.data.root, t, split)
     return setup
+
+
+def share_backbone(cfg) -> None:
+    """The embedded backbone (`model.lm` / `model.vision_pretrained` "synthetic": the tiny
+    tower and T5 pretrained on the shapes world, minutes on a fresh machine) is pretrained here,
+    once, before any trial starts; the trials find it cached. Real weights are read by every
+    trial from their hub name or path."""
+    from vlds.model.build import build_tokenizer, lm_weights, tower_weights
+
+    tower_weights(cfg)
+    if cfg.model.lm == "synthetic":
+        root = Path(cfg.data.root)
+        lm_weights(cfg, build_tokenizer(cfg, root), root)
 
 
 def require_tune() -> None:

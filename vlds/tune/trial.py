@@ -76,7 +76,8 @@ def run_trial(point: dict, setup: Setup) -> None:
 
     def report(step, metrics, cfg):
         tasks = {t: float(m["score"]) for t, m in metrics.items() if isinstance(m, dict)}
-        tune.report({"step": step, "score": float(metrics["average"]), **tasks})
+        loss = {"loss": float(metrics["loss"])} if metrics.get("loss") is not None else {}
+        tune.report({"step": step, "score": float(metrics["average"]), **loss, **tasks})
 
     run(build_config(setup.preset, overrides), on_eval=report)
 
@@ -121,7 +122,8 @@ def _run_subprocess(argv: list[str], out_dir: Path, log_file: Path, procs: int) 
                         tasks = {
                             k[: -len("/score")]: v for k, v in row.items() if k.endswith("/score")
                         }
-                        tune.report({"step": row["step"], "score": row["average"], **tasks})
+                        loss = {"loss": row["loss"]} if row.get("loss") is not None else {}
+                        tune.report({"step": row["step"], "score": row["average"], **loss, **tasks})
                 reported = len(lines)
                 if done:
                     break

@@ -1,0 +1,109 @@
+"""bench/search_regret.py's arithmetic on hand-made grids and searches (the real benchmark runs
+Ray for most of an hour): each search's regret against its seed's grid and against the seeds'
+mean, the grids' spread, the check that a search's evaluations equal its grid twin's, the
+report's verdict line and the plot."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench import search_regret  # noqa: E402
+
+POINTS = [(0.01, 4), (0.01, 8), (0.02, 4)]
+# final scores per seed: seed 3's best is (0.01, 8); seed 4's is (0.02, 4)
+FINAL = {3: [80.0, 90.0, 85.0], 4: [70.0, 75.0, 78.0]}
+
+
+def _experiment(folder: Path, seed: int, steps: dict, finals: dict, chosen=None, cost=16.0):
+    """A search folder as tune/search.py leaves it: results.csv, run folders with their
+    metrics.jsonl, budget.json and best_config.json."""
+    rows = []
+    for (lr, r), step in steps.items():
+        run = folder / "runs" / f"t{lr}-{r}"
+        run.mkdir(parents=True)
+        final = finals[(lr, r)]
+        # a run's evaluations depend on its seed and point only, not on where it stopped
+        evals = [(s, final - (6 - s) / 10, 1.0 - s / 1000) for s in range(2, step + 1, 2)]
+        run.joinpath("metrics.jsonl").write_text(
+            "".join(
+                json.dumps({"kind": "eval", "step": s, "average": a, "loss": x}) + "\n"
+                for s, a, x in evals
+            )
+        )
+        status = "finished" if step == 6 else "stopped"
+        rows.append(
+            {
+                "method": "single_adapter",
+                "lr": lr,
+                "reduction_factor": r,
+                "score": evals[-1][1],
+                "best_score": evals[-1][1],
+                "step": step,
+                "status": status,
+                "trial_id": run.name,
+                "run_dir": str(run),
+            }
+        )
+    with (folder / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    reached = {"2": len(steps), "6": sum(s == 6 for s in steps.values())}
+    budget = {"full_runs_spent": cost, "reached": reached, "wall_s": 10.0}
+    (folder / "budget.json").write_text(json.dumps(budget))
+    if chosen:
+        best = {"peft": {"method": "single_adapter", "reduction_factor": chosen[1]}}
+        best["train"] = {"lr": chosen[0]}
+        (folder / "best_config.json").write_text(json.dumps(best))
+
+
+def test_regret_against_the_seeds_grid_and_the_seeds_mean(tmp_path):
+    out, result = tmp_path / "runs", tmp_path / "result"
+    for seed, finals in FINAL.items():
+        finals = dict(zip(POINTS, finals, strict=True))
+        _experiment(out / f"grid-seed{seed}", seed, dict.fromkeys(POINTS, 6), finals)
+        chosen = (0.01, 8)  # both searches choose it: seed 3's best, not seed 4's
+        steps = {p: 6 if p == chosen else 2 for p in POINTS}
+        _experiment(out / f"search-seed{seed}", seed, steps, finals, chosen, cost=1.5)
+    # seed 4's search evaluated (0.02, 4) differently from its grid twin at step 2
+    twin = out / "search-seed4" / "runs" / "t0.02-4" / "metrics.jsonl"
+    twin.write_text(twin.read_text().replace('"loss": 0.998', '"loss": 0.5'))
+    got = search_regret.main(
+        ["--out", str(out), "--result", str(result), "--seeds", "3,4", "--report-only"]
+    )
+    by_seed = {r["seed"]: r for r in got["searches"]}
+    assert by_seed[3]["regret"] == 0.0 and by_seed[4]["regret"] == pytest.approx(78 - 75)
+    # the seeds' mean: (0.01, 4) 75, (0.01, 8) 82.5, (0.02, 4) 81.5: the choice is the best
+    assert by_seed[3]["regret_vs_mean"] == 0.0
+    # seed 4's grid alone would pick (0.02, 4): 1 point below the best mean
+    assert by_seed[4]["grid_pick_regret_vs_mean"] == pytest.approx(1.0)
+    assert (by_seed[3]["evaluations_differing"], by_seed[4]["evaluations_differing"]) == (0, 1)
+    assert by_seed[3]["evaluations_compared"] == 3 + 1 + 1  # 6 / 2 evaluations + 2 stopped
+    s = got["summary"]
+    assert s["median_regret"] == pytest.approx(1.5) and s["max_cost"] == 1.5
+    assert not s["pass"] and not s["identical_trajectories"]
+    assert s["grid_spread"]["3"] == {"best": 90.0, "median": 85.0, "worst": 80.0}
+    report = (result / "report.md").read_text()
+    assert report.rstrip().endswith(
+        "search_regret: median regret 1.50 (max 3.00) at 1.50 full runs (max 1.50); "
+        "target <= 1 at <= 5: FAIL"
+    )
+    png = (result / "search_regret.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((result / "results.json").read_text())["summary"] == s
+
+
+def test_a_finished_experiment_with_other_arguments_is_not_reused(tmp_path):
+    exp = tmp_path / "grid-seed3"
+    exp.mkdir()
+    (exp / "results.csv").write_text("method\n")
+    (tmp_path / "grid-seed3.settings.json").write_text(json.dumps(["--seed", "3"]))
+    assert search_regret.run_search("grid-seed3", ["--seed", "3"], tmp_path) == exp
+    with pytest.raises(SystemExit, match="delete that folder"):
+        search_regret.run_search("grid-seed3", ["--seed", "3", "--max-steps", "9"], tmp_path)
