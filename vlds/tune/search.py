@@ -210,7 +210,6 @@ def make_setup(args, exp_dir: Path) -> Setup:
         from vlds.data.synthetic import ensure_synthetic
 
         overrides["data.root"] = str(ensure_synthetic())
-    share_backbone(build_config(args.preset, overrides))
     setup = Setup(
         args.preset,
         overrides,
@@ -235,6 +234,7 @@ def make_setup(args, exp_dir: Path) -> Setup:
     for t in cfg.task_list:  # the shards exist (as vlds/train.py checks before any work)
         for split in (cfg.data.train_split, cfg.data.val_split):
             load_index(cfg.data.root, t, split)
+    share_backbone(cfg)  # after every check: a bad argument fails before minutes of work
     return setup
 
 
