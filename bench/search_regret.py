@@ -313,15 +313,16 @@ def plot(mean: dict, searches: list[dict], path: Path, asha=()) -> None:
     for n, r in enumerate(asha):
         b.plot(r["cost_full_runs"], r["regret"], "s", color="C3", mfc="none",
                label="ASHA: vs the seed's grid" if n == 0 else None)  # fmt: skip
+    for r in [*searches, *asha]:
         b.annotate(f"seed {r['seed']}", (r["cost_full_runs"], r["regret"]), fontsize=8,
-                   textcoords="offset points", xytext=(5, 4))  # fmt: skip
+                   textcoords="offset points", xytext=(6, -3))  # fmt: skip
     every = [*searches, *asha]
     top = max([TARGET_REGRET * 2] + [1.2 * max(r["regret"], r["regret_vs_mean"]) for r in every])
     xmax = 1.15 * max([TARGET_COST] + [r["cost_full_runs"] for r in every])
     b.set(xlim=(0, xmax), ylim=(-0.05 * top, top), xlabel="cost (full runs)",
           ylabel="regret (points)")  # fmt: skip
     b.set_title("regret against cost (green: the target)", fontsize=10)
-    b.legend(fontsize=8, loc="upper left")
+    b.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
