@@ -474,6 +474,8 @@ def test_successive_halving_rung_completes_when_a_trial_errors_and_resumes_from_
     assert {n for n, v in tc2.status().items() if v == "TERMINATED"} == {"a", "c"}
     assert fresh.choose_trial_to_run(tc2).trial_id == "b"
     assert json.loads(state.read_text())["decided"] == {"2": ["b"]}
+    # a loser Tune restarted anyway (it starts restored pending trials itself) stops at once
+    assert tc2.report("a", 4, 99.0) == STOP
     with pytest.raises(ValueError, match="resume with the same arguments"):
         SuccessiveHalving(16, 2, 2, 4, state_file=str(state))  # rungs 2, 4, 8: not these
 

@@ -340,8 +340,10 @@ class SuccessiveHalving(StrictASHA):
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         tid = trial.trial_id
+        if tid in self._out:  # stopped at a rung, yet running: Tune restarts restored trials
+            return STOP
         key = self._key(tid, result)
-        if key is None or tid in self._out:
+        if key is None:
             return CONTINUE
         k = self._level.get(tid, 0)
         if k >= len(self.milestones) or result[self._time_attr] < self.milestones[k]:
