@@ -38,6 +38,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from .space import rungs
 
 CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+SIGN = {"max": 1.0, "min": -1.0}  # a mode's sign: values compare as "higher is better"
 
 
 class StrictASHA(FIFOScheduler):
@@ -73,7 +74,7 @@ class StrictASHA(FIFOScheduler):
 
     @property
     def _sign(self) -> float | None:  # scores are compared as "higher is better"
-        return {"max": 1.0, "min": -1.0}.get(self._mode)
+        return SIGN.get(self._mode)
 
     def _rung_value(self, result: dict) -> float | None:
         """The value the rungs compare, higher = better; None when the result has no step."""
@@ -87,7 +88,7 @@ class StrictASHA(FIFOScheduler):
                 f"{self._rung_metric!r}; turn it on (the validation loss: eval.loss=true) or "
                 f"choose another with --rung-metric"
             )
-        return {"max": 1.0, "min": -1.0}[self._rung_mode] * result[self._rung_metric]
+        return SIGN[self._rung_mode] * result[self._rung_metric]
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         if (self._metric and metric) or (self._mode and mode):
@@ -262,7 +263,7 @@ class SuccessiveHalving(StrictASHA):
             return None
         tie = 0.0
         if self._tie_metric is not None and result.get(self._tie_metric) is not None:
-            tie = {"max": 1.0, "min": -1.0}[self._tie_mode] * result[self._tie_metric]
+            tie = SIGN[self._tie_mode] * result[self._tie_metric]
         recent = self._recent.setdefault(trial_id, [])
         recent[:] = [*recent, [value, tie]][-self.window :]
         return [sum(x[i] for x in recent) / len(recent) for i in (0, 1)]
@@ -282,15 +283,18 @@ class SuccessiveHalving(StrictASHA):
             return False
         if k == 0 and len(self._order) < self.n_trials:
             return False
-        members = [i for i in self._order if self._level.get(i) == k and i not in self._out]
+        members = self._members(k)
         return bool(members) and all(i in self._values[t] for i in members)
+
+    def _members(self, k: int) -> list[str]:
+        """The trials still in whose next rung is rung k, as added."""
+        return [i for i in self._order if self._level.get(i) == k and i not in self._out]
 
     def decide_rung(self, k: int) -> tuple[list[str], list[str]]:
         """(go on, stop) at rung k: the best max(1, n // eta) by [value, tie] and every trial
         equal to the last of them."""
         t = self.milestones[k]
-        members = [i for i in self._order if self._level.get(i) == k and i not in self._out]
-        ranked = sorted(members, key=lambda i: self._values[t][i], reverse=True)
+        ranked = sorted(self._members(k), key=lambda i: self._values[t][i], reverse=True)
         keep = max(1, len(ranked) // self.eta)
         last = self._values[t][ranked[keep - 1]]
         go = [i for i in ranked if self._values[t][i] >= last]
