@@ -177,7 +177,19 @@ def test_field_roles_replace_hand_kept_key_lists():
         "train.handle_signals",
         "eval.java_metrics",
     } <= run
-    assert "train.lr" not in match | run and "peft.fused_kernel" not in match | run
+    # the recipe a resume must keep, though a search tunes it (best_config.json keeps it)
+    assert {"train.lr", "train.weight_decay", "train.warmup_ratio", "train.precision"} <= match
+    # free to change on resume: the schedule's length, the data's location, the kernel choice
+    resume = set(keys_with_role("resume"))
+    assert {"train.max_steps", "train.epochs", "data.root", "peft.fused_kernel"} <= resume
+    assert not resume & (match | run)
+    # every field has a role: a new field is compared on resume unless it says otherwise
+    from dataclasses import fields
+
+    from vlds.config import _SECTION_TYPES, SECTIONS
+
+    every = {f"{s}.{f.name}" for s in SECTIONS for f in fields(_SECTION_TYPES[s])}
+    assert every == match | run | resume
 
 
 def test_grad_accum_and_global_batch_cannot_disagree():

@@ -170,7 +170,7 @@ def test_vlds_train_runs_under_simulated_slurm(shapes_root, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["metrics"]["vqa"]["n"] == 8
 
 
-def _launch(args, ranks):
+def _launch(args, ranks, faults="", check=True):
     cmd = [
         str(Path(sys.executable).parent / "deepspeed"),
         "--num_gpus",
@@ -184,9 +184,27 @@ def _launch(args, ranks):
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "VLDS_FAULTS": faults,
     }
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+# 6 steps of the same global batch on 1 rank x 16 or 2 ranks x 8 (one_and_two_ranks)
+SAME_RUN = [
+    "--data.split=global",
+    # the reference's caption token mean depends on the split over ranks: the per-sample mean
+    # (vlds' variant) keeps caption steps rank-invariant
+    "--train.caption_loss=sample",
+    "--model.dropout=0",
+    "--train.seed=3",
+    "--train.max_steps=6",
+    # images shuffled within each rank's evaluation batches: that score depends on how the
+    # evaluation is split, by design (vlds.eval.grounding)
+    "--eval.shuffled_images=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -199,24 +217,7 @@ def one_and_two_ranks(shapes_root, tmp_path_factory):
     runs = {}
     for ranks, micro in ((1, 16), (2, 8)):
         out = tmp_path_factory.mktemp(f"ranks{ranks}") / "run"
-        _launch(
-            tiny_args(
-                shapes_root,
-                out,
-                f"--data.batch_size={micro}",
-                "--data.split=global",
-                # the reference's caption token mean depends on the split over ranks: the
-                # per-sample mean (vlds' variant) keeps caption steps rank-invariant
-                "--train.caption_loss=sample",
-                "--model.dropout=0",
-                "--train.seed=3",
-                "--train.max_steps=6",
-                # images shuffled within each rank's evaluation batches: that score depends on
-                # how the evaluation is split, by design (vlds.eval.grounding)
-                "--eval.shuffled_images=false",
-            ),
-            ranks,
-        )
+        _launch(tiny_args(shapes_root, out, f"--data.batch_size={micro}", *SAME_RUN), ranks)
         runs[ranks] = out
     return runs
 
@@ -255,6 +256,50 @@ def test_two_ranks_log_the_same_losses_as_one_rank(one_and_two_ranks):
     )
     assert one.keys() == two.keys()
     assert all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
+
+
+def _killed_and_resumed(root, out, *extra, zero="zero2"):
+    """SAME_RUN on 2 ranks with a checkpoint every 2 steps, SIGKILLed (both ranks) as step 5
+    starts, then resumed from `latest` (step 4) to the end."""
+    argv = tiny_args(
+        root,
+        out,
+        "--data.batch_size=8",
+        *SAME_RUN,
+        "--train.save_every=2",
+        f"--deepspeed=ds_configs/{zero}.json",
+        *extra,
+    )
+    p = _launch(argv, 2, faults="kill@5", check=False)
+    assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step4"
+    p = _launch([*argv, "--train.resume=latest"], 2)
+    assert "resumed from" in p.stderr + p.stdout
+    return out
+
+
+def _bitwise_equal(a: Path, b: Path) -> None:
+    wa, wb = (load_file(x / "adapter" / "adapter_model.safetensors") for x in (a, b))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed weights differ"
+    la, lb = ({r["step"]: r["loss"] for r in _rows(x, "train")} for x in (a, b))
+    assert la == lb and len(la) == 6
+
+
+def test_two_ranks_killed_mid_epoch_and_resumed_end_bitwise_equal(
+    one_and_two_ranks, shapes_root, tmp_path
+):
+    """ZeRO-2: the uninterrupted run is one_and_two_ranks' 2-rank run."""
+    out = _killed_and_resumed(shapes_root, tmp_path / "run")
+    _bitwise_equal(one_and_two_ranks[2], out)
+
+
+def test_zero3_two_ranks_killed_and_resumed_end_bitwise_equal(shapes_root, tmp_path):
+    """ZeRO-3 (the trainable tensors partitioned across the ranks, and in the checkpoint)."""
+    ref = tmp_path / "ref"
+    argv = tiny_args(shapes_root, ref, "--data.batch_size=8", *SAME_RUN)
+    _launch([*argv, "--deepspeed=ds_configs/zero3.json"], 2)
+    out = _killed_and_resumed(shapes_root, tmp_path / "run", zero="zero3")
+    _bitwise_equal(ref, out)
 
 
 def test_a_samples_loss_does_not_depend_on_its_batch():

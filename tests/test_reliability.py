@@ -83,10 +83,10 @@ def reference_run(shapes_root, tmp_path_factory):
     return out
 
 
-def crash_then_resume(root, out, faults, published, after_crash=lambda: None):
+def crash_then_resume(root, out, faults, published, after_crash=lambda: None, extra=()):
     """A run of 10 steps (checkpoints every 3) that SIGKILLs itself as `faults` says, then
     `--train.resume=latest`; `published` is the checkpoint `latest` names after the crash."""
-    steps = ["--train.max_steps=10", "--train.save_every=3"]
+    steps = ["--train.max_steps=10", "--train.save_every=3", *extra]
     p = run(args(root, out, *steps), faults=faults, check=False)
     assert p.returncode == -signal.SIGKILL
     assert (out / "checkpoints" / "latest").read_text() == published
@@ -124,34 +124,152 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint(shapes_root, tmp_path
     assert losses(out) == losses(reference_run)
 
 
-def _wait_for_training(out: Path, proc, timeout=120):
+def test_bf16_killed_and_resumed_ends_bitwise_equal(shapes_root, tmp_path):
+    """bf16 on CPU (DeepSpeed's bf16 optimizer: fp32 master weights in the checkpoint)."""
+    bf16 = "--train.precision=bf16"
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run(args(shapes_root, ref, "--train.max_steps=10", "--train.save_every=3", bf16))
+    crash_then_resume(shapes_root, out, "kill@8", published="step6", extra=[bf16])
+    a, b = weights(ref), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert losses(out) == losses(ref)
+
+
+def test_saving_a_step_again_never_leaves_latest_dangling(shapes_root, tmp_path, reference_run):
+    """A run crashed at step 8 (latest = step6) is resumed from step3 by hand and reaches step 6
+    again: the new step6 replaces the old one. Killed right after the old folder is removed,
+    `latest` names the complete new copy, and resuming from it ends as the uninterrupted run."""
+    out = tmp_path / "run"
+    steps = ["--train.max_steps=10", "--train.save_every=3"]
+    assert run(args(shapes_root, out, *steps), faults="kill@8", check=False).returncode < 0
+    ckpt = out / "checkpoints"
+    again = [*steps, f"--train.resume={ckpt / 'step3'}"]
+    p = run(args(shapes_root, out, *again), faults="kill_replace@6", check=False)
+    assert p.returncode == -signal.SIGKILL
+    assert (ckpt / "latest").read_text() == ".tmp-step6" and not (ckpt / "step6").exists()
+    run(args(shapes_root, out, *steps, "--train.resume=latest"))
+    assert (ckpt / "latest").read_text() == "step10" and not list(ckpt.glob(".tmp-*"))
+    a, b = weights(reference_run), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _train_rows(out: Path) -> int:
+    f = out / "metrics.jsonl"
+    return f.read_text().count('"kind": "train"') if f.is_file() else 0
+
+
+def _wait_for(out: Path, proc, ready, what: str, timeout=120):
     t0 = time.time()
     while time.time() - t0 < timeout:
-        f = out / "metrics.jsonl"
-        if f.is_file() and '"train"' in f.read_text():
+        if ready():
             return
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        time.sleep(0.2)
-    raise AssertionError("training did not start")
+        if proc.poll() is not None:
+            raise AssertionError(f"exited before {what}: " + proc.stdout.read()[-3000:])
+        time.sleep(0.05)
+    raise AssertionError(f"no {what} in {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_saves_and_exits_zero(shapes_root, tmp_path, sig):
-    out = tmp_path / "run"
-    proc = run(args(shapes_root, out, "--train.max_steps=2000"), wait=False)
-    _wait_for_training(out, proc)
-    proc.send_signal(sig)
+def _wait_for_training(out: Path, proc, timeout=120, rows_before=0):
+    _wait_for(out, proc, lambda: _train_rows(out) > rows_before, "training step", timeout)
+
+
+def start(argv, faults=""):
+    """vlds/train.py in its own process group (signalled as a batch system signals a job)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}
+    return subprocess.Popen(
+        [sys.executable, "vlds/train.py", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def stopped_at(out: Path, proc) -> dict:
+    """The run exited 0 as preempted, with a published checkpoint: its trainer state."""
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
-    assert "preempted" in output
+    assert "preempted: saved step" in output and "Traceback" not in output, output[-3000:]
     tag = (out / "checkpoints" / "latest").read_text()
     state = json.loads((out / "checkpoints" / tag / "trainer_state.json").read_text())
-    assert 0 < state["step"] < 2000 and tag == f"step{state['step']}"
+    assert tag == f"step{state['step']}" and not list((out / "checkpoints").glob(".tmp-*"))
     assert not (out / "metrics.json").exists()  # not a finished run
-    p = run(
-        args(shapes_root, out, f"--train.max_steps={state['step'] + 2}", "--train.resume=latest")
+    return state
+
+
+# What `scancel` and a preempting scheduler do: the signal reaches every process of the job,
+# the data workers included (which must leave it to the trainer). SIGTERM is sent four times to
+# one run, resumed in between, at different moments: during set-up (imports, model build),
+# right after the first step of a resumed run (its loader's workers starting) and later on.
+@pytest.mark.parametrize(
+    "sig, moments",
+    [(signal.SIGTERM, ("setup", 0.0, 0.4, 1.5)), (signal.SIGUSR1, (0.2,))],
+    ids=["SIGTERM", "SIGUSR1"],
+)
+def test_a_signal_to_the_whole_process_group_saves_and_exits_zero(
+    shapes_root, tmp_path, sig, moments
+):
+    out = tmp_path / "run"
+    argv = args(shapes_root, out, "--train.max_steps=2000", "--data.num_workers=2")
+    steps = [0]
+    for i, moment in enumerate(moments):
+        rows = _train_rows(out)
+        proc = start(argv + (["--train.resume=latest"] if i else []))
+        if moment == "setup":
+            time.sleep(1.0)  # python has started: importing torch, building the model
+            assert _train_rows(out) == rows
+        else:
+            _wait_for_training(out, proc, rows_before=rows)
+            time.sleep(moment)
+        os.killpg(proc.pid, sig)
+        state = stopped_at(out, proc)
+        assert state["step"] >= steps[-1]
+        steps.append(state["step"])
+    assert steps[-1] > 0
+    p = run(args(shapes_root, out, f"--train.max_steps={steps[-1] + 2}", "--train.resume=latest"))
+    assert f"at step {steps[-1]}" in p.stderr + p.stdout
+
+
+def test_a_signal_during_evaluation_stops_it_and_saves(shapes_root, tmp_path):
+    """The evaluation at step 4 takes >= 16 s (each batch sleeps 1 s); a SIGTERM in it stops
+    the run within a batch, with step 4 saved, and the resumed run evaluates step 4."""
+    out = tmp_path / "run"
+    argv = args(
+        shapes_root,
+        out,
+        "--train.max_steps=6",
+        "--eval.every=4",
+        "--eval.max_samples=16",
+        "--data.num_workers=2",
     )
-    assert f"at step {state['step']}" in p.stderr + p.stdout
+    proc = start(argv, faults="slow_eval@4")
+    _wait_for(out, proc, lambda: _train_rows(out) >= 4, "step 4")
+    time.sleep(2.5)  # into the evaluation's batches
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert stopped_at(out, proc)["step"] == 4
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in rows if r["kind"] == "eval"]  # cut short: nothing reported
+    run(argv + ["--train.resume=latest"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "eval"] == [4, 6]
+
+
+def test_a_signal_during_a_save_stops_the_run_after_it(shapes_root, tmp_path):
+    """The save of step 3 takes >= 3 s; a SIGTERM in it lets it finish, and the run stops there
+    (no step 4), the checkpoint published and loadable."""
+    out = tmp_path / "run"
+    argv = args(shapes_root, out, "--train.max_steps=2000", "--train.save_every=3")
+    proc = start(argv, faults="slow_save@3")
+    _wait_for(out, proc, lambda: (out / "checkpoints" / ".tmp-step3").is_dir(), "save of step 3")
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert stopped_at(out, proc)["step"] == 3
+    assert max(losses(out)) == 3  # stopped right after the save
+    from vlds.checkpoint import verify_checkpoint
+
+    verify_checkpoint(out / "checkpoints" / "step3")
+    assert weights(out / "checkpoints" / "step3").keys()
 
 
 def test_a_signal_to_one_rank_stops_every_rank(shapes_root, tmp_path):
@@ -233,7 +351,12 @@ def finished(shapes_root, tmp_path_factory):
             ["--peft.method=single_lora"],
             "cannot resume: peft.method was 'single_adapter', now 'single_lora'",
         ),
-        ("changed batch", ["--data.batch_size=8"], "data.batch_size was 16, now 8"),
+        (
+            "changed batch and learning rate",
+            ["--data.batch_size=8", "--train.lr=0.5"],
+            ["data.batch_size was 16, now 8", "train.lr was 0.003, now 0.5"],
+        ),
+        ("missing tensor", [], "does not hold this run's trainable tensors: missing ['"),
         ("changed tasks", ["--data.tasks=vqa,gqa"], "data.tasks was"),
         ("unsafe pickle", [], "is not a plain tensor checkpoint"),
         ("dangling latest", [], "points at step99, which is missing"),
@@ -255,14 +378,23 @@ def test_bad_checkpoints_fail_clearly_and_lose_nothing(finished, tmp_path, case,
         _evil_pickle(out / "checkpoints" / "step2" / "mp_rank_00_model_states.pt", marker)
     if case == "dangling latest":
         (out / "checkpoints" / "latest").write_text("step99")
+    if case == "missing tensor":  # a trainable tensor lost from the module state
+        f = out / "checkpoints" / "step2" / "mp_rank_00_model_states.pt"
+        state = torch.load(f, weights_only=False)
+        state["module"].pop(next(k for k in state["module"] if "peft" in k))
+        torch.save(state, f)
     before = tree_digest(out)
     extra = [e.format(out=out) for e in extra]
     root = json.loads((out / "config.json").read_text())["data"]["root"]
     p = run(args(root, out, "--train.max_steps=4", "--train.resume=latest", *extra), check=False)
     assert p.returncode == 2, p.stderr[-2000:]
-    assert needle in p.stderr
+    for n in [needle] if isinstance(needle, str) else needle:
+        assert n in p.stderr
     assert not marker.exists()  # the pickle payload never ran
-    if case != "adapter of another method":
+    if case == "missing tensor":  # found when loading, after the run folder was opened
+        ckpt = {k: v for k, v in before.items() if k.startswith("checkpoints/")}
+        assert {k: v for k, v in tree_digest(out).items() if k.startswith("checkpoints/")} == ckpt
+    elif case != "adapter of another method":
         assert tree_digest(out) == before  # nothing on disk changed
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -139,30 +140,74 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng_rank)(\d+)")
+
+
+def owner_rank(name: str) -> int:
+    """The rank that writes (and verifies) a checkpoint file: DeepSpeed's per-rank partitions
+    (zero_pp_rank_<r>_...) and rng_rank<r>.pt are rank r's; every other file is rank 0's."""
+    m = _RANK_FILE.match(name)
+    return int(m.group(1)) if m else 0
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's contents (a directory: its entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_owned(folder: Path, rank: int) -> None:
+    for f in folder.rglob("*"):
+        if f.is_file() and owner_rank(f.name) == rank:
+            _fsync(f)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    p = ckpt_dir / "latest"
+    return p.read_text().strip() if p.is_file() else None
+
+
+def _point_latest(ckpt_dir: Path, tag: str) -> None:
+    """`latest` := tag, atomically and durably (temp file, fsync, rename, fsync the folder)."""
+    pointer = ckpt_dir / "latest.tmp"
+    pointer.write_text(tag)
+    _fsync(pointer)
+    os.replace(pointer, ckpt_dir / "latest")
+    _fsync(ckpt_dir)
+
+
 def save_checkpoint(
     engine, ckpt_dir: Path, tag: str, state: dict, cfg_dict: dict, is_main: bool, keep_last: int
 ) -> Path:
-    """Atomically write DeepSpeed state (frozen parameters excluded) + adapter export +
-    trainer state as {ckpt_dir}/{tag}, then point `latest` at it.
+    """Atomically and durably write DeepSpeed state (frozen parameters excluded) + adapter
+    export + trainer state as {ckpt_dir}/{tag}, then point `latest` at it.
 
-    Everything is written into `.tmp-{tag}` first; rank 0 renames it into place after every
-    rank has finished, and only then rewrites `latest` (itself via a temp file + rename). A
-    crash at any point leaves the previous checkpoint and pointer untouched; a stale `.tmp-*`
-    is removed by the next save. (Assumes the checkpoint folder is on a filesystem every rank
+    Everything is written into `.tmp-{tag}`; each rank fsyncs the files it wrote (`owner_rank`),
+    and after every rank has, rank 0 fsyncs the rest and the folders, renames it into place and
+    only then rewrites `latest` (temp file + fsync + rename + fsync of the folder). A crash at
+    any point leaves a complete checkpoint behind `latest`: the previous one, or the new one.
+    Nothing `latest` names is ever removed: saving a step that already has a folder (a run
+    resumed from an earlier checkpoint reaching it again) first points `latest` at the complete
+    `.tmp-{tag}`, then replaces the folder; stale `.tmp-*` folders are removed by the next save
+    unless `latest` names one. (Assumes the checkpoint folder is on a filesystem every rank
     shares, as DeepSpeed does.)
     """
     tmp_tag = f".tmp-{tag}"
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if is_main:
+        keep = latest_tag(ckpt_dir)
         for stale in ckpt_dir.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.name != keep:
+                shutil.rmtree(stale, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     # DeepSpeed's exclude_frozen_parameters drops frozen names from named_parameters(), which
     # lists a tied tensor once: the aliases (T5/BART embed_tokens, lm_head) would still be saved,
     # three copies of the frozen vocabulary matrix. Drop every alias of a frozen tensor.
-    frozen = {
-        n for n, p in engine.module.named_parameters(remove_duplicate=False) if not p.requires_grad
-    }
+    frozen = frozen_names(engine.module)
     full_state_dict = engine.module_state_dict
 
     def trainable_state_dict(*args, **kwargs):
@@ -182,29 +227,47 @@ def save_checkpoint(
         del engine.module_state_dict  # back to the class's method
     tmp = ckpt_dir / tmp_tag
     # each rank's dropout RNG, so a resumed run draws the same masks (exact resume)
-    rank = dist.get_rank() if dist.is_initialized() else 0
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    faults.maybe_sleep("save", 3.0)  # tests: a signal that lands during a save
+    _fsync_owned(tmp, rank)
     # save_adapter ends with a barrier: every rank's shards and RNG state are on disk after it
     save_adapter(engine.module, cfg_dict, tmp / "adapter", is_main)
     final = ckpt_dir / tag
     if is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(_jsonable(state), indent=2) + "\n")
+        _fsync_owned(tmp, 0)
+        for folder in [*(p for p in tmp.rglob("*") if p.is_dir()), tmp]:
+            _fsync(folder)
         faults.maybe_kill("save")  # tests: a crash after writing, before publishing
-        if final.exists():  # the same step saved twice (e.g. a resumed run): replace it
+        if final.exists():  # the same step saved again: `latest` never names a removed folder
+            if latest_tag(ckpt_dir) == tag:
+                _point_latest(ckpt_dir, tmp_tag)
             shutil.rmtree(final)
+            faults.maybe_kill("replace")  # tests: a crash while the step is being replaced
         os.rename(tmp, final)
-        pointer = ckpt_dir / "latest.tmp"
-        pointer.write_text(tag)
-        os.replace(pointer, ckpt_dir / "latest")
-        tags = sorted(
-            (p for p in ckpt_dir.glob("step*") if p.is_dir()),
+        _fsync(ckpt_dir)
+        _point_latest(ckpt_dir, tag)
+        others = sorted(  # keep_last counts the one just published, whatever its step
+            (p for p in ckpt_dir.glob("step*") if p.is_dir() and p.name != tag),
             key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1,
         )
-        for old in tags[:-keep_last] if keep_last > 0 else []:
+        kept = len(others) if keep_last <= 0 else keep_last - 1
+        for old in others[: len(others) - kept]:
             shutil.rmtree(old, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     return final
+
+
+def mark_eval_pending(path: Path) -> None:
+    """Record in a published checkpoint's trainer_state.json that its step's evaluation was
+    cut short by a preemption (the resumed run evaluates it first); atomic and durable."""
+    state = json.loads((path / "trainer_state.json").read_text())
+    tmp = path / "trainer_state.json.tmp"
+    tmp.write_text(json.dumps({**state, "eval_pending": True}, indent=2) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, path / "trainer_state.json")
+    _fsync(path)
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -225,16 +288,18 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def verify_checkpoint(path: Path) -> None:
+def verify_checkpoint(path: Path, rank: int | None = None) -> None:
     """Refuse a checkpoint any of whose pickled files needs more than tensors and plain data.
 
     DeepSpeed loads its state with torch.load(weights_only=False); before it does, every .pt
     file must pass torch's weights-only unpickler (with DeepSpeed's plain-data classes
-    allow-listed), which refuses arbitrary code. Adapter exports are safetensors.
+    allow-listed), which refuses arbitrary code. Adapter exports are safetensors. `rank`: only
+    the files that rank wrote (`owner_rank`; each rank checks its own, `verify_everywhere`).
     """
-    files = sorted(Path(path).glob("*.pt"))
-    if not files:
+    every = sorted(Path(path).glob("*.pt"))
+    if not every:
         raise CheckpointError(f"{path} holds no DeepSpeed state files (*.pt); is it a checkpoint?")
+    files = [f for f in every if rank is None or owner_rank(f.name) == rank]
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         for f in files:
             try:
@@ -244,6 +309,49 @@ def verify_checkpoint(path: Path) -> None:
                     f"{f} is not a plain tensor checkpoint ({str(e).splitlines()[0][:200]}); "
                     f"refusing to load it. Resume from another checkpoint or start fresh."
                 ) from None
+
+
+def verify_everywhere(path: Path) -> None:
+    """`verify_checkpoint` split across the ranks (each reads only its own files, not the
+    world's), with the verdict agreed: every rank raises the first refusal's message."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return verify_checkpoint(path)
+    try:
+        verify_checkpoint(path, dist.get_rank())
+        mine = None
+    except CheckpointError as e:
+        mine = str(e)
+    verdicts = [None] * dist.get_world_size()
+    dist.all_gather_object(verdicts, mine)
+    refused = [v for v in verdicts if v]
+    if refused:
+        raise CheckpointError(refused[0])
+
+
+def check_loaded_keys(saved: list[str], model, path) -> None:
+    """The module state a checkpoint holds is exactly the trainable set of this model (the
+    frozen weights are never saved); anything else fails with the names that differ."""
+    want = trainable_state_keys(model)
+    missing, extra = sorted(want - set(saved)), sorted(set(saved) - want)
+    if missing or extra:
+        raise CheckpointError(
+            f"checkpoint {path} does not hold this run's trainable tensors: missing "
+            f"{missing[:5]}{'...' if len(missing) > 5 else ''} ({len(missing)}), unexpected "
+            f"{extra[:5]}{'...' if len(extra) > 5 else ''} ({len(extra)}). It belongs to "
+            f"another model or method: resume with the config stored in it, or start a new run "
+            f"with --train.init_from=<checkpoint>/adapter"
+        )
+
+
+def frozen_names(model) -> set[str]:
+    """Every name of a frozen parameter, aliases included (tied embeddings have three)."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trainable_state_keys(model) -> set[str]:
+    """The module state keys a checkpoint saves: state_dict minus the frozen names."""
+    frozen = frozen_names(model)
+    return {k for k in model.state_dict() if k not in frozen}
 
 
 class CheckpointError(ValueError):
@@ -276,16 +384,21 @@ def resolve_resume(resume: str, out_dir: Path) -> tuple[Path, str] | None:
     return p.parent, p.name
 
 
-def check_compatible(state: dict, cfg, world_size: int) -> None:
-    """A resume must use the same model, method, tasks, data order, world size and batches: every
-    config field marked "match" in vlds/config.py, and the world size."""
+def check_compatible(state: dict, cfg, world_size: int) -> list[str]:
+    """A resume must keep what the run means: every config field marked "match" in
+    vlds/config.py (every field that is neither "run" nor "resume": the model, the method, the
+    tasks, the data order, the batches, the optimizer, the seed) and the world size. Returns the
+    "resume" fields that changed (the caller logs them)."""
     old = state.get("config", {})
-    problems = []
-    for key in keys_with_role("match"):  # every field marked "must match on resume"
-        section, _, name = key.partition(".")
-        was, now = old.get(section, {}).get(name), getattr(getattr(cfg, section), name)
-        if was is not None and was != now:
-            problems.append(f"{key} was {was!r}, now {now!r}")
+    problems, changed = [], []
+    for role, found in (("match", problems), ("resume", changed)):
+        for key in keys_with_role(role):
+            section, _, name = key.partition(".")
+            if name not in old.get(section, {}):  # a field newer than the checkpoint
+                continue
+            was, now = old[section][name], getattr(getattr(cfg, section), name)
+            if was != now:
+                found.append(f"{key} was {was!r}, now {now!r}")
     if state.get("world_size", world_size) != world_size:
         problems.append(f"world size was {state['world_size']}, now {world_size}")
     if problems:
@@ -294,3 +407,4 @@ def check_compatible(state: dict, cfg, world_size: int) -> None:
             "or start a new run from its weights with --train.init_from=<checkpoint>/adapter "
             "(fresh optimizer and schedule)"
         )
+    return changed

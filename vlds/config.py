@@ -7,8 +7,8 @@ written as JSON into every run folder and checkpoint, and a JSON file can be rea
 `--config FILE` (parsed, never executed).
 
 A leaf: it imports nothing from vlds but vlds.recipe (the reference's recipe table, a leaf
-too). Each field carries its role ("match": a resume must keep
-it; "run": where and how a run executes, not what it trains); the owners of a section's meaning
+too). Each field carries its role ("match": a resume must keep it; "run": where and how a run
+executes, not what it trains; "resume": free to change on resume); the owners of a section's meaning
 (tasks, mixing, decoding, PEFT, kernels) register their checks with `@config_check`. Longer than
 ~400 lines for a reason: every key is defined, commented, typed, preset and checked here, in one
 place a user reads to learn the run's knobs.
@@ -37,7 +37,12 @@ class ConfigError(ValueError):
 # - MATCH: part of what a checkpoint trains or the order it reads its data in; a resume must use
 #   the same value (vlds.checkpoint.check_compatible compares every such field);
 # - RUN: where and how a run executes or is scored, not what it trains (a tuned winner's
-#   best_config.json leaves these out).
+#   best_config.json leaves these out);
+# - RESUME: part of the run's recipe, yet free to change on resume (logged when it does): the
+#   schedule's length (a run continued for longer), where the data lies, what is scored and
+#   how, the guards' limits, the kernel choice (the same maths).
+# Every field has a role (tests/test_config.py checks), so a new one is compared on resume
+# unless it says otherwise.
 
 
 def _match(default):
@@ -48,8 +53,12 @@ def _run(default):
     return field(default=default, metadata={"role": "run"})
 
 
+def _resume(default):
+    return field(default=default, metadata={"role": "resume"})
+
+
 def keys_with_role(role: str) -> list[str]:
-    """Every "section.key" whose field is marked `role` ("match" or "run")."""
+    """Every "section.key" whose field is marked `role` ("match", "run" or "resume")."""
     return [
         f"{section}.{f.name}"
         for section in SECTIONS
@@ -111,17 +120,17 @@ class PeftConfig:
     # reparameterisation Linear(d -> hidden) -> tanh -> Linear(-> d)
     prompt_hidden: int = _match(800)
     # Fused Triton adapter kernels: "auto" = on CUDA tensors when triton imports, "on", "off"
-    fused_kernel: str = "auto"
+    fused_kernel: str = _resume("auto")
 
 
 @dataclass
 class DataConfig:
     # "" = the embedded synthetic shapes world (generated on first use into the cache);
     # otherwise a folder with {task}/{split}.index.json and the shards it names.
-    root: str = ""
+    root: str = _resume("")
     tasks: str = _match("vqa,gqa,nlvr,caption")
     train_split: str = _match("train")
-    val_split: str = "val"
+    val_split: str = _resume("val")
     batch_size: int = _match(32)  # micro-batch per rank (every task; see task_batch_scale)
     # Per-task multipliers of batch_size, e.g. "gqa=1.67,nlvr=0.33" (the reference's per-task
     # batch sizes); empty = all tasks use batch_size.
@@ -162,12 +171,12 @@ class DataConfig:
     task_prompts: str = _match("auto")
     # Cached CLIP features (python -m vlds.data.prep.extract): "auto" = use feats.npy where the
     # shards have it, "true" = require feature shards, "false" = pixels only.
-    features: str = "auto"
+    features: str = _match("auto")
     # JPEG decoding in PIL's draft mode (DCT-domain downscale, 2-3x faster); false = full decode
-    jpeg_draft: bool = True
+    jpeg_draft: bool = _match(True)
     # Bad samples (undecodable, missing fields, truncated tars) are skipped and counted; above
     # this fraction of a reader's samples the run stops naming the shards (1.0 = never stop).
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = _resume(0.01)
     # Train and evaluate with every image one constant (all-zero visual features): the run
     # that measures what a model learns from the text alone (vlds.eval.grounding).
     blind: bool = _match(False)
@@ -175,19 +184,19 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    max_steps: int = 0  # > 0 stops early (and sizes the LR schedule)
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    epochs: int = _resume(20)
+    max_steps: int = _resume(0)  # > 0 stops early (and sizes the LR schedule)
+    lr: float = _match(1e-3)
+    weight_decay: float = _match(0.01)
     # Which parameters weight decay skips: "reference" = those whose name in the paper's code
     # contains "bias" or "LayerNorm.weight" (its LM's LayerNorm gains are decayed); "norms" =
     # every 1-D tensor (biases and all norm gains). vlds.engine.param_groups lists both.
     decay_exempt: str = _match("reference")
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-6
-    warmup_ratio: float = 0.1
-    grad_clip: float = 5.0
+    adam_beta1: float = _match(0.9)
+    adam_beta2: float = _match(0.999)
+    adam_eps: float = _match(1e-6)
+    warmup_ratio: float = _match(0.1)
+    grad_clip: float = _match(5.0)
     grad_accum: int = _match(1)
     # Loss reduction of COCO caption batches: "token" = the mean over every target token of the
     # micro-batch (the reference's caption_model.py; it depends on how a batch is split over
@@ -198,13 +207,17 @@ class TrainConfig:
     # nearest multiple of it), data.batch_size the largest micro-batch per rank (global_batch)
     global_batch_size: int = _match(0)
     seed: int = _match(0)
-    precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" | "fp32"
+    precision: str = _match("auto")  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" | "fp32"
     out_dir: str = _run("runs/{preset}")  # a fresh run moves an earlier one aside
     resume: str = _run("")  # "" | "latest" | a checkpoint folder
-    init_from: str = ""  # start a new run from an adapter export (fresh optimizer)
-    max_bad_steps: int = 5  # non-finite steps in a row before the run stops
+    init_from: str = _resume("")  # start a new run from an adapter export (fresh optimizer)
+    max_bad_steps: int = _resume(5)  # non-finite steps in a row before the run stops
     log_every: int = _run(10)
     save_every: int = _run(0)  # steps; 0 = at the end of each epoch
+    # Also a checkpoint once this many minutes have passed since the last one (rank 0's clock,
+    # agreed in the step's bookkeeping all-reduce); 0 = off. The real presets save every 30:
+    # a node failure then loses at most that, not an epoch (vlds.guard)
+    save_every_minutes: float = _run(0.0)
     keep_last: int = _run(2)
     # SIGTERM/SIGUSR1 save a checkpoint and stop; false where the host handles preemption
     # itself (Ray Tune runs trials in a worker thread, where handlers cannot be installed)
@@ -218,11 +231,11 @@ class EvalConfig:
     every: int = _run(0)  # steps; 0 = at the end of each epoch
     max_samples: int = _run(0)  # per task; 0 = the whole validation split
     batch_size: int = _run(64)
-    qa_beams: int = 1  # greedy for QA (reference)
+    qa_beams: int = _resume(1)  # greedy for QA (reference)
     caption_beams: int = _run(5)  # beam 5 for captions (reference)
     # tokens generated per answer or caption; 0 = each task's reference length (captions 40,
     # the rest 20: vlds.data.tasks.Task.max_new_tokens)
-    max_new_tokens: int = 0
+    max_new_tokens: int = _resume(0)
     # NLVR2: "first_token" = "true" vs "false" logit at the first decoding position (the
     # reference); "sequence" = the larger summed log-probability of the whole target
     nlvr_predict: str = _run("first_token")
@@ -283,6 +296,9 @@ _REAL_IMAGE = {
     "data.num_workers": 8,
     "data.shuffle_buffer": 2000,
     "eval.batch_size": 256,
+    # an epoch of VQAv2 + GQA + NLVR2 + COCO is hours on 8 GPUs: a crash or an unannounced
+    # node loss costs at most 30 minutes, not the epoch (signals save at once: vlds.guard)
+    "train.save_every_minutes": 30.0,
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -619,6 +635,11 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError("train.warmup_ratio must be in [0, 1)")
+    if cfg.train.save_every < 0 or cfg.train.save_every_minutes < 0:
+        raise ConfigError(
+            "train.save_every (steps) and train.save_every_minutes must be >= 0 (0 = off: a "
+            "checkpoint at each epoch's end, and on a preemption signal)"
+        )
     for check in CHECKS.values():
         check(cfg)
 

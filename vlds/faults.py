@@ -5,6 +5,10 @@ Set VLDS_FAULTS to a comma list of `kind@step` (or `kind@first-last`):
     nan_grad@5-7      the loss is finite but its gradient is NaN at steps 5..7
     kill_save@4       the process SIGKILLs itself inside the checkpoint save of step 4,
                       after writing the files and before publishing them
+    kill_replace@4    ... inside a save of step 4 that replaces an existing step4 folder,
+                      after `latest` moved to the new copy and the old folder was removed
+    slow_save@4       the save of step 4 sleeps 3 s after writing (a signal lands mid-save)
+    slow_eval@4       each evaluation batch at step 4 sleeps 1 s (a signal lands mid-eval)
     kill@7            the process SIGKILLs itself as step 7 starts (a crash mid-epoch)
 Unset (always, outside tests) every function here is a no-op.
 """
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import torch
 
@@ -52,5 +57,12 @@ def corrupt_loss(loss: torch.Tensor) -> torch.Tensor:
 
 
 def maybe_kill(where: str) -> None:
-    if _active("kill_save" if where == "save" else "kill"):
+    """where: "step" (kill@), "save" (kill_save@), "replace" (kill_replace@)."""
+    if _active("kill" if where == "step" else f"kill_{where}"):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_sleep(where: str, seconds: float) -> None:
+    """where: "save" (slow_save@), "eval" (slow_eval@)."""
+    if _active(f"slow_{where}"):
+        time.sleep(seconds)

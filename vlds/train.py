@@ -15,21 +15,30 @@ frozen CLIP tower runs outside the engine under no_grad. Everything a run produc
 train.out_dir: config.json, metrics.jsonl, tb/ (TensorBoard), curves.png, metrics.json,
 predictions_<task>.{json,csv,jsonl} (official formats) and checkpoints/.
 
-Exit codes: 0 done (or preempted by SIGTERM/SIGUSR1 after saving a checkpoint), 2 bad
-config/data/checkpoint (before any training), 3 too many non-finite steps in a row.
+Exit codes: 0 done (or preempted by SIGTERM/SIGUSR1, in any phase, after saving a checkpoint),
+2 bad config/data/checkpoint (before any training), 3 too many non-finite steps in a row.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
 
-import torch
+# Run as a script, a preemption signal that lands while the imports below load (seconds) is
+# kept and acted on before the first step (vlds.guard.Preemption), not fatal: `scancel` or
+# SLURM's warning signal at start-up still ends in a checkpoint and exit 0.
+EARLY_SIGNALS: list[int] = []
+if __name__ == "__main__":
+    for _sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(_sig, lambda signum, _frame: EARLY_SIGNALS.append(signum))
 
-from vlds.config import ConfigError, parse_cli, validate
-from vlds.engine import (
+import torch  # noqa: E402
+
+from vlds.config import ConfigError, parse_cli, validate  # noqa: E402
+from vlds.engine import (  # noqa: E402
     DEFAULT_DS_CONFIG,
     build_engine,
     deepspeed_config,
@@ -83,6 +92,17 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     # ---- everything that can be checked without work is checked first ------------------
     validate(cfg)
     from vlds.distributed import init_distributed, world_info_from_env
+    from vlds.guard import Preemption
+
+    # from here on a preemption signal is a flag (acted on before the first step), not a kill
+    if cfg.train.handle_signals:
+        preemption = Preemption()
+        preemption.received = EARLY_SIGNALS[-1] if EARLY_SIGNALS else None
+    else:
+        preemption = Preemption(())
+        if __name__ == "__main__":  # the signals' default action again
+            for sig in Preemption.SIGNALS:
+                signal.signal(sig, signal.SIG_DFL)
 
     info = world_info_from_env()
     bf16 = use_bf16(cfg)
@@ -152,6 +172,7 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
         total_steps,
         zero3=is_zero3(ds_config),
         on_eval=on_eval,
+        preemption=preemption,
     )
     trainer.load(found)
     return trainer.fit()

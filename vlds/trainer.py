@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -16,15 +17,17 @@ import torch.distributed as dist
 from vlds import faults
 from vlds.checkpoint import (
     check_compatible,
+    check_loaded_keys,
     checkpoint_bytes,
+    mark_eval_pending,
     resolve_resume,
     save_adapter,
     save_checkpoint,
     set_rng_state,
-    verify_checkpoint,
+    verify_everywhere,
 )
 from vlds.eval.grounding import blank_visual
-from vlds.guard import NonFiniteGuard, Preemption
+from vlds.guard import Agreed, NonFiniteGuard, Preempted, Preemption, step_sync
 
 log = logging.getLogger("vlds")
 
@@ -103,7 +106,8 @@ def _is_number(v) -> bool:
 
 def find_resume(cfg, world_size: int, is_main: bool) -> tuple[Path, str] | None:
     """The checkpoint `train.resume` names, checked for compatibility and safety before the
-    run touches its folder (a refused resume leaves everything on disk as it was)."""
+    run touches its folder (a refused resume leaves everything on disk as it was). Every rank
+    calls it: each verifies its own files (verify_everywhere)."""
     out_dir = Path(cfg.train.out_dir)
     found = resolve_resume(cfg.train.resume, out_dir)
     if found is None:
@@ -115,8 +119,10 @@ def find_resume(cfg, world_size: int, is_main: bool) -> tuple[Path, str] | None:
         return None
     root, tag = found
     state = json.loads((root / tag / "trainer_state.json").read_text())
-    check_compatible(state, cfg, world_size)
-    verify_checkpoint(root / tag)
+    changed = check_compatible(state, cfg, world_size)
+    if changed and is_main:
+        log.info("resuming with changed settings: %s", "; ".join(changed))
+    verify_everywhere(root / tag)
     return found
 
 
@@ -133,6 +139,7 @@ class Trainer:
         total_steps,
         zero3=False,
         on_eval=None,
+        preemption=None,
     ):
         self.cfg, self.engine, self.tower, self.data = cfg, engine, tower, data
         self.tokenizer, self.info, self.device = tokenizer, info, device
@@ -143,9 +150,16 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = 0
         self.runlog = RunLog(self.out_dir, info.is_main, self.cfg_dict)
         self.guard = NonFiniteGuard(cfg.train.max_bad_steps)
-        self.preemption = Preemption(Preemption.SIGNALS if cfg.train.handle_signals else ())
+        # train.py installs the handlers before building anything (a signal during set-up is
+        # acted on at the first step); the tests and benchmarks that build a Trainer get theirs
+        signals = Preemption.SIGNALS if cfg.train.handle_signals else ()
+        self.preemption = preemption or Preemption(signals)
         self._saved_at = -1
+        self._saved_time = time.monotonic()  # train.save_every_minutes counts from here
         self._evaluated = None  # (step, metrics, predictions)
+        self._eval_cut = False  # a preemption stopped this step's evaluation
+        self._eval_pending = False  # resumed from such a step: evaluate it first
+        self._saved_tag = None  # the checkpoint folder of step _saved_at
         self._notified = -1  # the step on_eval last heard about
         self._baselines = None  # DataBuilder.baselines(), computed at the first evaluation
         self.step_times: list[float] = []  # wall seconds of each train_step (no data wait)
@@ -158,13 +172,16 @@ class Trainer:
             "step_in_epoch": self.step_in_epoch,
             "world_size": self.info.world_size,
             "bad_steps_total": self.guard.total,
+            "eval_pending": self._eval_cut,
             "config": self.cfg_dict,
         }
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, poll: bool = True) -> None:
+        """Save this step (once); then poll the preemption flag: a signal that arrived during
+        the save stops the run now, its checkpoint already written."""
         if self._saved_at == self.step:
             return
-        self._saved_at = self.step
+        self._saved_at, self._saved_tag = self.step, f"step{self.step}"
         tag = f"step{self.step}"
         path = save_checkpoint(
             self.engine,
@@ -183,15 +200,32 @@ class Trainer:
                 "checkpoint",
                 {"bytes": size, "trainable_params": n, "bytes_per_param": size / max(1, n)},
             )
+        self._saved_time = time.monotonic()
+        if poll:
+            self.preemption.poll(self.device)
 
     def load(self, found: tuple[Path, str] | None) -> None:
         """Continue from a checkpoint found (and checked) by `find_resume`."""
         if found is None:
             return
         root, tag = found
-        _, client = self.engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+        engine, load_module = self.engine, self.engine.load_module_state_dict
+
+        def checked_load(checkpoint, *args, **kwargs):  # the saved keys = the trainable set
+            check_loaded_keys(list(checkpoint["module"]), engine.module, root / tag)
+            return load_module(checkpoint, *args, **kwargs)
+
+        engine.load_module_state_dict = checked_load
+        try:  # not strict: the frozen weights are (rightly) absent; checked_load checks the rest
+            _, client = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
+        finally:
+            del engine.load_module_state_dict  # back to the class's method
         self.step, self.epoch = client["step"], client["epoch"]
         self.step_in_epoch = client["step_in_epoch"]
+        if root.resolve() == self.ckpt_dir.resolve():
+            self._saved_at, self._saved_tag = self.step, tag  # this step's checkpoint: loaded
+        state = json.loads((root / tag / "trainer_state.json").read_text())
+        self._eval_pending = state.get("eval_pending", False)
         self.guard.total = client.get("bad_steps_total", 0)
         rng_file = root / tag / f"rng_rank{self.info.rank}.pt"
         if rng_file.is_file():
@@ -211,15 +245,20 @@ class Trainer:
 
         if self._evaluated is not None and self._evaluated[0] == self.step:
             return self._evaluated[1], self._evaluated[2]
-        metrics, preds = evaluate_tasks(
-            self.engine.module,
-            self.tower,
-            self.data.eval_loaders(),
-            self.tokenizer,
-            self.cfg,
-            self.device,
-            self.zero3,
-        )
+        try:
+            metrics, preds = evaluate_tasks(
+                self.engine.module,
+                self.tower,
+                self.data.eval_loaders(),
+                self.tokenizer,
+                self.cfg,
+                self.device,
+                self.zero3,
+                preemption=self.preemption,
+            )
+        except Preempted:
+            self._eval_cut = True  # the resumed run evaluates this step first
+            raise
         priors = self.baselines()["text_prior"]
         row = {}
         for t, m in metrics.items():
@@ -257,8 +296,11 @@ class Trainer:
         return self._baselines
 
     # ---- steps ----------------------------------------------------------------------------
-    def train_step(self, batch: dict) -> float | None:
-        """One micro-step; returns the loss, or None when the step was skipped."""
+    def train_step(self, batch: dict) -> Agreed:
+        """One micro-step and its bookkeeping: one all-reduce and one host read (vlds.guard.
+        step_sync) tell every rank the mean loss, whether any rank's loss is not finite (then
+        no backward and no optimizer step anywhere), and whether any rank was signalled or
+        rank 0's clock asks for a checkpoint. `applied` is False when the step was skipped."""
         engine = self.engine
         faults.set_step(self.step + 1)
         faults.maybe_kill("step")
@@ -266,22 +308,22 @@ class Trainer:
         if self.cfg.data.blind:
             b = blank_visual(b)
         loss = faults.corrupt_loss(engine(b))
-        if not self.guard.loss_is_finite(loss, self.device):
+        agreed = step_sync(loss, self.preemption.local, self._time_to_save(), self.device)
+        if not agreed.finite:
             # no backward, no optimizer step: the weights and Adam moments stay as they were
             self.guard.record(False, self.step + 1, "non-finite loss")
-            return None
+            agreed.applied = False
+            return agreed
         boundary = engine.is_gradient_accumulation_boundary()
         engine.backward(loss)
         engine.step()
-        applied = not boundary or engine.was_step_applied()
-        self.guard.record(applied, self.step + 1, "non-finite gradient, update discarded")
-        if not applied:
-            return None
-        mean = loss.detach().float().reshape(1)  # the logged loss: the mean over ranks
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(mean)
-            mean /= dist.get_world_size()
-        return mean.item()
+        agreed.applied = not boundary or engine.was_step_applied()
+        self.guard.record(agreed.applied, self.step + 1, "non-finite gradient, update discarded")
+        return agreed
+
+    def _time_to_save(self) -> bool:
+        minutes = self.cfg.train.save_every_minutes
+        return bool(minutes) and time.monotonic() - self._saved_time >= 60 * minutes
 
     def fit(self) -> dict:
         """Train to the end (or to a preemption); tracker runs end FAILED if training raises."""
@@ -292,11 +334,35 @@ class Trainer:
             raise
 
     def _fit(self) -> dict:
+        t0 = time.time()
+        try:
+            self.preemption.poll(self.device)  # a signal during set-up: stop before training
+            self._train(t0)
+            return self.finish(time.time() - t0)
+        except Preempted:
+            pass
+        # every rank stopped at the same point, between steps: save the last finished step
+        # (nothing when it is saved already), then exit 0 for the scheduler to requeue
+        if self._saved_at == self.step and self._eval_cut and self.info.is_main:
+            mark_eval_pending(self.ckpt_dir / self._saved_tag)  # saved before its evaluation
+        self.checkpoint(poll=False)
+        self.runlog.close("KILLED")
+        if self.info.is_main:
+            log.info("preempted: saved step %d; resume with --train.resume=latest", self._saved_at)
+        return {"step": self.step, "preempted": True}
+
+    def _train(self, t0: float) -> None:
+        """Steps until train.max_steps / the last epoch. Order at a step (and at an epoch's
+        end): checkpoint when due, then evaluation, then on_eval: a preemption during an
+        evaluation finds the step saved, and the search finds the checkpoint of what it hears."""
         from tqdm import tqdm
 
-        cfg, t0 = self.cfg, time.time()
+        cfg = self.cfg
         self.runlog.open(resumed=self.step > 0)  # a resumed run continues its tracker runs
         self.engine.train()
+        if self._eval_pending:  # the evaluation a preemption cut short, before any new step
+            self.run_eval()
+            self.notify()
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -304,60 +370,54 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        preempted = False
-        while self.step < self.total_steps and not preempted:
+        while self.step < self.total_steps:
+            # closing() shuts the workers down as soon as the loop is left, also by Preempted
             loader = self.data.train_loader(self.epoch, skip_steps=self.step_in_epoch)
-            for batch in loader:
-                t_step = time.perf_counter()
-                loss = self.train_step(batch)
-                self.step_times.append(time.perf_counter() - t_step)
-                self.step += 1
-                self.step_in_epoch += 1
-                bar.update(1)
-                if loss is not None and (
-                    self.step % cfg.train.log_every == 0 or self.step == self.total_steps
-                ):
-                    bar.set_postfix(loss=f"{loss:.3f}", task=batch["task"])
-                    self.runlog.write(
-                        self.step,
-                        "train",
-                        {
-                            "loss": loss,
-                            f"loss/{batch['task']}": loss,
-                            "lr": self.engine.get_lr()[0],
-                            "elapsed_s": time.time() - t0,
-                            "bad_steps_total": self.guard.total,
-                        },
-                    )
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self.run_eval()
-                if cfg.train.save_every and self.step % cfg.train.save_every == 0:
-                    self.checkpoint()
-                self.notify()
-                if self.preemption.requested(self.device):
-                    preempted = True
-                    break
-                if self.step >= self.total_steps:
-                    break
-            else:  # the epoch ran to its end
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                if not cfg.eval.every:
-                    self.run_eval()
-                if not cfg.train.save_every:
-                    self.checkpoint()
-                self.notify()
+            with closing(iter(loader)) as it:
+                for batch in it:
+                    t_step = time.perf_counter()
+                    agreed = self.train_step(batch)
+                    self.step_times.append(time.perf_counter() - t_step)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    bar.update(1)
+                    if agreed.applied and (
+                        self.step % cfg.train.log_every == 0 or self.step == self.total_steps
+                    ):
+                        self._log_step(agreed.loss, batch["task"], t0, bar)
+                    if agreed.stop:
+                        raise Preempted
+                    if agreed.save or (
+                        cfg.train.save_every and self.step % cfg.train.save_every == 0
+                    ):
+                        self.checkpoint()
+                    if cfg.eval.every and self.step % cfg.eval.every == 0:
+                        self.run_eval()
+                    self.notify()
+                    if self.step >= self.total_steps:
+                        break
+                else:  # the epoch ran to its end
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    if not cfg.train.save_every:
+                        self.checkpoint()
+                    if not cfg.eval.every:
+                        self.run_eval()
+                    self.notify()
         bar.close()
-        if preempted:
-            self.checkpoint()
-            self.runlog.close("KILLED")
-            if self.info.is_main:
-                log.info(
-                    "preempted (signal %s): saved step %d; resume with --train.resume=latest",
-                    self.preemption.received,
-                    self.step,
-                )
-            return {"step": self.step, "preempted": True}
-        return self.finish(time.time() - t0)
+
+    def _log_step(self, loss: float, task: str, t0: float, bar) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}", task=task)
+        self.runlog.write(
+            self.step,
+            "train",
+            {
+                "loss": loss,
+                f"loss/{task}": loss,
+                "lr": self.engine.get_lr()[0],
+                "elapsed_s": time.time() - t0,
+                "bad_steps_total": self.guard.total,
+            },
+        )
 
     def cost(self, adapter_dir: Path) -> dict:
         """What the run cost: parameters updated, median step time, peak memory, export bytes."""
@@ -380,8 +440,8 @@ class Trainer:
         }
 
     def finish(self, train_time: float) -> dict:
+        self.checkpoint()  # before the (long) final evaluation, which a preemption may cut
         metrics, preds = self.run_eval()
-        self.checkpoint()
         self.notify()
         save_adapter(self.engine.module, self.cfg_dict, self.out_dir / "adapter", self.info.is_main)
         result = {

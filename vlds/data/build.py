@@ -17,6 +17,7 @@ from vlds.data.mixing import run_batch_sizes
 from vlds.data.shardio import DataError, load_index, read_records
 from vlds.data.stream import EvalStream, TrainStream, reader_split_notes
 from vlds.data.tasks import uses_task_prompts
+from vlds.guard import quiet_worker, signals_blocked
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("vlds")
@@ -90,7 +91,8 @@ def check_features(cfg, indexes: dict) -> None:
 
 class _Loader:
     """A DataLoader whose DataError from a worker process reaches the user as its own message
-    (torch re-raises it wrapped in the worker's traceback)."""
+    (torch re-raises it wrapped in the worker's traceback), and whose workers leave the
+    preemption signals to the main process (vlds.guard.quiet_worker; blocked while they fork)."""
 
     def __init__(self, loader):
         self.loader = loader
@@ -99,7 +101,8 @@ class _Loader:
         return len(self.loader)
 
     def __iter__(self):
-        it = iter(self.loader)
+        with signals_blocked():
+            it = iter(self.loader)  # starts the worker processes
         while True:
             try:
                 batch = next(it)
@@ -222,6 +225,7 @@ class DataBuilder:
                 batch_size=None,
                 num_workers=nw,
                 generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch),
+                worker_init_fn=quiet_worker,
                 persistent_workers=False,
                 prefetch_factor=4 if nw else None,
             )

@@ -314,6 +314,7 @@ class Collator:
         return {
             "task": task.name,
             "task_ids": torch.full((len(samples),), self.task_ids[task.name], dtype=torch.long),
+            "task_id": self.task_ids[task.name],  # the batch's one task, known on the host
             "input_ids": enc.input_ids,
             "attention_mask": enc.attention_mask,
             "labels": labels,

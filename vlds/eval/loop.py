@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from vlds import faults
 from vlds.data.tasks import get_task
 from vlds.eval.grounding import blank_visual, shuffle_visual
 from vlds.eval.metrics import METRICS, task_metric
-from vlds.guard import any_rank
+from vlds.guard import Preempted, stop_criteria
 
 
 def _to(batch: dict, device) -> dict:
@@ -25,11 +26,36 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool, shuffled=False):
+def _agree(has_batch: bool, preemption, device) -> tuple[bool, bool]:
+    """(some rank still has a batch, some rank was signalled): one all-reduce per batch."""
+    stop = preemption is not None and preemption.local
+    if not dist.is_initialized():
+        return has_batch, stop
+    t = torch.tensor([float(has_batch), float(stop)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    more, stop = t.tolist()
+    return more > 0, stop > 0
+
+
+@torch.no_grad()
+def predict(
+    model,
+    tower,
+    loader,
+    task_name,
+    tokenizer,
+    cfg,
+    device,
+    zero3: bool,
+    shuffled=False,
+    preemption=None,
+):
     """(id, prediction, references, meta, loss) for this rank's share of one task; `shuffled`:
     each sample sees another sample's visual tokens (vlds.eval.grounding). loss: the sample's
     mean cross-entropy over its target tokens, teacher-forced (the validation loss; None when
-    cfg.eval.loss is off, for shuffled images and for a sample without references)."""
+    cfg.eval.loss is off, for shuffled images and for a sample without references).
+    `preemption` (vlds.guard.Preemption): polled by every rank before each batch and by
+    generation at each token; raises vlds.guard.Preempted on every rank once any was signalled."""
     task = get_task(task_name)
     out, it, last, prev_visual = [], iter(loader), None, None
     choices = None
@@ -39,7 +65,10 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
         batch = next(it, None)
         # ZeRO-3 generation is collective: ranks that ran out keep stepping on a dummy batch
         # (results dropped) until every rank is done.
-        if not any_rank(batch is not None, device):
+        more, stop = _agree(batch is not None, preemption, device)
+        if stop:
+            raise Preempted
+        if not more:
             break
         real = batch is not None
         batch = batch if real else last
@@ -47,6 +76,7 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
             raise RuntimeError(f"rank has no {task_name} validation samples; lower world size")
         last = batch
         b = tower.visual_inputs(_to(batch, device), cfg.model.max_frames)
+        faults.maybe_sleep("eval", 1.0)  # tests: a signal that lands during an evaluation
         if cfg.data.blind:
             b = blank_visual(b)
         elif shuffled:
@@ -68,6 +98,7 @@ def predict(model, tower, loader, task_name, tokenizer, cfg, device, zero3: bool
                 num_beams=beams,
                 max_new_tokens=cfg.eval.max_new_tokens or task.max_new_tokens,
                 synced_gpus=zero3 and dist.is_initialized(),
+                stopping_criteria=stop_criteria(preemption),
             )
             preds = [p.strip() for p in tokenizer.batch_decode(ids, skip_special_tokens=True)]
         if real:
@@ -113,14 +144,17 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=False, metrics=None):
+def evaluate_tasks(
+    model, tower, loaders: dict, tokenizer, cfg, device, zero3=False, metrics=None, preemption=None
+):
     """({task: metrics, "average": mean score, "loss": mean validation loss}, {task: [{"id",
     "prediction", "meta"}]}), both identical on every rank. `metrics` overrides METRICS entries
     (e.g. the legacy VQA scorer). A task whose split has no labels (a test split: every
     reference empty) is predicted, not scored: {"score": None, "n", "labelled": False}, left
     out of both averages. With cfg.eval.loss each scored task's metrics hold "loss", the mean
     over its samples of each sample's teacher-forced cross-entropy (a finer signal than the
-    task metric early in training: the search's rungs use it, vlds.tune.scheduler)."""
+    task metric early in training: the search's rungs use it, vlds.tune.scheduler).
+    `preemption`: see `predict` (training passes its own; the standalone evaluator none)."""
     was_training = model.training
     model.eval()
     is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -129,7 +163,7 @@ def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=Fa
     shuffled = cfg.eval.shuffled_images and not cfg.data.blind
     for task_name, loader in loaders.items():
         args = (model, tower, loader, task_name, tokenizer, cfg, device, zero3)
-        rows = gather_predictions(predict(*args))
+        rows = gather_predictions(predict(*args, preemption=preemption))
         rows.sort(key=lambda r: r[0])
         predictions[task_name] = [{"id": r[0], "prediction": r[1], "meta": r[3]} for r in rows]
         if not any(r[2] for r in rows):  # an unlabelled test split: predictions only
@@ -141,7 +175,7 @@ def evaluate_tasks(model, tower, loaders: dict, tokenizer, cfg, device, zero3=Fa
         if is_main and losses:
             results[task_name]["loss"] = sum(losses) / len(losses)
         if shuffled:
-            rows_s = gather_predictions(predict(*args, shuffled=True))
+            rows_s = gather_predictions(predict(*args, shuffled=True, preemption=preemption))
             if is_main:
                 results[task_name]["shuffled_score"] = score_rows(task_name, rows_s, metric)[
                     "score"

@@ -192,7 +192,7 @@ class VLModel(nn.Module):
 
     def _route(self, batch: dict) -> None:
         if self.router is not None:
-            self.router.set(batch["task_ids"])
+            self.router.set(batch["task_ids"], single=batch.get("task_id"))
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Cross-entropy of `labels` (-100 = ignored), reduced as the reference's task models:

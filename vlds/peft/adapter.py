@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlds.kernels import adapter_forward, check_mode, use_fused
-from vlds.peft.inject import per_task, sublayer_sites, transform_output
+from vlds.peft.inject import sublayer_sites, transform_output
 from vlds.peft.registry import Method, register
 
 
@@ -88,7 +88,7 @@ class TaskAdapters(nn.Module):
         return bottleneck_adapter(h, self.down[t], self.up, self.fused_kernel)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return per_task(h, self.router.ids_for(h.shape[0]), self._one)
+        return self.router.route(h, self._one)
 
 
 @register("single_adapter")

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from vlds.kernels import adapter_forward, check_mode
-from vlds.peft.inject import per_task, sublayer_sites, transform_output
+from vlds.peft.inject import sublayer_sites, transform_output
 from vlds.peft.registry import Method, register
 
 
@@ -110,7 +110,7 @@ class HyperSite(nn.Module):
         return adapter_forward(h, wd, bd, wu, bu, mode=self.fused_kernel)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return per_task(h, self._refs[2].ids_for(h.shape[0]), self._one)
+        return self._refs[2].route(h, self._one)
 
 
 @register("hyperformer")

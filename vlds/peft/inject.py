@@ -65,20 +65,36 @@ class TaskRouter:
     """Per-sample task ids for methods with per-task modules, set once per forward.
 
     Beam search repeats each sample num_beams times along the batch; `ids_for(rows)` expands the
-    ids to match (samples stay contiguous: repeat_interleave).
+    ids to match (samples stay contiguous: repeat_interleave). `single`: the batch's one task
+    when the caller knows it on the host (the collator's batches are single-task: "task_id"),
+    so `route` never reads the device tensor back (no host synchronisation per adapter site).
     """
 
     def __init__(self, tasks: list[str]):
         self.tasks = list(tasks)
         self.task_ids: torch.Tensor | None = None
+        self.single: int | None = None
 
-    def set(self, task_ids: torch.Tensor) -> None:
-        if task_ids.numel() and (task_ids.min() < 0 or task_ids.max() >= len(self.tasks)):
+    def set(self, task_ids: torch.Tensor, single: int | None = None) -> None:
+        if single is not None:
+            bad = not 0 <= single < len(self.tasks)
+        else:
+            bad = bool(task_ids.numel()) and bool(
+                (task_ids.min() < 0) | (task_ids.max() >= len(self.tasks))
+            )
+        if bad:
+            got = single if single is not None else task_ids.max().item()
             raise ValueError(
-                f"task id {task_ids.max().item()} has no modules: this model was built for "
+                f"task id {got} has no modules: this model was built for "
                 f"tasks {self.tasks}; rebuild it with the task in data.tasks"
             )
-        self.task_ids = task_ids
+        self.task_ids, self.single = task_ids, single
+
+    def route(self, h: torch.Tensor, fn) -> torch.Tensor:
+        """fn(t, rows of task t) over h's rows (`per_task`); a known single task directly."""
+        if self.single is not None:
+            return fn(self.single, h)
+        return per_task(h, self.ids_for(h.shape[0]), fn)
 
     def ids_for(self, rows: int) -> torch.Tensor:
         ids = self.task_ids

@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
-from vlds.peft.inject import per_task, sublayer_sites
+from vlds.peft.inject import sublayer_sites
 from vlds.peft.registry import Method, register
 
 ATTENTION_KINDS = ("enc_self", "dec_self", "dec_cross")
@@ -48,7 +48,7 @@ class TaskLoRA(nn.Module):
         self.router = router
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return per_task(x, self.router.ids_for(x.shape[0]), lambda t, xs: self.loras[t](xs))
+        return self.router.route(x, lambda t, xs: self.loras[t](xs))
 
 
 def q_v(attn: nn.Module, arch: str) -> tuple[nn.Linear, nn.Linear]:
