@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 import vlds.engine  # noqa: F401  (registers every config section's check, as entry points do)
-from tests.helpers import is_launch_var
+from tests.helpers import SAME_RUN, is_launch_var, launch_ranks, tiny_args
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*No pretrained weights loaded.*")
@@ -75,3 +75,18 @@ def tokenizer(shapes_root):
     from transformers import T5Tokenizer
 
     return T5Tokenizer.from_pretrained(str(shapes_root / "tokenizer"), extra_ids=0)
+
+
+@pytest.fixture(scope="session")
+def one_and_two_ranks(shapes_root, tmp_path_factory):
+    """The same 6 steps as 1 rank x micro-batch 16 and as 2 ranks x micro-batch 8: every rank
+    reads the same stream and takes its slice of each global batch (data.split=global), no
+    dropout, the same seed. Prompts keep their natural lengths: a micro-batch of 8 pads its
+    text less than one of 16, which must not matter (visual tokens come first in the encoder).
+    """
+    runs = {}
+    for ranks, micro in ((1, 16), (2, 8)):
+        out = tmp_path_factory.mktemp(f"ranks{ranks}") / "run"
+        launch_ranks(tiny_args(shapes_root, out, f"--data.batch_size={micro}", *SAME_RUN), ranks)
+        runs[ranks] = out
+    return runs

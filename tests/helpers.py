@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from vlds.config import build_config
+from vlds.distributed import free_port
 from vlds.model.build import build_model, build_tower
+
+REPO = Path(__file__).resolve().parent.parent
 
 # What a launcher (torchrun, deepspeed, srun) hands a rank; tests start from none of them.
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -70,3 +78,57 @@ def slurm_job_id_with_free_port() -> int:
                 continue
         return 100000 + port - 20000  # 100000 % 20000 == 0
     raise RuntimeError("no free port")
+
+
+def tiny_args(root, out, *extra):
+    return [
+        f"--data.root={root}",
+        f"--train.out_dir={out}",
+        "--data.num_workers=0",
+        "--eval.max_samples=8",
+        "--eval.batch_size=8",
+        "--eval.caption_beams=1",
+        "--train.log_every=1",
+        # the JVM scorers (PTBTokenizer, METEOR: ~4-6 s per evaluation on 2 cores) are tested
+        # in test_eval_metrics.py and test_evaluate.py; training runs here score without them
+        "--eval.java_metrics=false",
+        *extra,
+    ]
+
+
+def launch_ranks(args, ranks, faults="", check=True):
+    """vlds/train.py on `ranks` CPU ranks under the deepspeed launcher (a free port)."""
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "vlds/train.py",
+        *args,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "VLDS_FAULTS": faults,
+    }
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+# 6 steps of the same global batch on 1 rank x 16 or 2 ranks x 8 (one_and_two_ranks)
+SAME_RUN = [
+    "--data.split=global",
+    # the reference's caption token mean depends on the split over ranks: the per-sample mean
+    # (vlds' variant) keeps caption steps rank-invariant
+    "--train.caption_loss=sample",
+    "--model.dropout=0",
+    "--train.seed=3",
+    "--train.max_steps=6",
+    # images shuffled within each rank's evaluation batches: that score depends on how the
+    # evaluation is split, by design (vlds.eval.grounding)
+    "--eval.shuffled_images=false",
+]

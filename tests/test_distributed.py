@@ -11,11 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import is_launch_var, slurm_job_id_with_free_port
+from tests.helpers import (
+    SAME_RUN,
+    is_launch_var,
+    launch_ranks,
+    slurm_job_id_with_free_port,
+    tiny_args,
+)
 from vlds.distributed import (
     expand_nodelist,
     first_host,
-    free_port,
     slurm_port,
     world_info_from_env,
 )
@@ -126,19 +131,6 @@ def _rows(out: Path, kind: str) -> list[dict]:
     return [r for r in rows if r["kind"] == kind]
 
 
-def tiny_args(root, out, *extra):
-    return [
-        f"--data.root={root}",
-        f"--train.out_dir={out}",
-        "--data.num_workers=0",
-        "--eval.max_samples=8",
-        "--eval.batch_size=8",
-        "--eval.caption_beams=1",
-        "--train.log_every=1",
-        *extra,
-    ]
-
-
 def test_vlds_train_runs_under_simulated_slurm(shapes_root, tmp_path):
     """Two `python vlds/train.py` processes with only SLURM variables, as srun starts them."""
     out = tmp_path / "run"
@@ -168,58 +160,6 @@ def test_vlds_train_runs_under_simulated_slurm(shapes_root, tmp_path):
     assert state["world_size"] == 2 and state["step"] == 3
     assert (out / "checkpoints" / "step3" / "rng_rank1.pt").is_file()
     assert json.loads((out / "metrics.json").read_text())["metrics"]["vqa"]["n"] == 8
-
-
-def _launch(args, ranks, faults="", check=True):
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        "vlds/train.py",
-        *args,
-    ]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "VLDS_FAULTS": faults,
-    }
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p
-
-
-# 6 steps of the same global batch on 1 rank x 16 or 2 ranks x 8 (one_and_two_ranks)
-SAME_RUN = [
-    "--data.split=global",
-    # the reference's caption token mean depends on the split over ranks: the per-sample mean
-    # (vlds' variant) keeps caption steps rank-invariant
-    "--train.caption_loss=sample",
-    "--model.dropout=0",
-    "--train.seed=3",
-    "--train.max_steps=6",
-    # images shuffled within each rank's evaluation batches: that score depends on how the
-    # evaluation is split, by design (vlds.eval.grounding)
-    "--eval.shuffled_images=false",
-]
-
-
-@pytest.fixture(scope="module")
-def one_and_two_ranks(shapes_root, tmp_path_factory):
-    """The same 6 steps as 1 rank x micro-batch 16 and as 2 ranks x micro-batch 8: every rank
-    reads the same stream and takes its slice of each global batch (data.split=global), no
-    dropout, the same seed. Prompts keep their natural lengths: a micro-batch of 8 pads its
-    text less than one of 16, which must not matter (visual tokens come first in the encoder).
-    """
-    runs = {}
-    for ranks, micro in ((1, 16), (2, 8)):
-        out = tmp_path_factory.mktemp(f"ranks{ranks}") / "run"
-        _launch(tiny_args(shapes_root, out, f"--data.batch_size={micro}", *SAME_RUN), ranks)
-        runs[ranks] = out
-    return runs
 
 
 def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(one_and_two_ranks):
@@ -270,9 +210,9 @@ def _killed_and_resumed(root, out, *extra, zero="zero2"):
         f"--deepspeed=ds_configs/{zero}.json",
         *extra,
     )
-    p = _launch(argv, 2, faults="kill@5", check=False)
+    p = launch_ranks(argv, 2, faults="kill@5", check=False)
     assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step4"
-    p = _launch([*argv, "--train.resume=latest"], 2)
+    p = launch_ranks([*argv, "--train.resume=latest"], 2)
     assert "resumed from" in p.stderr + p.stdout
     return out
 
@@ -297,7 +237,7 @@ def test_zero3_two_ranks_killed_and_resumed_end_bitwise_equal(shapes_root, tmp_p
     """ZeRO-3 (the trainable tensors partitioned across the ranks, and in the checkpoint)."""
     ref = tmp_path / "ref"
     argv = tiny_args(shapes_root, ref, "--data.batch_size=8", *SAME_RUN)
-    _launch([*argv, "--deepspeed=ds_configs/zero3.json"], 2)
+    launch_ranks([*argv, "--deepspeed=ds_configs/zero3.json"], 2)
     out = _killed_and_resumed(shapes_root, tmp_path / "run", zero="zero3")
     _bitwise_equal(ref, out)
 

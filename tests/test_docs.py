@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -272,6 +273,11 @@ def check_command(c: Command) -> None:
         check_pytest(args, where)
     elif prog == "vlds" or prog.startswith("vlds-"):
         check_vlds(prog, args, where)
+    elif (REPO / c.argv[0]).is_file():  # a script of the repository, e.g. slurm/local/cluster.sh
+        script = REPO / c.argv[0]
+        assert os.access(script, os.X_OK), f"{where}: {c.argv[0]} is not executable"
+        if args and not args[0].startswith("-"):  # its subcommand: a cmd_<name> function
+            assert f"cmd_{args[0]}()" in script.read_text(), f"{where}: no subcommand {args[0]}"
     else:
         pytest.fail(f"{where}: no check for the command {' '.join(c.argv)!r}; add one here")
 

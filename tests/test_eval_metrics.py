@@ -183,3 +183,49 @@ def test_caption_fallback_without_java_and_spice_skip_logged_once(monkeypatch, c
     spice_lines = [r for r in caplog.records if "SPICE skipped" in r.getMessage()]
     assert len(spice_lines) == 1  # one clear line per process, never a download
     assert METRICS["caption"]([], []) == {"score": 0.0, "n": 0}
+
+
+# The JVMs (PTBTokenizer, then METEOR) each get the SIGTERM of the whole process group, as from
+# `scancel`, while they run; the scorer's own process only records it (as the trainer does).
+GROUP_SIGNAL = r"""
+import os, signal, sys, threading, time
+import psutil
+got = []
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+from vlds.eval.caption import caption_scores
+
+def signal_each_jvm():
+    seen = set()
+    while True:
+        for c in psutil.Process().children(recursive=True):
+            if "java" in c.name() and c.pid not in seen:
+                seen.add(c.pid)
+                os.killpg(os.getpgid(0), signal.SIGTERM)
+        time.sleep(0.005)
+
+threading.Thread(target=signal_each_jvm, daemon=True).start()
+refs = {i: ["a red circle", "one red circle left of a square"] for i in range(3)}
+out = caption_scores(refs, {i: ["a red circle"] for i in range(3)})
+print(len(got), out["tokenizer"], round(out["METEOR"], 6), round(out["CIDEr"], 6))
+"""
+
+
+def test_caption_scoring_survives_a_signal_to_the_whole_process_group(tmp_path):
+    import subprocess
+    import sys
+
+    from vlds.eval.caption import caption_scores
+
+    p = subprocess.run(
+        [sys.executable, "-c", GROUP_SIGNAL],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        start_new_session=True,  # its own process group: the signal reaches nothing else
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    refs = {i: ["a red circle", "one red circle left of a square"] for i in range(3)}
+    quiet = caption_scores(refs, {i: ["a red circle"] for i in range(3)})
+    signals, tokenizer, meteor, cider = p.stdout.split()
+    assert int(signals) == 2 and tokenizer == "ptb"  # one signal while each JVM ran
+    assert (float(meteor), float(cider)) == (round(quiet["METEOR"], 6), round(quiet["CIDEr"], 6))

@@ -59,6 +59,7 @@ def args(root, out, *extra):
         "--train.log_every=1",
         "--train.keep_last=5",
         "--model.dropout=0.1",  # dropout on (the tiny preset has none): its RNG must resume
+        "--eval.java_metrics=false",  # the JVM scorers are tested in test_eval_metrics.py
         *extra,
     ]
 

@@ -627,6 +627,7 @@ def test_converted_shards_train(image_shards, shapes_root, tmp_path):
         "--eval.max_samples=2",
         "--eval.batch_size=2",
         "--eval.caption_beams=1",
+        "--eval.java_metrics=false",  # the JVM scorers are tested in test_eval_metrics.py
         "--train.log_every=1",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

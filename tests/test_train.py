@@ -52,6 +52,9 @@ def tiny_args(root, out, *extra):
         "--train.log_every=1",
         # the shuffled-image score doubles every evaluation: on only where a test checks it
         "--eval.shuffled_images=false",
+        # the JVM scorers (PTBTokenizer, METEOR: ~4-6 s per evaluation on 2 cores) are tested
+        # in test_eval_metrics.py and test_evaluate.py; training runs here score without them
+        "--eval.java_metrics=false",
         *extra,
     ]
 

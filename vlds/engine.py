@@ -156,6 +156,12 @@ def build_engine(cfg: Config, model, ds_config: dict, total_steps: int):
         optimizer, lr_lambda(opt_steps, int(t.warmup_ratio * opt_steps))
     )
     if is_zero3(ds_config):
+        # ds_configs/zero3.json sets stage3_param_persistence_threshold to 0. DeepSpeed (0.19)
+        # releases every parameter at each optimizer step, persistent ones too, frozen ones
+        # too, then re-gathers each persistent tensor with its own collective: at t5-base size
+        # its default 10,000 made 198 collectives a step, 0 makes 8 (every parameter fetched in
+        # coalesced buckets at use; the same bytes: bench/collectives.py, bench/RESULTS.md).
+        # No setting keeps a frozen backbone whole under ZeRO-3: for PEFT prefer ZeRO-2.
         # The fused adapter path reads its modules' weights directly: ZeRO-3 must gather a
         # whole adapter module at once (no-op for methods without adapters).
         from deepspeed.utils import set_z3_leaf_modules

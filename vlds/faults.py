@@ -7,6 +7,7 @@ Set VLDS_FAULTS to a comma list of `kind@step` (or `kind@first-last`):
                       after writing the files and before publishing them
     kill_replace@4    ... inside a save of step 4 that replaces an existing step4 folder,
                       after `latest` moved to the new copy and the old folder was removed
+    slow_step@2-6     steps 2..6 each sleep 4 s (a job still training when its signal lands)
     slow_save@4       the save of step 4 sleeps 3 s after writing (a signal lands mid-save)
     slow_eval@4       each evaluation batch at step 4 sleeps 1 s (a signal lands mid-eval)
     kill@7            the process SIGKILLs itself as step 7 starts (a crash mid-epoch)
@@ -63,6 +64,6 @@ def maybe_kill(where: str) -> None:
 
 
 def maybe_sleep(where: str, seconds: float) -> None:
-    """where: "save" (slow_save@), "eval" (slow_eval@)."""
+    """where: "step" (slow_step@), "save" (slow_save@), "eval" (slow_eval@)."""
     if _active(f"slow_{where}"):
         time.sleep(seconds)

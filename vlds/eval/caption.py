@@ -9,6 +9,13 @@ The headline "score" is CIDEr x 100, the paper's scale; the other values keep py
 
 Without `java` on PATH the Java parts cannot run: tokenisation falls back to lower-cased
 alphanumeric words, METEOR and SPICE are skipped, and the result says so ("tokenizer": "basic").
+
+The JVMs run in their own session (`_own_session`): pycocoevalcap starts them with a plain
+subprocess.Popen, in the trainer's process group, where the group-wide SIGTERM of `scancel`
+would kill them mid-scoring; its METEOR wrapper then never releases its lock (no try/finally),
+and the trainer hangs in `Meteor.__del__` instead of saving and exiting (found by
+bench/preemption.py). Started in a new session, they finish the scoring and the trainer acts on
+the signal at its next poll; they exit by themselves at the end of their input.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import subprocess
+import types
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -34,6 +43,25 @@ def have_java() -> bool:
     return shutil.which("java") is not None
 
 
+class _SessionPopen(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("start_new_session", True)
+        super().__init__(*args, **kwargs)
+
+
+def _own_session(module) -> types.ModuleType:
+    """`module` with its `subprocess` replaced by one whose processes start in a new session
+    (a signal to the trainer's process group does not reach them). Idempotent."""
+    if getattr(module.subprocess, "vlds_own_session", False):
+        return module
+    proxy = types.ModuleType("subprocess")
+    proxy.__dict__.update(vars(subprocess))
+    proxy.Popen, proxy.vlds_own_session = _SessionPopen, True
+    proxy.check_call = lambda *a, **kw: subprocess.check_call(*a, start_new_session=True, **kw)
+    module.subprocess = proxy
+    return module
+
+
 def spice_available() -> bool:
     """True when SPICE can run without downloading anything."""
     from importlib.util import find_spec
@@ -46,8 +74,9 @@ def spice_available() -> bool:
 def ptb_tokenize(gts: dict, res: dict) -> tuple[dict, dict]:
     """{key: [str]} dicts -> the same, PTB-tokenised. One Java call for both: the tokenizer works
     line by line, so this equals COCOEvalCap's two separate calls."""
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    from pycocoevalcap.tokenizer import ptbtokenizer
 
+    PTBTokenizer = _own_session(ptbtokenizer).PTBTokenizer
     both = {("g", k): [{"caption": c} for c in v] for k, v in gts.items()}
     both |= {("r", k): [{"caption": c} for c in v] for k, v in res.items()}
     out = PTBTokenizer().tokenize(both)
@@ -78,18 +107,18 @@ def caption_scores(gts: dict, res: dict, java: bool = True) -> dict:
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     out.update({f"Bleu_{i + 1}": float(b) for i, b in enumerate(bleu)})
     if java:
-        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.meteor import meteor as meteor_module
 
-        meteor = Meteor()
+        meteor = _own_session(meteor_module).Meteor()
         out["METEOR"] = float(meteor.compute_score(gts, res)[0])
         del meteor  # its __del__ stops the Java process now rather than at exit
     out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     if java and spice_available():
-        from pycocoevalcap.spice.spice import Spice
+        from pycocoevalcap.spice import spice
 
         try:
-            out["SPICE"] = float(Spice().compute_score(gts, res)[0])
+            out["SPICE"] = float(_own_session(spice).Spice().compute_score(gts, res)[0])
         except Exception as e:  # an old JVM or a broken cache must not lose the other scores
             _warn_once("spice-failed", f"SPICE failed ({e!r}); reporting the other metrics")
     else:
