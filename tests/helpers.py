@@ -96,17 +96,16 @@ def tiny_args(root, out, *extra):
     ]
 
 
+def deepspeed_cmd(args, ranks: int) -> list[str]:
+    """The deepspeed launcher starting vlds/train.py on `ranks` CPU ranks (a free port)."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    port = str(free_port())
+    return [launcher, "--num_gpus", str(ranks), "--master_port", port, "vlds/train.py", *args]
+
+
 def launch_ranks(args, ranks, faults="", check=True):
-    """vlds/train.py on `ranks` CPU ranks under the deepspeed launcher (a free port)."""
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        "vlds/train.py",
-        *args,
-    ]
+    """vlds/train.py on `ranks` CPU ranks under the deepspeed launcher."""
+    cmd = deepspeed_cmd(args, ranks)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

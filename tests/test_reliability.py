@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlds.distributed import free_port
+from tests.helpers import deepspeed_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,15 +27,7 @@ def run(args, faults="", check=True, ranks=1, wait=True):
     if ranks == 1:
         cmd = [sys.executable, "vlds/train.py", *args]
     else:
-        cmd = [
-            str(Path(sys.executable).parent / "deepspeed"),
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
-            "vlds/train.py",
-            *args,
-        ]
+        cmd = deepspeed_cmd(args, ranks)
         env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     if not wait:
         return subprocess.Popen(
@@ -101,8 +93,21 @@ def losses(out):
 
 
 def test_sigkill_mid_epoch_then_resume_is_exact(shapes_root, tmp_path, reference_run):
+    """Killed as step 8 starts (latest = step6). Then resumed from step3 by hand, reaching step 6
+    again: the new step6 replaces the old one, and a kill right after the old folder is removed
+    leaves `latest` naming the complete new copy. Resumed from it, the run ends as the
+    uninterrupted one."""
     out = tmp_path / "run"
-    crash_then_resume(shapes_root, out, "kill@8", published="step6")
+    ckpt = out / "checkpoints"
+
+    def saved_again():
+        again = ["--train.max_steps=10", "--train.save_every=3", f"--train.resume={ckpt}/step3"]
+        p = run(args(shapes_root, out, *again), faults="kill_replace@6", check=False)
+        assert p.returncode == -signal.SIGKILL
+        assert (ckpt / "latest").read_text() == ".tmp-step6" and not (ckpt / "step6").exists()
+
+    crash_then_resume(shapes_root, out, "kill@8", published="step6", after_crash=saved_again)
+    assert (ckpt / "latest").read_text() == "step10" and not list(ckpt.glob(".tmp-*"))
     a, b = weights(reference_run), weights(out)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from uninterrupted"
@@ -134,24 +139,6 @@ def test_bf16_killed_and_resumed_ends_bitwise_equal(shapes_root, tmp_path):
     a, b = weights(ref), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     assert losses(out) == losses(ref)
-
-
-def test_saving_a_step_again_never_leaves_latest_dangling(shapes_root, tmp_path, reference_run):
-    """A run crashed at step 8 (latest = step6) is resumed from step3 by hand and reaches step 6
-    again: the new step6 replaces the old one. Killed right after the old folder is removed,
-    `latest` names the complete new copy, and resuming from it ends as the uninterrupted run."""
-    out = tmp_path / "run"
-    steps = ["--train.max_steps=10", "--train.save_every=3"]
-    assert run(args(shapes_root, out, *steps), faults="kill@8", check=False).returncode < 0
-    ckpt = out / "checkpoints"
-    again = [*steps, f"--train.resume={ckpt / 'step3'}"]
-    p = run(args(shapes_root, out, *again), faults="kill_replace@6", check=False)
-    assert p.returncode == -signal.SIGKILL
-    assert (ckpt / "latest").read_text() == ".tmp-step6" and not (ckpt / "step6").exists()
-    run(args(shapes_root, out, *steps, "--train.resume=latest"))
-    assert (ckpt / "latest").read_text() == "step10" and not list(ckpt.glob(".tmp-*"))
-    a, b = weights(reference_run), weights(out)
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _train_rows(out: Path) -> int:
@@ -201,21 +188,23 @@ def stopped_at(out: Path, proc) -> dict:
 
 
 # What `scancel` and a preempting scheduler do: the signal reaches every process of the job,
-# the data workers included (which must leave it to the trainer). SIGTERM is sent four times to
-# one run, resumed in between, at different moments: during set-up (imports, model build),
-# right after the first step of a resumed run (its loader's workers starting) and later on.
-@pytest.mark.parametrize(
-    "sig, moments",
-    [(signal.SIGTERM, ("setup", 0.0, 0.4, 1.5)), (signal.SIGUSR1, (0.2,))],
-    ids=["SIGTERM", "SIGUSR1"],
-)
-def test_a_signal_to_the_whole_process_group_saves_and_exits_zero(
-    shapes_root, tmp_path, sig, moments
-):
+# the data workers included (which must leave it to the trainer). Sent four times to one run,
+# resumed in between, at different moments: during set-up (imports, model build), right after
+# the first step of a resumed run (its loader's workers starting) and later on; SIGTERM
+# (scancel) and SIGUSR1 (SLURM's time-limit warning).
+SIGNALS = [
+    ("setup", signal.SIGTERM),
+    (0.0, signal.SIGTERM),
+    (0.4, signal.SIGUSR1),
+    (1.5, signal.SIGTERM),
+]
+
+
+def test_a_signal_to_the_whole_process_group_saves_and_exits_zero(shapes_root, tmp_path):
     out = tmp_path / "run"
     argv = args(shapes_root, out, "--train.max_steps=2000", "--data.num_workers=2")
     steps = [0]
-    for i, moment in enumerate(moments):
+    for i, (moment, sig) in enumerate(SIGNALS):
         rows = _train_rows(out)
         proc = start(argv + (["--train.resume=latest"] if i else []))
         if moment == "setup":

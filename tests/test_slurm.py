@@ -109,13 +109,14 @@ def test_a_real_slurm_job_is_signalled_requeued_and_resumes_to_the_uninterrupted
     """slurm/train.sbatch on a real SLURM with a 1-minute limit and --signal=USR1@60: SLURM
     signals the job at its first time check (0-30 s in), the ranks save and exit 0, the script
     requeues the job; given more time (scontrol update), the second start resumes and finishes
-    with the weights of one_and_two_ranks' uninterrupted 2-rank run. Steps 2-6 sleep 4 s each
-    (VLDS_FAULTS) so that the first start is still running when the signal comes."""
+    with the weights of one_and_two_ranks' uninterrupted 2-rank run. In the first start each
+    step waits (up to 10 s, VLDS_FAULTS=hold) for the signal, so that it is still running when
+    the signal comes; the requeued start runs at full speed."""
     env, folder = slurm
     out = tmp_path / "run"
     argv = tiny_args(shapes_root, out, "--data.batch_size=8", *SAME_RUN)
     job = _sbatch(
-        {**env, "VLDS_FAULTS": "slow_step@2-6"},
+        {**env, "VLDS_FAULTS": "hold@1-6"},
         folder,
         "--job-name=vlds-requeue",
         "--time=1",

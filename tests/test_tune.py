@@ -283,6 +283,7 @@ def test_best_config_is_a_config_file_train_py_accepts(searched, shapes_root):
         "train.out_dir",
         "train.resume",
         "train.save_every",
+        "train.save_every_minutes",
         "train.keep_last",
         "train.log_every",
         "train.handle_signals",

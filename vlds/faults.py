@@ -7,7 +7,10 @@ Set VLDS_FAULTS to a comma list of `kind@step` (or `kind@first-last`):
                       after writing the files and before publishing them
     kill_replace@4    ... inside a save of step 4 that replaces an existing step4 folder,
                       after `latest` moved to the new copy and the old folder was removed
-    slow_step@2-6     steps 2..6 each sleep 4 s (a job still training when its signal lands)
+    hold@1-6          steps 1..6 each wait up to 10 s for a preemption signal, in a batch
+                      job's first start only (SLURM_RESTART_COUNT unset or 0): the first start
+                      is still training when SLURM's time-limit warning comes; the requeued
+                      start runs at full speed
     slow_save@4       the save of step 4 sleeps 3 s after writing (a signal lands mid-save)
     slow_eval@4       each evaluation batch at step 4 sleeps 1 s (a signal lands mid-eval)
     kill@7            the process SIGKILLs itself as step 7 starts (a crash mid-epoch)
@@ -63,7 +66,15 @@ def maybe_kill(where: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def hold(signalled) -> None:
+    """hold@: wait (up to 10 s, polling `signalled()`) in a job's first start."""
+    if _active("hold") and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+        t0 = time.monotonic()
+        while not signalled() and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+
+
 def maybe_sleep(where: str, seconds: float) -> None:
-    """where: "step" (slow_step@), "save" (slow_save@), "eval" (slow_eval@)."""
+    """where: "save" (slow_save@), "eval" (slow_eval@)."""
     if _active(f"slow_{where}"):
         time.sleep(seconds)

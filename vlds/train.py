@@ -207,3 +207,10 @@ if __name__ == "__main__":
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)
+    finally:
+        # The run is over (finished, preempted or failed, its files written): a preemption
+        # signal during the interpreter's teardown, which restores the default actions, would
+        # kill the process and turn its exit code into a signal's (a finished job would look
+        # failed to its batch script). Ignored from here on.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)

@@ -304,7 +304,7 @@ class Trainer:
         engine = self.engine
         faults.set_step(self.step + 1)
         faults.maybe_kill("step")
-        faults.maybe_sleep("step", 4.0)
+        faults.hold(lambda: self.preemption.local)
         b = self.tower.visual_inputs(to_device(batch, self.device), self.cfg.model.max_frames)
         if self.cfg.data.blind:
             b = blank_visual(b)
