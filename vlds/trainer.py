@@ -371,40 +371,42 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        while self.step < self.total_steps:
-            # closing() shuts the workers down as soon as the loop is left, also by Preempted
-            loader = self.data.train_loader(self.epoch, skip_steps=self.step_in_epoch)
-            with closing(iter(loader)) as it:
-                for batch in it:
-                    t_step = time.perf_counter()
-                    agreed = self.train_step(batch)
-                    self.step_times.append(time.perf_counter() - t_step)
-                    self.step += 1
-                    self.step_in_epoch += 1
-                    bar.update(1)
-                    if agreed.applied and (
-                        self.step % cfg.train.log_every == 0 or self.step == self.total_steps
-                    ):
-                        self._log_step(agreed.loss, batch["task"], t0, bar)
-                    if agreed.stop:
-                        raise Preempted
-                    if agreed.save or (
-                        cfg.train.save_every and self.step % cfg.train.save_every == 0
-                    ):
-                        self.checkpoint()
-                    if cfg.eval.every and self.step % cfg.eval.every == 0:
-                        self.run_eval()
-                    self.notify()
-                    if self.step >= self.total_steps:
-                        break
-                else:  # the epoch ran to its end
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                    if not cfg.train.save_every:
-                        self.checkpoint()
-                    if not cfg.eval.every:
-                        self.run_eval()
-                    self.notify()
-        bar.close()
+        try:
+            while self.step < self.total_steps:
+                # closing() shuts the workers down as soon as the loop is left, also by Preempted
+                loader = self.data.train_loader(self.epoch, skip_steps=self.step_in_epoch)
+                with closing(iter(loader)) as it:
+                    for batch in it:
+                        t_step = time.perf_counter()
+                        agreed = self.train_step(batch)
+                        self.step_times.append(time.perf_counter() - t_step)
+                        self.step += 1
+                        self.step_in_epoch += 1
+                        bar.update(1)
+                        if agreed.applied and (
+                            self.step % cfg.train.log_every == 0 or self.step == self.total_steps
+                        ):
+                            self._log_step(agreed.loss, batch["task"], t0, bar)
+                        if agreed.stop:
+                            raise Preempted
+                        if agreed.save or (
+                            cfg.train.save_every and self.step % cfg.train.save_every == 0
+                        ):
+                            self.checkpoint()
+                        if cfg.eval.every and self.step % cfg.eval.every == 0:
+                            self.run_eval()
+                        self.notify()
+                        if self.step >= self.total_steps:
+                            break
+                    else:  # the epoch ran to its end
+                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                        if not cfg.train.save_every:
+                            self.checkpoint()
+                        if not cfg.eval.every:
+                            self.run_eval()
+                        self.notify()
+        finally:
+            bar.close()
 
     def _log_step(self, loss: float, task: str, t0: float, bar) -> None:
         bar.set_postfix(loss=f"{loss:.3f}", task=task)
