@@ -170,13 +170,19 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
+def _write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text` atomically and durably: a temp file beside it, fsync, rename,
+    fsync of the folder (a crash leaves the old or the new contents, never a mix or nothing)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
 def _point_latest(ckpt_dir: Path, tag: str) -> None:
-    """`latest` := tag, atomically and durably (temp file, fsync, rename, fsync the folder)."""
-    pointer = ckpt_dir / "latest.tmp"
-    pointer.write_text(tag)
-    _fsync(pointer)
-    os.replace(pointer, ckpt_dir / "latest")
-    _fsync(ckpt_dir)
+    """`latest` := tag, atomically and durably."""
+    _write_durably(ckpt_dir / "latest", tag)
 
 
 def save_checkpoint(
@@ -262,12 +268,9 @@ def save_checkpoint(
 def mark_eval_pending(path: Path) -> None:
     """Record in a published checkpoint's trainer_state.json that its step's evaluation was
     cut short by a preemption (the resumed run evaluates it first); atomic and durable."""
-    state = json.loads((path / "trainer_state.json").read_text())
-    tmp = path / "trainer_state.json.tmp"
-    tmp.write_text(json.dumps({**state, "eval_pending": True}, indent=2) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, path / "trainer_state.json")
-    _fsync(path)
+    f = path / "trainer_state.json"
+    state = json.loads(f.read_text())
+    _write_durably(f, json.dumps({**state, "eval_pending": True}, indent=2) + "\n")
 
 
 def checkpoint_bytes(path: Path) -> int:

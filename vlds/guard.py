@@ -36,11 +36,16 @@ class Preempted(Exception):
 
 
 def any_rank(flag: bool, device) -> bool:
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags: list[bool], device) -> list[bool]:
+    """Each flag: true on some rank (one all-reduce and one host read for all of them)."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [x > 0 for x in t.tolist()]
 
 
 class Preemption:

@@ -181,8 +181,8 @@ class Trainer:
         the save stops the run now, its checkpoint already written."""
         if self._saved_at == self.step:
             return
-        self._saved_at, self._saved_tag = self.step, f"step{self.step}"
         tag = f"step{self.step}"
+        self._saved_at, self._saved_tag = self.step, tag
         path = save_checkpoint(
             self.engine,
             self.ckpt_dir,

@@ -18,7 +18,7 @@ from vlds import faults
 from vlds.data.tasks import get_task
 from vlds.eval.grounding import blank_visual, shuffle_visual
 from vlds.eval.metrics import METRICS, task_metric
-from vlds.guard import Preempted, stop_criteria
+from vlds.guard import Preempted, any_ranks, stop_criteria
 
 
 def _to(batch: dict, device) -> dict:
@@ -26,17 +26,6 @@ def _to(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def _agree(has_batch: bool, preemption, device) -> tuple[bool, bool]:
-    """(some rank still has a batch, some rank was signalled): one all-reduce per batch."""
-    stop = preemption is not None and preemption.local
-    if not dist.is_initialized():
-        return has_batch, stop
-    t = torch.tensor([float(has_batch), float(stop)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    more, stop = t.tolist()
-    return more > 0, stop > 0
-
-
 @torch.no_grad()
 def predict(
     model,
@@ -65,7 +54,9 @@ def predict(
         batch = next(it, None)
         # ZeRO-3 generation is collective: ranks that ran out keep stepping on a dummy batch
         # (results dropped) until every rank is done.
-        more, stop = _agree(batch is not None, preemption, device)
+        # (some rank still has a batch, some rank was signalled): one all-reduce per batch
+        stopping = preemption is not None and preemption.local
+        more, stop = any_ranks([batch is not None, stopping], device)
         if stop:
             raise Preempted
         if not more:
