@@ -222,6 +222,41 @@ def test_a_signal_to_the_whole_process_group_saves_and_exits_zero(shapes_root, t
     assert f"at step {steps[-1]}" in p.stderr + p.stdout
 
 
+# A data worker drops the preemption signals of anyone but its parent, whose SIGTERM (how
+# multiprocessing ends a worker) still ends it: a process that exits with a loader still open
+# must not wait forever in the interpreter's join of its daemon children.
+QUIET_WORKER = r"""
+import os, subprocess, sys, time
+import psutil, torch
+from vlds.guard import quiet_worker, signals_blocked
+
+class Pids(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield os.getpid()
+
+loader = torch.utils.data.DataLoader(
+    Pids(), batch_size=None, num_workers=1, worker_init_fn=quiet_worker, prefetch_factor=1
+)
+with signals_blocked():
+    it = iter(loader)
+worker = psutil.Process(int(next(it)))
+for sig in ("TERM", "USR1", "TERM"):  # sent by another process, as scancel's are
+    subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
+time.sleep(0.5)
+print(worker.status(), flush=True)
+LEFT_OPEN = it  # the interpreter's exit terminates (SIGTERM from the parent) and joins it
+"""
+
+
+def test_a_data_worker_ignores_outside_signals_but_its_parent_ends_it():
+    p = subprocess.run(
+        [sys.executable, "-c", QUIET_WORKER], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() in (["sleeping"], ["running"])  # alive after the outside signals
+
+
 def test_a_signal_during_evaluation_stops_it_and_saves(shapes_root, tmp_path):
     """The evaluation at step 4 takes >= 16 s (each batch sleeps 1 s); a SIGTERM in it stops
     the run within a batch, with step 4 saved, and the resumed run evaluates step 4."""

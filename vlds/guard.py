@@ -1,8 +1,9 @@
 """Guards of a long run: preemption signals and non-finite steps, agreed on by every rank.
 
 - SIGTERM / SIGUSR1 (SLURM's warning signal, `scancel`, a scheduler's preemption) set a flag in
-  the process that receives them; data-loading workers ignore both (`quiet_worker`: the main
-  process decides, and a group-wide SIGTERM must not kill the workers under a running step).
+  the process that receives them; data-loading workers drop both, but for their parent's own
+  SIGTERM (`quiet_worker`: the main process decides, and a group-wide SIGTERM must not kill
+  the workers under a running step).
   Every rank learns whether any rank was signalled at its next poll: each training step's one
   bookkeeping all-reduce (`StepSync`), each evaluation batch (vlds.eval.loop), each generated
   token (`stop_criteria`, local: ranks agree at the batch's end) and after each save. Then every
@@ -17,7 +18,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -75,16 +78,34 @@ class Preemption:
 
 def quiet_worker(_worker_id: int = 0) -> None:
     """DataLoader worker_init_fn: the preemption signals are the main process's to act on.
-    A worker killed by the group-wide SIGTERM of `scancel` would crash the step it feeds."""
-    for sig in Preemption.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, Preemption.SIGNALS)
+    A worker killed by the group-wide SIGTERM of `scancel` would crash the step it feeds.
+
+    SIGTERM and SIGUSR1 stay blocked in the worker (as `signals_blocked` forked it) and one
+    thread takes them with sigwaitinfo: all are dropped except a SIGTERM sent by the parent
+    itself, which is how the parent ends a worker (multiprocessing's terminate(): torch's
+    shutdown of a stuck worker, and the interpreter's exit, which terminates and then joins
+    every daemon child); the worker then dies of it as by default. Ignoring every SIGTERM
+    (SIG_IGN) left a parent that exited with a loader still open joined to it forever."""
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, Preemption.SIGNALS)
+    # the default action (not the trainer's handler, inherited by the fork) for the one that
+    # gets through; a pending signal stays pending (it would be discarded by SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def take():
+        while True:
+            info = signal.sigwaitinfo(Preemption.SIGNALS)
+            if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # this thread's
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=take, name="vlds-worker-signals", daemon=True).start()
 
 
 class signals_blocked:
     """Block the preemption signals while the DataLoader forks its workers: a forked worker
-    inherits the mask, so a signal that arrives before its `quiet_worker` runs waits, and is
-    then discarded (ignored). The main process receives what arrived when the block ends."""
+    inherits the mask, so a signal that arrives before its `quiet_worker` runs waits for it
+    (and is then dropped). The main process receives what arrived when the block ends."""
 
     def __enter__(self):
         self.old = signal.pthread_sigmask(signal.SIG_BLOCK, Preemption.SIGNALS)
