@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.helpers import byte_tokenizer
+from tests.helpers import byte_tokenizer, cursor_state
 from vlds.config import ConfigError, build_config, validate
 from vlds.data.decode import Collator, Preprocess
 from vlds.data.mixing import epoch_schedule, train_samples
@@ -161,21 +161,28 @@ def test_an_index_without_sentence_counts_is_refused_with_the_fix(caption_root, 
     assert load_index(tmp_path, "caption", "train").sentences == 20
 
 
-def test_resume_at_step_k_replays_the_remaining_batches(caption_root):
+def test_resume_at_step_k_gives_the_remaining_batches(caption_root):
+    """From the batches' cursors (which stop inside a record's sentences) and by replay; in
+    one process and with two workers (each reads its own slice: another run)."""
     tok = byte_tokenizer()
     tasks = ("caption", "vqa")
-    full = _pairs(tok, _stream(caption_root, tok, tasks, bs=2, epoch=1))
-    assert [t for t, _ in full].count("caption") == 9 // 2
 
-    def two_workers(skip):  # each worker reads its own slice: another run than in-process
-        ds = _stream(caption_root, tok, tasks, bs=2, epoch=1, skip=skip)
-        return _pairs(tok, torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    def stream(skip=0):
+        return _stream(caption_root, tok, tasks, bs=2, epoch=1, skip=skip)
 
-    full2 = two_workers(0)
+    def loader(ds, workers):
+        return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+
+    full = {0: list(stream()), 2: list(loader(stream(), 2))}
+    assert [b["task"] for b in full[0]].count("caption") == 9 // 2
     for k in (1, 3, 5):
-        resumed = _pairs(tok, _stream(caption_root, tok, tasks, bs=2, epoch=1, skip=k))
-        assert resumed == full[k:]
-        assert two_workers(k) == full2[k:]
+        for workers, batches in full.items():
+            for cursors in (True, False):
+                ds = stream(skip=k)
+                state = cursor_state(ds, batches, k, workers) if cursors else None
+                assert ds.resume_from(state, workers) == cursors
+                resumed = _pairs(tok, loader(ds, workers) if workers else ds)
+                assert resumed == _pairs(tok, batches[k:]), (k, workers, cursors)
 
 
 @pytest.mark.parametrize("split", ["shard", "global"])

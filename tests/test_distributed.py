@@ -214,6 +214,7 @@ def _killed_and_resumed(root, out, *extra, zero="zero2"):
     assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step4"
     p = launch_ranks([*argv, "--train.resume=latest"], 2)
     assert "resumed from" in p.stderr + p.stdout
+    assert "replaying the stream" not in p.stderr + p.stdout  # each rank from its cursors
     return out
 
 

@@ -84,7 +84,8 @@ def crash_then_resume(root, out, faults, published, after_crash=lambda: None, ex
     assert p.returncode == -signal.SIGKILL
     assert (out / "checkpoints" / "latest").read_text() == published
     after_crash()
-    run(args(root, out, *steps, "--train.resume=latest"))
+    p = run(args(root, out, *steps, "--train.resume=latest"))
+    assert "resumed from" in p.stderr and "replaying the stream" not in p.stderr  # cursors
 
 
 def losses(out):

@@ -267,7 +267,9 @@ def samples(root: Path, task: str, split: str) -> dict[str, dict]:
     for path, n in load_index(root, task, split).shards:
         errors = SkipCounter()
         for s in read_samples(path, errors, n):
-            out[s["__key__"]] = {k: v for k, v in s.items() if k not in ("__key__", "__url__")}
+            out[s["__key__"]] = {
+                k: v for k, v in s.items() if k not in ("__key__", "__url__", "__off__")
+            }
         assert errors.count == 0
     return out
 

@@ -8,6 +8,7 @@ import tarfile
 import pytest
 import torch
 
+from tests.helpers import cursor_state
 from vlds.data.decode import Collator, Preprocess
 from vlds.data.mixing import epoch_schedule, task_batch_sizes
 from vlds.data.shardio import DataError, load_index
@@ -36,6 +37,7 @@ def _stream(
     tasks=("vqa", "gqa"),
     split="shard",
     max_bad=1.0,
+    mixing="proportional",
 ):
     idx = {t: load_index(root, t, "train") for t in tasks}
     return TrainStream(
@@ -51,6 +53,8 @@ def _stream(
         skip_steps=skip,
         split=split,
         max_bad_fraction=max_bad,
+        mixing=mixing,
+        mixing_temperature=3.0,
     )
 
 
@@ -172,32 +176,118 @@ def test_global_split_makes_batches_independent_of_the_world_size(uneven_root, t
 # ---- resume across an epoch boundary, with workers ----------------------------------------
 
 
-def _steps(root, tokenizer, n, start=(0, 0), workers=2):
-    """The ids of n steps from (epoch, step in epoch), iterating as the trainer does: one
-    loader per epoch, resumed mid-epoch with skip_steps. Returns (ids, position after)."""
+def _steps(root, tokenizer, n, start=(0, 0), workers=2, resume=None):
+    """The batches of n steps from (epoch, step in epoch), iterating as the trainer does: one
+    loader per epoch, resumed mid-epoch from `resume`'s cursors, or by replay without them.
+    Returns (batches, position after, the stream state the trainer would save there)."""
     out, (epoch, k) = [], start
     while len(out) < n:
-        loader = torch.utils.data.DataLoader(
-            _stream(root, tokenizer, epoch=epoch, skip=k), batch_size=None, num_workers=workers
-        )
-        for b in loader:
-            out.append((b["task"], tuple(b["ids"])))
+        ds = _stream(root, tokenizer, epoch=epoch, skip=k)
+        assert ds.resume_from(resume, workers) == (resume is not None or k == 0)
+        resume, this_epoch = None, []
+        for b in _loader(ds, workers):
+            out.append(b)
+            this_epoch.append(b)
             k += 1
             if len(out) == n:
                 break
         else:
             epoch, k = epoch + 1, 0
-    return out, (epoch, k)
+    state = cursor_state(ds, this_epoch, k, workers) if k and not ds.skip_steps else None
+    return out, (epoch, k), state
 
 
-def test_resume_mid_epoch_replays_across_the_epoch_boundary(uneven_root, tokenizer):
+@pytest.mark.parametrize("how", ["cursors", "replay"])
+def test_resume_mid_epoch_across_the_epoch_boundary(uneven_root, tokenizer, how):
     per_epoch = len(_stream(uneven_root, tokenizer))  # 12 vqa + 7 gqa steps
     n = 30  # the first half ends mid epoch 0, the second crosses into epoch 1
-    full, _ = _steps(uneven_root, tokenizer, n)
-    first, pos = _steps(uneven_root, tokenizer, n // 2)
+    full, _, _ = _steps(uneven_root, tokenizer, n)
+    first, pos, state = _steps(uneven_root, tokenizer, n // 2)
     assert pos == (0, n // 2) and n // 2 < per_epoch < n
-    second, end = _steps(uneven_root, tokenizer, n - n // 2, start=pos)
-    assert end == (1, n - per_epoch) and first + second == full
+    state = state if how == "cursors" else None
+    second, end, _ = _steps(uneven_root, tokenizer, n - n // 2, start=pos, resume=state)
+    assert end == (1, n - per_epoch)
+    assert [_key(b) for b in first + second] == [_key(b) for b in full]
+
+
+# ---- resume from the batches' cursors: no replay --------------------------------------------
+
+
+def _loader(ds, workers):
+    return torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+
+
+def _key(b):
+    return b["task"], tuple(b["ids"])
+
+
+@pytest.mark.parametrize(
+    "split, world, rank, mixing",
+    [
+        ("shard", 1, 0, "proportional"),
+        ("global", 2, 1, "proportional"),
+        ("shard", 2, 1, "temperature"),
+    ],
+)
+def test_resume_from_cursors_equals_the_uninterrupted_stream(
+    uneven_root, tokenizer, split, world, rank, mixing
+):
+    def stream(skip=0):
+        return _stream(
+            uneven_root, tokenizer, rank, world, epoch=1, skip=skip, split=split, mixing=mixing
+        )
+
+    full = list(_loader(stream(), 2))
+    assert len(full) == len(stream().schedule)
+    for k in (1, 2, 7, len(full) - 1):
+        ds = stream(skip=k)
+        assert ds.resume_from(cursor_state(ds, full, k, 2), 2)
+        assert len(ds.cursors) == min(k, 2)  # the workers that produced a batch before step k
+        assert [_key(b) for b in _loader(ds, 2)] == [_key(b) for b in full[k:]]
+
+
+def test_resume_reads_a_block_per_task_not_the_steps_before(uneven_root, tokenizer, monkeypatch):
+    """In one process (workers=0): the raw samples a resumed stream reads before its first
+    batch, from cursors and by replay (the fallback), at three points of the epoch."""
+    from vlds.data import stream as stream_mod
+
+    reads = []
+    read = stream_mod.read_samples
+
+    def counted(*a, **kw):
+        for s in read(*a, **kw):
+            reads.append(s["__key__"])
+            yield s
+
+    monkeypatch.setattr(stream_mod, "read_samples", counted)
+    full = list(_stream(uneven_root, tokenizer))
+    n, got = len(full), {}
+    for k in (1, n // 2, n - 1):
+        for how in ("cursors", "replay"):
+            ds = _stream(uneven_root, tokenizer, skip=k)
+            state = cursor_state(ds, full, k, 0) if how == "cursors" else None
+            assert ds.resume_from(state, 0) == (how == "cursors")
+            reads.clear()
+            assert _key(next(iter(ds))) == _key(full[k])
+            got[k, how] = len(reads)
+    # shuffle blocks of 8, batches of 4, 2 tasks: at most a block and a batch per task
+    assert all(got[k, "cursors"] <= 2 * (8 + 4) for k in (1, n // 2, n - 1)), got
+    assert got[n - 1, "replay"] >= 4 * (n - 1) > 4 * got[n - 1, "cursors"], got
+
+
+def test_cursors_that_do_not_fit_fall_back_to_the_replay(uneven_root, tokenizer, caplog):
+    full = list(_loader(_stream(uneven_root, tokenizer), 2))
+    state = cursor_state(_stream(uneven_root, tokenizer, skip=5), full, 5, 2)
+    for bad, why in [
+        (None, "no stream cursors"),
+        ({**state, "step_in_epoch": 4}, "another position"),
+        ({**state, "fingerprint": _stream(uneven_root, tokenizer).fingerprint(3)}, "workers"),
+    ]:
+        ds = _stream(uneven_root, tokenizer, skip=5)
+        caplog.clear()
+        assert not ds.resume_from(bad, 2) and not ds.cursors
+        assert why in caplog.text and "replaying the stream" in caplog.text
+        assert [_key(b) for b in _loader(ds, 2)] == [_key(b) for b in full[5:]]
 
 
 # ---- bad data: skipped, counted, and fatal above data.max_bad_fraction --------------------
@@ -305,13 +395,23 @@ def test_tar_reader_agrees_with_webdataset(tmp_path, fmt, mode):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     errors = SkipCounter()
-    ours = [{k: v for k, v in s.items() if k != "__url__"} for s in read_samples(str(path), errors)]
+    samples = list(read_samples(str(path), errors))
+    ours = [{k: v for k, v in s.items() if k not in ("__url__", "__off__")} for s in samples]
     theirs = [
         {k: v for k, v in s.items() if k in ("__key__", "json", "png", "img0.jpg")}
         for s in wds.tariterators.tarfile_samples([{"url": str(path)}])
         if "json" in s
     ]
     assert ours == theirs and len(ours) == 3 and errors.count == 1  # c: no json
+    # "__off__": where the sample's first member's header starts (its long-name header, if
+    # any), as tarfile counts it; reading from there gives the same samples
+    with tarfile.open(path) as tar:
+        first = {}
+        for m in tar.getmembers():
+            first.setdefault(m.name.split(".", 1)[0], m.offset)
+    assert [s["__off__"] for s in samples] == [first[s["__key__"]] for s in samples]
+    again = list(read_samples(str(path), SkipCounter(), start=samples[1]["__off__"]))
+    assert [s["__key__"] for s in again] == [s["__key__"] for s in samples[1:]]
 
 
 def test_tar_reader_stops_at_a_corrupt_header(tmp_path):

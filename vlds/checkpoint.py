@@ -186,10 +186,19 @@ def _point_latest(ckpt_dir: Path, tag: str) -> None:
 
 
 def save_checkpoint(
-    engine, ckpt_dir: Path, tag: str, state: dict, cfg_dict: dict, is_main: bool, keep_last: int
+    engine,
+    ckpt_dir: Path,
+    tag: str,
+    state: dict,
+    cfg_dict: dict,
+    is_main: bool,
+    keep_last: int,
+    rank_state: dict | None = None,
 ) -> Path:
     """Atomically and durably write DeepSpeed state (frozen parameters excluded) + adapter
-    export + trainer state as {ckpt_dir}/{tag}, then point `latest` at it.
+    export + trainer state as {ckpt_dir}/{tag}, then point `latest` at it. `rank_state`: this
+    rank's own entries (plain types: its stream cursors), saved with its RNG state in
+    rng_rank<r>.pt.
 
     Everything is written into `.tmp-{tag}`; each rank fsyncs the files it wrote (`owner_rank`),
     and after every rank has, rank 0 fsyncs the rest and the folders, renames it into place and
@@ -233,7 +242,7 @@ def save_checkpoint(
         del engine.module_state_dict  # back to the class's method
     tmp = ckpt_dir / tmp_tag
     # each rank's dropout RNG, so a resumed run draws the same masks (exact resume)
-    torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
+    torch.save({**rng_state(), **(rank_state or {})}, tmp / f"rng_rank{rank}.pt")
     faults.maybe_sleep("save", 3.0)  # tests: a signal that lands during a save
     _fsync_owned(tmp, rank)
     # save_adapter ends with a barrier: every rank's shards and RNG state are on disk after it

@@ -26,6 +26,7 @@ from vlds.checkpoint import (
     set_rng_state,
     verify_everywhere,
 )
+from vlds.data.stream import CURSOR
 from vlds.eval.grounding import blank_visual
 from vlds.guard import Agreed, NonFiniteGuard, Preempted, Preemption, step_sync
 
@@ -163,6 +164,11 @@ class Trainer:
         self._notified = -1  # the step on_eval last heard about
         self._baselines = None  # DataBuilder.baselines(), computed at the first evaluation
         self.step_times: list[float] = []  # wall seconds of each train_step (no data wait)
+        # The training stream's cursors (vlds.data.stream): the last consumed batch's of each
+        # worker this epoch, saved per rank with the checkpoint; loaded ones resume the stream.
+        self._cursors: dict[int, dict] = {}
+        self._fingerprint = None
+        self._resume_stream = None
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state(self) -> dict:
@@ -174,6 +180,15 @@ class Trainer:
             "bad_steps_total": self.guard.total,
             "eval_pending": self._eval_cut,
             "config": self.cfg_dict,
+        }
+
+    def stream_state(self) -> dict:
+        """This rank's stream position: where each data worker's next batch starts."""
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "fingerprint": self._fingerprint,
+            "cursors": list(self._cursors.values()) if self.step_in_epoch else [],
         }
 
     def checkpoint(self, poll: bool = True) -> None:
@@ -191,6 +206,7 @@ class Trainer:
             self.cfg_dict,
             self.info.is_main,
             self.cfg.train.keep_last,
+            rank_state={"stream": self.stream_state()},
         )
         if self.info.is_main:
             n = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
@@ -229,7 +245,9 @@ class Trainer:
         self.guard.total = client.get("bad_steps_total", 0)
         rng_file = root / tag / f"rng_rank{self.info.rank}.pt"
         if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            rank_state = torch.load(rng_file, weights_only=True)
+            set_rng_state(rank_state)
+            self._resume_stream = rank_state.get("stream")
         if self.info.is_main:
             log.info(
                 "resumed from %s at step %d (epoch %d, step %d of it)",
@@ -374,9 +392,16 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 # closing() shuts the workers down as soon as the loop is left, also by Preempted
-                loader = self.data.train_loader(self.epoch, skip_steps=self.step_in_epoch)
+                loader = self.data.train_loader(
+                    self.epoch, skip_steps=self.step_in_epoch, resume=self._resume_stream
+                )
+                self._resume_stream = None
+                self._cursors = dict(loader.stream.cursors)
+                self._fingerprint = loader.stream.fingerprint(cfg.data.num_workers)
                 with closing(iter(loader)) as it:
                     for batch in it:
+                        cursor = batch.pop(CURSOR)
+                        self._cursors[cursor["worker"]] = cursor
                         t_step = time.perf_counter()
                         agreed = self.train_step(batch)
                         self.step_times.append(time.perf_counter() - t_step)

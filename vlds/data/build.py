@@ -94,8 +94,8 @@ class _Loader:
     (torch re-raises it wrapped in the worker's traceback), and whose workers leave the
     preemption signals to the main process (vlds.guard.quiet_worker; blocked while they fork)."""
 
-    def __init__(self, loader):
-        self.loader = loader
+    def __init__(self, loader, stream: TrainStream | None = None):
+        self.loader, self.stream = loader, stream
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -215,20 +215,25 @@ class DataBuilder:
             "task_share_pct": {t: round(100.0 * n / len(schedule), 2) for t, n in steps.items()},
         }
 
-    def train_loader(self, epoch: int, skip_steps: int = 0):
+    def train_loader(self, epoch: int, skip_steps: int = 0, resume: dict | None = None):
+        """Epoch `epoch` from step `skip_steps`: from the cursors of `resume` (a stream state
+        the trainer saved) when they fit, otherwise by replay (vlds.data.stream)."""
         nw = self.cfg.data.num_workers
+        stream = self._stream(epoch, skip_steps)
+        stream.resume_from(resume, nw)
         # An own generator: creating the iterator draws a worker base seed, which must not
         # come from the global RNG (dropout), or a resumed run would draw different masks.
         return _Loader(
             torch.utils.data.DataLoader(
-                self._stream(epoch, skip_steps),
+                stream,
                 batch_size=None,
                 num_workers=nw,
                 generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch),
                 worker_init_fn=quiet_worker,
                 persistent_workers=False,
                 prefetch_factor=4 if nw else None,
-            )
+            ),
+            stream,
         )
 
     def eval_loaders(self) -> dict:

@@ -189,13 +189,20 @@ def read_samples(
     expected: int | None = None,
     only: frozenset | None = None,
     expand: bool = True,
+    start: int = 0,
 ):
-    """The samples of one shard as dicts {"__key__", "__url__", ext: bytes} (webdataset's
-    grouping: consecutive members sharing the name up to the first dot of the file name),
-    a GROUP sample expanded into one sample per record unless `expand=False`.
+    """The samples of one shard as dicts {"__key__", "__url__", "__off__", ext: bytes}
+    (webdataset's grouping: consecutive members sharing the name up to the first dot of the
+    file name; "__off__" is the byte offset of the tar sample's first header in the
+    uncompressed tar), a GROUP sample expanded into one sample per record unless
+    `expand=False`. `start`: begin at that offset (a "__off__" read before), which the resumed
+    training stream uses to seek straight to its position; the index's count is then not
+    checked (it counts the whole shard).
     Only ALLOWED_EXTS are read (and of those only `only`, when given: the other members are
     skipped by seeking). A shard that ends early (truncated: an error, or a cut at a member
     boundary) counts its samples missing from the index's count as bad."""
+    if start:
+        expected = None
     escaped = []
     wanted = ALLOWED_EXTS if only is None else ALLOWED_EXTS & (only | only_json(only))
 
@@ -230,7 +237,9 @@ def read_samples(
     try:
         with open(path, "rb") as raw:
             f = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
-            for name, data in tar_files(f, path, select):
+            if start:
+                f.seek(start)  # a gzip stream decompresses up to it: at most one shard
+            for name, data, off in tar_files(f, path, select, start):
                 report_escaped()
                 head, _, base = name.rpartition("/")
                 stem, _, ext = base.partition(".")
@@ -241,7 +250,7 @@ def read_samples(
                     yield from (s for s in out if s is not None)
                     cur = None
                 if cur is None:
-                    cur = {"__key__": key, "__url__": path}
+                    cur = {"__key__": key, "__url__": path, "__off__": off}
                 ext = ext.lower()
                 if ext in cur:
                     on_error(DataError(f"{path}: {name} appears twice in sample {key}"), path)
@@ -325,12 +334,14 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def tar_files(f, path: str, select):
-    """(name, bytes) of the regular files of a tar stream, in order, reading only the members
-    `select(name)` keeps (the rest are skipped by seeking). Handles ustar, GNU long names and
-    pax paths; a bad checksum or a cut raises ShardError. One read per member and no copies
-    after it: about 5x faster than tarfile's stream mode for cached features."""
-    name_override = None
+def tar_files(f, path: str, select, pos: int = 0):
+    """(name, bytes, offset) of the regular files of a tar stream, in order, reading only the
+    members `select(name)` keeps (the rest are skipped by seeking); offset: where the member's
+    first header starts (a long-name or pax header before it included), counted from `pos`, the
+    stream's position on entry. Handles ustar, GNU long names and pax paths; a bad checksum or
+    a cut raises ShardError. One read per member and no copies after it: about 5x faster than
+    tarfile's stream mode for cached features."""
+    name_override, first = None, pos
     while True:
         header = f.read(512)
         if len(header) < 512:
@@ -345,7 +356,9 @@ def tar_files(f, path: str, select):
         size = _octal(header[124:136])
         padded = (size + 511) & ~511
         kind = header[156:157]
+        at, pos = pos, pos + 512 + padded
         if kind in (b"L", b"x"):  # GNU long name / pax header: names the next member
+            first = at if name_override is None else first
             data = f.read(padded)[:size]
             if kind == b"L":
                 name_override = data.rstrip(b"\0").decode("utf-8", "replace")
@@ -357,6 +370,8 @@ def tar_files(f, path: str, select):
             # POSIX ustar splits long names into prefix + name (GNU uses that area otherwise)
             prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "replace")
             name = f"{prefix}/{name}"
+        if name_override is None:
+            first = at
         name_override = None
         if kind in (b"0", b"\0", b"7") and select(name):
             data = f.read(size)
@@ -364,6 +379,6 @@ def tar_files(f, path: str, select):
                 raise ShardError(f"{path}: member {name} cut after {len(data)} of {size} bytes")
             if padded > size:
                 f.seek(padded - size, 1)
-            yield name, data
+            yield name, data, first
         else:
             f.seek(padded, 1)

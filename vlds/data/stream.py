@@ -17,12 +17,23 @@ Training stream, per epoch (everything a pure function of seed, epoch, rank and 
    n-th sample (correct, but each shard is read by every slot). The slice repeats (new shuffle
    each round) so a slot never runs dry, which is also what lets weighted mixing oversample a
    small task.
+   Each slot's raw samples of a task are shuffled in consecutive blocks of
+   `data.shuffle_buffer` samples, each block by its own seeded RNG (`BlockShuffle`).
 3. Step i of the schedule is produced by worker i % num_workers, which is the order torch's
    DataLoader returns worker outputs in: the schedule is kept exactly (on a resume at step k
    the loader's workers are rotated by k, so its first output is still step k).
-Resuming at step k of an epoch replays the raw (undecoded) samples of the first k steps. A
-sample that fails to decode is replaced by a copy of a good one from the same batch, so the
-raw stream never depends on decoding and the replay is exact.
+
+Resume in O(1): every batch carries its reader's cursor (`CURSOR`: the worker, the step, and
+per task the shuffle block's number, where that block starts - round, position in the round's
+shard order, byte offset of the tar sample, entries of it already taken, the round's sample
+counter - and how many of the block were handed out). The trainer keeps the cursor of the last
+batch it consumed from each worker and saves them with the checkpoint; a resumed worker seeks
+straight to its block's start, re-reads that one block (at most `data.shuffle_buffer` samples
+per task) and goes on. Without cursors that fit (a checkpoint written before them, or a
+different world size, number of workers, shard set or split), resuming at step k replays the
+raw (undecoded) samples of the first k steps instead, with a warning: exact too, but it reads
+everything before step k. A sample that fails to decode is replaced by a copy of a good one
+from the same batch, so the raw stream never depends on decoding and both ways are exact.
 
 Bad data (a truncated tar, an undecodable image or video, a record missing a field, a member
 escaping the shard) is skipped and counted with a rate-limited warning; once more than
@@ -32,7 +43,10 @@ stream raises DataError naming the worst shards.
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
+import logging
 import random
 
 import torch
@@ -40,45 +54,109 @@ import torch
 from vlds.data.mixing import epoch_schedule, per_sentence
 from vlds.data.shardio import DataError, SkipCounter, TaskIndex, read_samples
 
+log = logging.getLogger(__name__)
 
-def slot_stream(
-    index: TaskIndex,
-    seed: int,
-    epoch: int,
-    slot: int,
-    slots: int,
-    on_error: SkipCounter,
-    repeat: bool = True,
-    per_sentence: bool = False,
-):
-    """Raw samples of one (rank, worker) slot, as described in the module docstring; with
-    `per_sentence`, one per reference sentence of each record (`sentence_samples`)."""
-    rnd = 0
-    read = sentence_samples if per_sentence else read_samples
-    while True:
-        shards = list(index.shards)
-        random.Random(f"{seed}-{epoch}-{rnd}-{index.task}").shuffle(shards)
-        if len(shards) >= slots:
-            for path, n in shards[slot::slots]:
-                yield from read(path, on_error, n)
-        else:
-            i = 0
-            for path, n in shards:
-                for s in read(path, on_error, n):
-                    if i % slots == slot:
-                        yield s
-                    i += 1
-        if not repeat:
-            return
-        rnd += 1
+CURSOR = "stream_cursor"  # the batch entry holding its reader's cursor (the trainer pops it)
+# A reader's position: (round, position in the round's shard order, byte offset of a tar
+# sample, entries of that tar sample already taken, the round's entry counter).
+START = (0, 0, 0, 0, 0)
 
 
-def sentence_samples(path: str, on_error: SkipCounter, expected: int | None = None):
+class SlotReader:
+    """Raw samples of one (rank, worker) slot of one task, as described in the module
+    docstring (with `per_sentence`, one per reference sentence of each record:
+    `sentence_samples`), started at position `pos` (a `pos` read earlier) and keeping `pos`
+    = the position after the last sample it yielded."""
+
+    def __init__(
+        self,
+        index: TaskIndex,
+        seed: int,
+        epoch: int,
+        slot: int,
+        slots: int,
+        on_error: SkipCounter,
+        repeat: bool = True,
+        per_sentence: bool = False,
+        pos: tuple = START,
+    ):
+        self.index, self.key, self.slot, self.slots = index, f"{seed}-{epoch}", slot, slots
+        self.on_error, self.repeat, self.per_sentence = on_error, repeat, per_sentence
+        self.pos = tuple(pos)
+
+    def shards(self, rnd: int) -> list[tuple[str, int]]:
+        """The shards this slot reads in round `rnd`, in order: whole shards round-robin when
+        there are at least as many as slots, otherwise all of them (every n-th sample kept)."""
+        shards = list(self.index.shards)
+        random.Random(f"{self.key}-{rnd}-{self.index.task}").shuffle(shards)
+        return shards[self.slot :: self.slots] if len(shards) >= self.slots else shards
+
+    def __iter__(self):
+        read = sentence_samples if self.per_sentence else read_samples
+        every = len(self.index.shards) < self.slots
+        rnd, j, off, skip, i = self.pos
+        while True:
+            shards = self.shards(rnd)
+            while j < len(shards):
+                path, n = shards[j]
+                at, taken = off, 0
+                for s in read(path, self.on_error, n, start=off):
+                    if s["__off__"] != at:
+                        at, taken = s["__off__"], 0
+                    taken += 1
+                    if skip:  # taken before the position we started from
+                        skip -= 1
+                        continue
+                    k, i = i, i + 1
+                    if every and k % self.slots != self.slot:
+                        continue
+                    self.pos = (rnd, j, at, taken, i)
+                    yield s
+                j, off, skip = j + 1, 0, 0
+            if not self.repeat:
+                return
+            rnd, j, i = rnd + 1, 0, 0
+
+
+def slot_stream(index: TaskIndex, seed, epoch, slot, slots, on_error, repeat=True, **kw):
+    """The raw samples of a `SlotReader` from the start of the epoch."""
+    return iter(SlotReader(index, seed, epoch, slot, slots, on_error, repeat, **kw))
+
+
+class BlockShuffle:
+    """A shuffle buffer whose state is a position: the reader's samples in consecutive blocks
+    of `size`, each shuffled by its own RNG (seeded by `key` and the block's number). `state`
+    = (block, reader position at the block's start, samples of the block handed out): a
+    reader started at that position, given that state, goes on exactly where this one was.
+    (A reservoir buffer mixes across block edges but its state is its whole content.)"""
+
+    def __init__(self, reader: SlotReader, size: int, key: str, block: int = 0, taken: int = 0):
+        self.reader, self.size, self.key = reader, max(1, size), key
+        self.state = (block, reader.pos, taken)
+
+    def __iter__(self):
+        block, _, taken = self.state
+        it = iter(self.reader)
+        while True:
+            start = self.reader.pos
+            buf = list(itertools.islice(it, self.size))
+            if not buf:
+                return
+            random.Random(f"{self.key}-{block}").shuffle(buf)
+            for x in buf[taken:]:
+                taken += 1
+                done = taken == len(buf) == self.size
+                self.state = (block + 1, self.reader.pos, 0) if done else (block, start, taken)
+                yield x
+            block, taken = block + 1, 0
+
+
+def sentence_samples(path: str, on_error: SkipCounter, expected: int | None = None, start: int = 0):
     """The samples of one shard, each caption record repeated once per reference sentence,
     in order, with "__sentence__" = its index (the Collator trains that copy on that caption;
     the payload bytes are shared, not copied). A record without captions (or an unreadable
     one, counted bad when decoded) stays one sample."""
-    for s in read_samples(path, on_error, expected):
+    for s in read_samples(path, on_error, expected, start=start):
         try:
             n = len(json.loads(s["json"]).get("captions") or ())
         except (ValueError, TypeError, AttributeError):
@@ -101,20 +179,6 @@ def reader_split_notes(indexes: dict[str, TaskIndex], world: int, workers: int) 
         for t, idx in indexes.items()
         if len(idx.shards) < readers
     ]
-
-
-def shuffled(it, bufsize: int, rng: random.Random):
-    """Reservoir-style shuffle buffer."""
-    buf = []
-    for x in it:
-        if len(buf) < bufsize:
-            buf.append(x)
-            continue
-        j = rng.randrange(len(buf))
-        buf[j], x = x, buf[j]
-        yield x
-    rng.shuffle(buf)
-    yield from buf
 
 
 def decode_batch(raw, preprocess, errors: SkipCounter, more, want: int) -> list[dict]:
@@ -170,6 +234,7 @@ class TrainStream(torch.utils.data.IterableDataset):
         self.rank, self.world, self.seed, self.epoch = rank, world, seed, epoch
         self.shuffle_buffer, self.skip_steps = shuffle_buffer, skip_steps
         self.max_bad_fraction = max_bad_fraction
+        self.cursors: dict[int, dict] = {}  # resume: the played worker -> its last cursor
         self.schedule = epoch_schedule(
             indexes,
             sizes,
@@ -185,6 +250,40 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __len__(self) -> int:
         return len(self.schedule) - self.skip_steps
 
+    def fingerprint(self, workers: int) -> str:
+        """What a cursor's positions depend on besides seed and epoch: the readers (world,
+        rank, workers, split), the shards, the schedule and the shuffle blocks."""
+        parts = [self.world, self.rank, max(1, workers), self.split, self.shuffle_buffer]
+        parts += [self.caption_samples, self.schedule]
+        parts += [(t, [n for _, n in idx.shards]) for t, idx in sorted(self.indexes.items())]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def resume_from(self, state: dict | None, workers: int) -> bool:
+        """Start at `skip_steps` from the cursors of `state` (`Trainer`'s saved stream state:
+        {"epoch", "step_in_epoch", "fingerprint", "cursors"}) instead of replaying the first
+        skip_steps steps. False (with a warning; the replay then runs) when they do not fit."""
+        if not self.skip_steps:
+            return True
+        want = (self.epoch, self.skip_steps, self.fingerprint(workers))
+        have = state and (state.get("epoch"), state.get("step_in_epoch"), state.get("fingerprint"))
+        if have != want:
+            why = (
+                "the checkpoint has no stream cursors (written before they were saved)"
+                if not state
+                else "its stream cursors were written for another position, world size, number "
+                "of data workers, shard set or split"
+            )
+            log.warning(
+                "resuming at step %d of epoch %d by replaying the stream from the epoch's start: "
+                "%s (exact, but it reads every sample before the step)",
+                self.skip_steps,
+                self.epoch,
+                why,
+            )
+            return False
+        self.cursors = {int(c["worker"]): c for c in state["cursors"]}
+        return True
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
@@ -199,13 +298,21 @@ class TrainStream(torch.utils.data.IterableDataset):
         if glob:
             slot, slots = 0, 1
         errors = SkipCounter(max_fraction=self.max_bad_fraction)
-        streams = {}
+        # resumed with cursors: from the step after this worker's last consumed one
+        cursor = self.cursors.get(w)
+        shuffles, streams = {}, {}
         for t, idx in self.indexes.items():
-            rng = random.Random(f"buf-{self.seed}-{self.epoch}-{slot}-{t}")
+            block, pos, taken = cursor["tasks"][t] if cursor else (0, START, 0)
             sent = per_sentence(t, self.caption_samples)
-            raw = slot_stream(idx, self.seed, self.epoch, slot, slots, errors, per_sentence=sent)
-            streams[t] = shuffled(raw, self.shuffle_buffer, rng)
-        for i, task in enumerate(self.schedule):
+            reader = SlotReader(
+                idx, self.seed, self.epoch, slot, slots, errors, per_sentence=sent, pos=pos
+            )
+            key = f"buf-{self.seed}-{self.epoch}-{slot}-{t}"
+            shuffles[t] = BlockShuffle(reader, self.shuffle_buffer, key, block, taken)
+            streams[t] = iter(shuffles[t])
+        first = cursor["step"] + 1 if cursor else 0
+        for i in range(first, len(self.schedule)):
+            task = self.schedule[i]
             b = self.sizes[task]
             if glob:  # every step's global batch is consumed by every reader
                 raw = [next(streams[task]) for _ in range(b * self.world)]
@@ -215,9 +322,12 @@ class TrainStream(torch.utils.data.IterableDataset):
             if not glob:
                 raw = [next(streams[task]) for _ in range(b)]
             if i < self.skip_steps:
-                continue  # resume: consume the same raw samples, skip the decoding
+                continue  # resume by replay: consume the same raw samples, skip the decoding
             samples = decode_batch(raw, self.preprocess, errors, streams[task], b)
-            yield self.collate(samples, self.epoch)
+            batch = self.collate(samples, self.epoch)
+            tasks = {t: [s.state[0], list(s.state[1]), s.state[2]] for t, s in shuffles.items()}
+            batch[CURSOR] = {"worker": w, "step": i, "tasks": tasks}
+            yield batch
 
 
 class EvalStream(torch.utils.data.IterableDataset):
