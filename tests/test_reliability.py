@@ -229,18 +229,16 @@ def test_a_signal_to_the_whole_process_group_saves_and_exits_zero(shapes_root, t
 QUIET_WORKER = r"""
 import os, subprocess, sys, time
 import psutil, torch
-from vlds.guard import quiet_worker, signals_blocked
+from vlds.data.build import _Loader
 
 class Pids(torch.utils.data.IterableDataset):
     def __iter__(self):
         while True:
             yield os.getpid()
 
-loader = torch.utils.data.DataLoader(
-    Pids(), batch_size=None, num_workers=1, worker_init_fn=quiet_worker, prefetch_factor=1
-)
-with signals_blocked():
-    it = iter(loader)
+# vlds' loader wrapper forks the workers with the signals blocked and gives them quiet_worker
+# (this DataLoader names no worker_init_fn: a raw one, as in a test or a user's script)
+it = iter(_Loader(torch.utils.data.DataLoader(Pids(), batch_size=None, num_workers=1)))
 worker = psutil.Process(int(next(it)))
 for sig in ("TERM", "USR1", "TERM"):  # sent by another process, as scancel's are
     subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)

@@ -6,6 +6,7 @@ The one place loaders are built: training (vlds/train.py) and the standalone eva
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -89,13 +90,25 @@ def check_features(cfg, indexes: dict) -> None:
             )
 
 
+def _quiet_then(init, worker_id: int) -> None:
+    quiet_worker(worker_id)
+    init(worker_id)
+
+
 class _Loader:
     """A DataLoader whose DataError from a worker process reaches the user as its own message
     (torch re-raises it wrapped in the worker's traceback), and whose workers leave the
-    preemption signals to the main process (vlds.guard.quiet_worker; blocked while they fork)."""
+    preemption signals to the main process (vlds.guard.quiet_worker; blocked while they fork).
+    The two go together: a worker forked with the signals blocked and without quiet_worker
+    would block its parent's SIGTERM for good, so `_Loader` puts quiet_worker before the
+    loader's own worker_init_fn, whatever that is."""
 
     def __init__(self, loader, stream: TrainStream | None = None):
         self.loader, self.stream = loader, stream
+        if loader.worker_init_fn not in (quiet_worker, None):
+            loader.worker_init_fn = functools.partial(_quiet_then, loader.worker_init_fn)
+        elif loader.worker_init_fn is None:
+            loader.worker_init_fn = quiet_worker
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -229,7 +242,6 @@ class DataBuilder:
                 batch_size=None,
                 num_workers=nw,
                 generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch),
-                worker_init_fn=quiet_worker,
                 persistent_workers=False,
                 prefetch_factor=4 if nw else None,
             ),
@@ -237,7 +249,10 @@ class DataBuilder:
         )
 
     def eval_loaders(self) -> dict:
+        """One loader per validation split, read by `data.num_workers` worker processes (each
+        reads its own range of this rank's share)."""
         cfg = self.cfg
+        nw = cfg.data.num_workers
         return {
             t: _Loader(
                 torch.utils.data.DataLoader(
@@ -252,8 +267,9 @@ class DataBuilder:
                         max_bad_fraction=cfg.data.max_bad_fraction,
                     ),
                     batch_size=None,
-                    num_workers=0,
+                    num_workers=nw,
                     generator=torch.Generator(),
+                    prefetch_factor=2 if nw else None,
                 )
             )
             for t, idx in self.val_idx.items()
