@@ -131,17 +131,3 @@ SAME_RUN = [
     # evaluation is split, by design (vlds.eval.grounding)
     "--eval.shuffled_images=false",
 ]
-
-
-def cursor_state(stream, batches, k: int, workers: int) -> dict:
-    """The stream state the trainer saves after consuming `batches[:k]` (vlds.data.stream
-    batches with their cursors): the last cursor of each worker."""
-    from vlds.data.stream import CURSOR
-
-    last = {b[CURSOR]["worker"]: b[CURSOR] for b in batches[:k]}
-    return {
-        "epoch": stream.epoch,
-        "step_in_epoch": k,
-        "fingerprint": stream.fingerprint(workers),
-        "cursors": list(last.values()),
-    }

@@ -15,13 +15,13 @@ from collections import Counter
 import pytest
 import torch
 
-from tests.helpers import byte_tokenizer, cursor_state
+from tests.helpers import byte_tokenizer
 from vlds.config import ConfigError, build_config, validate
 from vlds.data.decode import Collator, Preprocess
 from vlds.data.mixing import epoch_schedule, train_samples
 from vlds.data.prep.recount import needs_recount, recount
 from vlds.data.shardio import DataError, SkipCounter, load_index
-from vlds.data.stream import TrainStream, slot_stream
+from vlds.data.stream import TrainStream, consumed_state, slot_stream
 from vlds.data.synthetic import SyntheticSpec, write_task_split
 from vlds.data.tasks import TASKS, uses_task_prompts
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
@@ -179,7 +179,7 @@ def test_resume_at_step_k_gives_the_remaining_batches(caption_root):
         for workers, batches in full.items():
             for cursors in (True, False):
                 ds = stream(skip=k)
-                state = cursor_state(ds, batches, k, workers) if cursors else None
+                state = consumed_state(ds, batches, k, workers) if cursors else None
                 assert ds.resume_from(state, workers) == cursors
                 resumed = _pairs(tok, loader(ds, workers) if workers else ds)
                 assert resumed == _pairs(tok, batches[k:]), (k, workers, cursors)

@@ -4,15 +4,15 @@ import io
 import json
 import re
 import tarfile
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import cursor_state
 from vlds.data.decode import Collator, Preprocess
 from vlds.data.mixing import epoch_schedule, task_batch_sizes
 from vlds.data.shardio import DataError, load_index
-from vlds.data.stream import EvalStream, TrainStream
+from vlds.data.stream import EvalStream, TrainStream, consumed_state
 from vlds.data.synthetic import SyntheticSpec, write_task_split
 from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
@@ -120,6 +120,37 @@ def test_eval_stream_counts_every_sample_once(shapes_root, tokenizer):
     assert len(seen) == len(set(seen)) == idx.total
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_ranges_count_every_sample_once_and_each_rank_reads_its_share(
+    uneven_root, tokenizer, workers
+):
+    """vqa: shards of 20, 20 and 10 samples over 3 ranks (x workers): every sample of the
+    split, or of its first 33, exactly once; in one process, a rank reads at most a third of
+    the bytes and one shard (its range's payloads, and json members before it in its first
+    shard: with payloads this small, the file buffer reads them too); every rank read it all
+    before."""
+    import psutil
+
+    from vlds.data.shardio import read_records
+
+    idx = load_index(uneven_root, "vqa", "train")
+    pre, col = Preprocess(96, CLIP_MEAN, CLIP_STD), Collator(tokenizer, ["vqa"], 40, 20)
+    order = [r["id"] for r in read_records(idx)]
+    sizes = [Path(p).stat().st_size for p, _ in idx.shards]
+    me = psutil.Process()
+    for max_samples in (0, 33):
+        seen = []
+        for rank in range(3):
+            ds = EvalStream(
+                idx, pre, col, rank=rank, world=3, batch_size=4, max_samples=max_samples
+            )
+            before = me.io_counters().read_chars
+            seen += [i for b in _loader(ds, workers) for i in b["ids"]]
+            if not workers and not max_samples:
+                assert me.io_counters().read_chars - before <= sum(sizes) / 3 + max(sizes)
+        assert sorted(seen) == sorted(order[: max_samples or None]) and len(set(seen)) == len(seen)
+
+
 def test_undecodable_samples_are_skipped_and_the_batch_refilled(tmp_path, tokenizer):
     root = tmp_path
     write_task_split(root, "vqa", "train", 12, SyntheticSpec(samples_per_shard=12))
@@ -193,7 +224,7 @@ def _steps(root, tokenizer, n, start=(0, 0), workers=2, resume=None):
                 break
         else:
             epoch, k = epoch + 1, 0
-    state = cursor_state(ds, this_epoch, k, workers) if k and not ds.skip_steps else None
+    state = consumed_state(ds, this_epoch, k, workers) if k and not ds.skip_steps else None
     return out, (epoch, k), state
 
 
@@ -241,7 +272,7 @@ def test_resume_from_cursors_equals_the_uninterrupted_stream(
     assert len(full) == len(stream().schedule)
     for k in (1, 2, 7, len(full) - 1):
         ds = stream(skip=k)
-        assert ds.resume_from(cursor_state(ds, full, k, 2), 2)
+        assert ds.resume_from(consumed_state(ds, full, k, 2), 2)
         assert len(ds.cursors) == min(k, 2)  # the workers that produced a batch before step k
         assert [_key(b) for b in _loader(ds, 2)] == [_key(b) for b in full[k:]]
 
@@ -265,7 +296,7 @@ def test_resume_reads_a_block_per_task_not_the_steps_before(uneven_root, tokeniz
     for k in (1, n // 2, n - 1):
         for how in ("cursors", "replay"):
             ds = _stream(uneven_root, tokenizer, skip=k)
-            state = cursor_state(ds, full, k, 0) if how == "cursors" else None
+            state = consumed_state(ds, full, k, 0) if how == "cursors" else None
             assert ds.resume_from(state, 0) == (how == "cursors")
             reads.clear()
             assert _key(next(iter(ds))) == _key(full[k])
@@ -277,7 +308,7 @@ def test_resume_reads_a_block_per_task_not_the_steps_before(uneven_root, tokeniz
 
 def test_cursors_that_do_not_fit_fall_back_to_the_replay(uneven_root, tokenizer, caplog):
     full = list(_loader(_stream(uneven_root, tokenizer), 2))
-    state = cursor_state(_stream(uneven_root, tokenizer, skip=5), full, 5, 2)
+    state = consumed_state(_stream(uneven_root, tokenizer, skip=5), full, 5, 2)
     for bad, why in [
         (None, "no stream cursors"),
         ({**state, "step_in_epoch": 4}, "another position"),

@@ -239,18 +239,25 @@ def read_samples(
             f = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
             if start:
                 f.seek(start)  # a gzip stream decompresses up to it: at most one shard
-            for name, data, off in tar_files(f, path, select, start):
+            # every member is listed, so that "__off__" is where a sample's first member starts
+            # whichever members are read
+            key_at = last_key = None
+            for name, data, off in tar_files(f, path, select, start, unselected=True):
                 report_escaped()
                 head, _, base = name.rpartition("/")
                 stem, _, ext = base.partition(".")
                 key = f"{head}/{stem}" if head else stem
+                if key != last_key:
+                    last_key, key_at = key, off
+                if data is None:
+                    continue
                 if cur is not None and cur["__key__"] != key:
                     out = emit(cur)
                     n += len(out)
                     yield from (s for s in out if s is not None)
                     cur = None
                 if cur is None:
-                    cur = {"__key__": key, "__url__": path, "__off__": off}
+                    cur = {"__key__": key, "__url__": path, "__off__": key_at}
                 ext = ext.lower()
                 if ext in cur:
                     on_error(DataError(f"{path}: {name} appears twice in sample {key}"), path)
@@ -268,6 +275,40 @@ def read_samples(
         on_error.read()
         msg = f"{path}: {n} of the {expected} samples its index lists (truncated?)"
         on_error(DataError(msg), path)
+
+
+def read_range(index: TaskIndex, a: int, b: int, on_error: SkipCounter):
+    """Samples a..b-1 of a split (numbered in the index's order: shard by shard, a GROUP's
+    records one by one), reading the payloads of those only. In the shard where `a` falls, the
+    samples before it are passed over by reading their json members alone (the rest seeked
+    over), then reading starts at the tar sample holding sample a."""
+    c = 0
+    for path, n in index.shards:
+        lo, hi = max(a - c, 0), min(b - c, n)
+        c += n
+        if lo >= hi:
+            if c >= b:
+                return
+            continue
+        start = skip = 0
+        if lo:
+            first = 0
+            for k, s in enumerate(read_samples(path, SkipCounter(), only=frozenset({"json"}))):
+                if s["__off__"] != start:
+                    start, first = s["__off__"], k
+                if k == lo:
+                    skip = lo - first
+                    break
+            else:
+                continue  # the shard holds fewer samples than its index says (counted below)
+        want = hi - lo
+        for i, s in enumerate(read_samples(path, on_error, None if lo else n, start=start)):
+            if i < skip:
+                continue
+            yield s
+            want -= 1
+            if not want:
+                break
 
 
 def only_json(only: frozenset) -> frozenset:
@@ -334,11 +375,12 @@ def _pax_path(data: bytes) -> str | None:
     return None
 
 
-def tar_files(f, path: str, select, pos: int = 0):
+def tar_files(f, path: str, select, pos: int = 0, unselected: bool = False):
     """(name, bytes, offset) of the regular files of a tar stream, in order, reading only the
-    members `select(name)` keeps (the rest are skipped by seeking); offset: where the member's
-    first header starts (a long-name or pax header before it included), counted from `pos`, the
-    stream's position on entry. Handles ustar, GNU long names and pax paths; a bad checksum or
+    members `select(name)` keeps (the rest are skipped by seeking; with `unselected` they are
+    yielded too, as (name, None, offset)); offset: where the member's first header starts (a
+    long-name or pax header before it included), counted from `pos`, the stream's position on
+    entry. Handles ustar, GNU long names and pax paths; a bad checksum or
     a cut raises ShardError. One read per member and no copies after it: about 5x faster than
     tarfile's stream mode for cached features."""
     name_override, first = None, pos
@@ -382,3 +424,5 @@ def tar_files(f, path: str, select, pos: int = 0):
             yield name, data, first
         else:
             f.seek(padded, 1)
+            if unselected and kind in (b"0", b"\0", b"7"):
+                yield name, None, first

@@ -52,7 +52,7 @@ import random
 import torch
 
 from vlds.data.mixing import epoch_schedule, per_sentence
-from vlds.data.shardio import DataError, SkipCounter, TaskIndex, read_samples
+from vlds.data.shardio import DataError, SkipCounter, TaskIndex, read_range, read_samples
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,19 @@ CURSOR = "stream_cursor"  # the batch entry holding its reader's cursor (the tra
 # A reader's position: (round, position in the round's shard order, byte offset of a tar
 # sample, entries of that tar sample already taken, the round's entry counter).
 START = (0, 0, 0, 0, 0)
+
+
+def consumed_state(stream: TrainStream, batches: list[dict], k: int, workers: int) -> dict:
+    """The stream state a trainer saves after consuming `batches[:k]` of `stream`'s epoch (as
+    `vlds.trainer.Trainer` does: the last cursor of each worker); `TrainStream.resume_from`
+    takes it. For tests and benchmarks, which hold the batches."""
+    last = {b[CURSOR]["worker"]: b[CURSOR] for b in batches[:k]}
+    return {
+        "epoch": stream.epoch,
+        "step_in_epoch": k,
+        "fingerprint": stream.fingerprint(workers),
+        "cursors": list(last.values()),
+    }
 
 
 class SlotReader:
@@ -331,7 +344,10 @@ class TrainStream(torch.utils.data.IterableDataset):
 
 
 class EvalStream(torch.utils.data.IterableDataset):
-    """One task's validation samples; sample i goes to slot i % slots, so each counts once."""
+    """One task's validation samples (the first `max_samples`, or all), cut into one
+    contiguous range per (rank, worker) slot, so each counts once and each slot reads the
+    payloads of its own range only (`read_range`): a rank reads 1/world of the split, plus
+    the json members before its range in the shard where it starts."""
 
     def __init__(
         self,
@@ -354,19 +370,16 @@ class EvalStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         w, nw = (info.id, info.num_workers) if info else (0, 1)
         slot, slots = self.rank * nw + w, self.world * nw
-        errors, batch, i = SkipCounter(max_fraction=self.max_bad_fraction), [], 0
-        for path, n in self.index.shards:
-            for s in read_samples(path, errors, n):
-                if self.max_samples and i >= self.max_samples:
-                    break
-                if i % slots == slot:
-                    try:
-                        batch.append(self.preprocess(s))
-                    except Exception as e:
-                        errors(e, path)
-                    if len(batch) == self.bs:
-                        yield self.collate(batch)
-                        batch = []
-                i += 1
+        errors, batch = SkipCounter(max_fraction=self.max_bad_fraction), []
+        n = self.index.total
+        n = min(n, self.max_samples) if self.max_samples else n
+        for s in read_range(self.index, slot * n // slots, (slot + 1) * n // slots, errors):
+            try:
+                batch.append(self.preprocess(s))
+            except Exception as e:
+                errors(e, s["__url__"])
+            if len(batch) == self.bs:
+                yield self.collate(batch)
+                batch = []
         if batch:
             yield self.collate(batch)
