@@ -20,6 +20,18 @@ for _k in list(os.environ):
         del os.environ[_k]
 
 
+def pytest_unconfigure(config):
+    """After the summary: if the interpreter has not exited within EXIT_WATCHDOG_S (something
+    the suite left behind: a non-daemon thread, a child process the exit joins), print every
+    thread's stack and exit 1, instead of hanging until CI's time limit says nothing. Once
+    cost a whole CI run (a data worker that blocked SIGTERM; tests/test_reliability.py)."""
+    import faulthandler
+    import sys
+
+    seconds = float(os.environ.get("VLDS_EXIT_WATCHDOG_S", "300"))
+    faulthandler.dump_traceback_later(seconds, exit=True, file=sys.__stderr__)
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """vlds.distributed.world_info_from_env writes RANK/MASTER_* into os.environ (torch's env://
