@@ -83,13 +83,19 @@ def _sbatch(env, folder, *options_and_args) -> int:
 
 
 def _job(env, job: int) -> dict:
-    """`scontrol show job` as a dict ({} once the job has left slurmctld's memory)."""
-    p = subprocess.run(
-        ["scontrol", "show", "job", "-o", str(job)], env=env, capture_output=True, text=True
-    )
-    if p.returncode != 0:
-        return {}
-    return dict(kv.split("=", 1) for kv in p.stdout.split() if "=" in kv)
+    """`scontrol show job` as a dict ({} once the job has left slurmctld's memory). Another
+    failure (slurmctld busy, e.g. while it requeues) is retried, not taken for "gone": once it
+    let the test read the log before the requeued start."""
+    for _ in range(20):
+        p = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job)], env=env, capture_output=True, text=True
+        )
+        if p.returncode == 0:
+            return dict(kv.split("=", 1) for kv in p.stdout.split() if "=" in kv)
+        if "Invalid job id" in p.stderr:
+            return {}
+        time.sleep(0.5)
+    raise AssertionError(f"scontrol show job {job} keeps failing: {p.stderr}")
 
 
 def _wait(what: str, ready, timeout=300, log: Path | None = None):
