@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
 import vlds.engine  # noqa: F401  (registers every config section's check, as entry points do)
-from tests.helpers import SAME_RUN, is_launch_var, launch_ranks, tiny_args
+from tests.helpers import S3_ENV, SAME_RUN, is_launch_var, launch_ranks, server, tiny_args
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*No pretrained weights loaded.*")
@@ -102,3 +104,45 @@ def one_and_two_ranks(shapes_root, tmp_path_factory):
         launch_ranks(tiny_args(shapes_root, out, f"--data.batch_size={micro}", *SAME_RUN), ranks)
         runs[ranks] = out
     return runs
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto's, its own process) on 127.0.0.1: the environment
+    that points boto at it (AWS_ENDPOINT_URL_S3 and test-constant credentials)."""
+    from vlds.distributed import free_port
+
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with server(cmd, port, tmp_path_factory.mktemp("moto") / "server.log"):
+        yield {**S3_ENV, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+
+
+@pytest.fixture(scope="session")
+def s3_shapes(s3_server, shapes_root):
+    """The shapes world uploaded to s3://vlds-test/shapes: (URL, server environment)."""
+    from vlds.data import remote
+
+    saved = dict(os.environ)
+    os.environ.update(s3_server)  # each test sets it again: _restore_environ undoes it
+    try:
+        fs, _ = remote.filesystem("s3://vlds-test")
+        fs.mkdir("vlds-test")
+        remote.publish(shapes_root, "s3://vlds-test/shapes")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return "s3://vlds-test/shapes", s3_server
+
+
+@pytest.fixture(scope="session")
+def http_shapes(shapes_root, tmp_path_factory):
+    """The shapes world served by Python's http.server (tests/servers/http_shards.py) on
+    127.0.0.1: its base URL."""
+    from vlds.distributed import free_port
+
+    port = free_port()
+    script = str(Path(__file__).parent / "servers" / "http_shards.py")
+    cmd = [sys.executable, script, str(shapes_root), str(port)]
+    with server(cmd, port, tmp_path_factory.mktemp("http") / "server.log"):
+        yield f"http://127.0.0.1:{port}"

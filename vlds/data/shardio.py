@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from vlds.data import remote
+
 log = logging.getLogger(__name__)
 
 # Shard members we decode; anything else (e.g. .pyd/.pickle) is never read, let alone unpickled.
@@ -90,6 +92,12 @@ class TaskIndex:
 
 
 def load_index(root: str | Path, task: str, split: str) -> TaskIndex:
+    """The split's index under a local folder or a URL (vlds.data.remote). A remote index's
+    shards are not looked up one by one (a request each): one that is missing is a read
+    error, skipped and counted like a truncated shard."""
+    root = remote.location(root)
+    if remote.is_url(root):
+        return _remote_index(root, task, split)
     d = Path(root) / task
     f = d / f"{split}.index.json"
     if not Path(root).is_dir():
@@ -103,17 +111,71 @@ def load_index(root: str | Path, task: str, split: str) -> TaskIndex:
             f"python -m vlds.data.synthetic or python -m vlds.data.prep.shards {task} (a converter "
             f"still running writes the index last), or drop {task} from --data.tasks"
         )
-    idx = json.loads(f.read_text())
+    idx = _parse_index(f.read_bytes(), f)
     shards = []
     for s in idx["shards"]:
+        if remote.is_url(s["url"]):
+            shards.append((_remote_shard(s["url"], f), int(s["samples"])))
+            continue
         p = (d / s["url"]).resolve()
         if d.resolve() not in p.parents:
             raise DataError(f"{f}: shard {s['url']!r} is outside the task folder {d}; refusing it")
         if not p.is_file():
             raise DataError(f"{f} lists {p}, which is missing; re-run the shard writer")
         shards.append((str(p), int(s["samples"])))
+    return _task_index(task, split, idx, shards, f)
+
+
+def _parse_index(data: bytes, where) -> dict:
+    try:
+        idx = json.loads(data)
+        if not isinstance(idx.get("shards"), list):
+            raise ValueError("no 'shards' list")
+        return idx
+    except ValueError as e:
+        raise DataError(
+            f"{remote.redact(where)} is not a shard index ({e}); re-run the shard writer"
+        ) from e
+
+
+def _remote_shard(url: str, where) -> str:
+    if url.startswith("pipe:"):
+        raise DataError(
+            f"{remote.redact(where)} names a pipe: shard ({remote.redact(url)}); an index file "
+            f"must not run commands: give pipe: on the command line (--data.root='pipe:CMD {{}}')"
+        )
+    return remote.location(url)
+
+
+def _remote_index(root: str, task: str, split: str) -> TaskIndex:
+    f = remote.join(root, task, f"{split}.index.json")
+    try:
+        data = remote.read_bytes(f)
+    except remote.RemoteError as e:
+        fix = (
+            f"; write the shards there with --out {remote.redact(root)} (python -m "
+            f"vlds.data.synthetic, vlds.data.prep.shards {task}, vlds.data.prep.extract) or drop "
+            f"{task} from --data.tasks"
+            if getattr(e, "kind", "") == "missing"
+            else ""
+        )
+        raise DataError(f"no shard index for task {task!r} split {split!r}: {e}{fix}") from e
+    idx = _parse_index(data, f)
+    shards = []
+    for s in idx["shards"]:
+        u = s["url"]
+        if remote.is_url(u):
+            shards.append((_remote_shard(u, f), int(s["samples"])))
+        elif u.startswith("/") or ".." in u.split("/"):
+            raise DataError(f"{remote.redact(f)}: shard {u!r} is outside the task folder")
+        else:
+            shards.append((str(remote.join(root, task, u)), int(s["samples"])))
+    return _task_index(task, split, idx, shards, f)
+
+
+def _task_index(task: str, split: str, idx: dict, shards: list, where) -> TaskIndex:
     if not shards:
-        raise DataError(f"{f} lists no shards; re-run the shard writer")
+        raise DataError(f"{remote.redact(where)} lists no shards; re-run the shard writer")
     meta = {k: v for k, v in idx.items() if k not in ("shards", "task", "split", "total")}
     counted = all("sentences" in s for s in idx["shards"])
     sentences = sum(int(s["sentences"]) for s in idx["shards"]) if counted else None
@@ -142,7 +204,7 @@ class SkipCounter:
                 "skipped %d bad sample(s) of %d read; latest: %r", self.count, self.seen, exn
             )
         if self.count >= self.min_bad and self.count > self.max_fraction * self.seen:
-            worst = ", ".join(f"{s} ({n})" for s, n in self.by_shard.most_common(5))
+            worst = ", ".join(f"{remote.redact(s)} ({n})" for s, n in self.by_shard.most_common(5))
             raise DataError(
                 f"{self.count} of {self.seen} samples read were bad "
                 f"({self.count / self.seen:.1%} > data.max_bad_fraction={self.max_fraction}); "
@@ -235,10 +297,10 @@ def read_samples(
 
     n, cur = 0, None
     try:
-        with open(path, "rb") as raw:
+        with remote.open_read(path) as raw:
             f = gzip.GzipFile(fileobj=raw) if raw.peek(2)[:2] == b"\x1f\x8b" else raw
-            if start:
-                f.seek(start)  # a gzip stream decompresses up to it: at most one shard
+            if start:  # a gzip or streamed shard reads up to it: at most one shard
+                remote.skip(f, start)
             # every member is listed, so that "__off__" is where a sample's first member starts
             # whichever members are read
             key_at = last_key = None
@@ -262,8 +324,9 @@ def read_samples(
                 if ext in cur:
                     on_error(DataError(f"{path}: {name} appears twice in sample {key}"), path)
                 cur[ext] = data
-    except (OSError, EOFError, ValueError) as e:  # a broken shard (ShardError): stop reading it
-        on_error(DataError(str(e) if isinstance(e, ShardError) else f"{path}: {e!r}"), path)
+    except remote.READ_ERRORS as e:  # a broken shard (ShardError): stop reading it
+        own = isinstance(e, ShardError | remote.RemoteError)
+        on_error(DataError(str(e) if own else f"{remote.redact(path)}: {e!r}"), path)
     # the last sample holds only whole members (a cut one raises before it is added); one
     # missing its payload fails in Preprocess and is counted there
     if cur is not None:
@@ -420,9 +483,9 @@ def tar_files(f, path: str, select, pos: int = 0, unselected: bool = False):
             if len(data) < size:
                 raise ShardError(f"{path}: member {name} cut after {len(data)} of {size} bytes")
             if padded > size:
-                f.seek(padded - size, 1)
+                remote.skip(f, padded - size)
             yield name, data, first
         else:
-            f.seek(padded, 1)
+            remote.skip(f, padded)
             if unselected and kind in (b"0", b"\0", b"7"):
                 yield name, None, first

@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from vlds.cli import MissingExtra
+from vlds.data import remote
 from vlds.data.prep import shardwrite
 from vlds.data.prep.converters import ALIASES, Converter, Item, converters
 from vlds.data.prep.converters.sources import Sources, read, ref_name
@@ -247,7 +248,8 @@ OPTION_KEYS = ("num_frames", "frame_size", "gzip_frames")
 NOT_IN_MANIFEST = {"workers", "overwrite", "quiet", "command", "out"}
 
 
-def run(args) -> dict:
+def run(args, out: Path | None = None) -> dict:
+    """Write the split under `out` (default --out; its staging folder when --out is a URL)."""
     conv = converters()[args.command]
     t0 = time.perf_counter()
     sources = {
@@ -264,7 +266,7 @@ def run(args) -> dict:
     per_shard = args.samples_per_shard or DEFAULT_SHARD[kind]
     groups = [[it] for it in items] if args.no_group else group_items(items)
     chunks = [groups[i : i + per_shard] for i in range(0, len(groups), per_shard)]
-    task_dir = Path(args.out) / conv.task
+    task_dir = (out or Path(args.out)) / conv.task
     if not items:
         raise shardwrite.ShardError(
             f"no {conv.task} sample could be planned from the inputs (skipped: "
@@ -320,7 +322,7 @@ def run(args) -> dict:
     if not args.quiet:
         shardwrite.print_summary([(conv.task, args.split, summary)], time.perf_counter() - t0)
         print(
-            f"-> {task_dir}/{args.split}.index.json"
+            f"-> {remote.redact(remote.join(args.out, conv.task, args.split + '.index.json'))}"
             + (f" ({len(done)} shard(s) kept from an earlier run)" if done else "")
         )
         if unlabelled:
@@ -387,7 +389,9 @@ def parser() -> argparse.ArgumentParser:
             aliases=[a for a, c in ALIASES.items() if c == conv.name],
         )
         q.add_argument("--split", required=True, help="output split name (train, val, test, ...)")
-        q.add_argument("--out", required=True, help="shard root; writes OUT/{task}/")
+        q.add_argument(
+            "--out", required=True, help="shard root (a folder or a URL); writes OUT/{task}/"
+        )
         q.add_argument(
             "--samples-per-shard",
             type=int,
@@ -418,7 +422,8 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     args.command = ALIASES.get(args.command, args.command)
     try:
-        return run(args)
+        with remote.staged(args.out) as out:
+            return run(args, out)
     except (shardwrite.ShardError, FileNotFoundError, ValueError, MissingExtra) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -428,6 +433,9 @@ def main(argv=None) -> dict:
             f"{args.command}?",
             file=sys.stderr,
         )
+        raise SystemExit(2) from None
+    except remote.RemoteError as e:  # uploading to a URL --out
+        print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:  # per-sample read errors are skips: this is an annotation or the output
         print(
