@@ -188,6 +188,7 @@ def test_two_ranks_train_the_same_weights_as_one_rank_with_twice_the_batch(one_a
     assert m1.pop("loss") == pytest.approx(m2.pop("loss"), rel=1e-5)
     assert losses[0] == pytest.approx(losses[1], rel=1e-5) and len(losses[0]) == 4
     assert m1 == m2
+    assert all(m1[t]["n"] == 13 for t in losses[0])  # every sample scored exactly once
 
 
 def test_two_ranks_log_the_same_losses_as_one_rank(one_and_two_ranks):
@@ -241,6 +242,10 @@ def test_zero3_two_ranks_killed_and_resumed_end_bitwise_equal(shapes_root, tmp_p
     launch_ranks([*argv, "--deepspeed=ds_configs/zero3.json"], 2)
     out = _killed_and_resumed(shapes_root, tmp_path / "run", zero="zero3")
     _bitwise_equal(ref, out)
+    # the evaluation: 7 and 6 samples per rank, every one scored exactly once
+    for run in (ref, out):
+        m = json.loads((run / "metrics.json").read_text())["metrics"]
+        assert [m[t]["n"] for t in ("vqa", "gqa", "nlvr", "caption")] == [13] * 4
 
 
 def test_a_samples_loss_does_not_depend_on_its_batch():
