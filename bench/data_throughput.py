@@ -94,10 +94,9 @@ def stream_rate(root, task, tok, batch, seconds, decode_only=False, loader=False
     from vlds.data.decode import Collator, Preprocess
     from vlds.data.shardio import SkipCounter, load_index
     from vlds.data.stream import TrainStream, slot_stream
-    from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
     idx = load_index(root, task, "train")
-    pre = Preprocess(224, CLIP_MEAN, CLIP_STD)
+    pre = Preprocess(224)
     if decode_only:
         raw = slot_stream(idx, 0, 0, 0, 1, SkipCounter())
         return rate(lambda: [pre(next(raw)) for _ in range(batch)], seconds, batch)
@@ -136,10 +135,9 @@ def stream_rate(root, task, tok, batch, seconds, decode_only=False, loader=False
 
 def bench_jpeg(root, tok, seconds, rng) -> list:
     from vlds.data.decode import Preprocess
-    from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
     jpgs = [photo(rng) for _ in range(64)]
-    full, draft = (Preprocess(224, CLIP_MEAN, CLIP_STD, draft=d) for d in (False, True))
+    full, draft = (Preprocess(224, draft=d) for d in (False, True))
     cycle = iter(jpgs * 10**6)
     rows = [
         (

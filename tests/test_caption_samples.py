@@ -24,7 +24,6 @@ from vlds.data.shardio import DataError, SkipCounter, load_index
 from vlds.data.stream import TrainStream, consumed_state, slot_stream
 from vlds.data.synthetic import SyntheticSpec, write_task_split
 from vlds.data.tasks import TASKS, uses_task_prompts
-from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 CAPTIONS_PER_RECORD = (1, 3, 5)  # 9 sentences
 
@@ -69,7 +68,7 @@ def _stream(root, tok, tasks=("caption",), bs=3, rank=0, world=1, epoch=0, skip=
     return TrainStream(
         {t: load_index(root, t, "train") for t in tasks},
         {t: bs for t in tasks},
-        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Preprocess(96),
         Collator(tok, list(tasks), 40, 200),
         rank=rank,
         world=world,

@@ -27,7 +27,6 @@ from vlds.data.prep.extract import main as extract_main
 from vlds.data.shardio import DataError, load_index
 from vlds.data.stream import TrainStream
 from vlds.data.synthetic import SyntheticSpec, write_task_split
-from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = SyntheticSpec(samples_per_shard=8, num_frames=4)
@@ -107,7 +106,7 @@ def batches(root, task, tok, n=3):
     stream = TrainStream(
         {task: load_index(root, task, "train")},
         {task: 4},
-        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Preprocess(96),
         Collator(tok, [task], 96, 20, 8),
         rank=0,
         world=1,

@@ -20,7 +20,6 @@ from vlds.data.mixing import epoch_schedule, mixing_counts
 from vlds.data.shardio import DataError, load_index
 from vlds.data.stream import TrainStream, reader_split_notes
 from vlds.data.synthetic import SyntheticSpec, write_task_split
-from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 TASKS = ("vqa", "gqa", "nlvr")
 
@@ -43,7 +42,7 @@ def stream(root, tok, rank=0, world=1, epoch=0, **mix):
     return TrainStream(
         indexes(root),
         {t: 4 for t in TASKS},
-        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Preprocess(96),
         Collator(tok, list(TASKS), 40, 20),
         rank=rank,
         world=world,

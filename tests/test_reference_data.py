@@ -22,7 +22,7 @@ from vlds.data.prep.extract import main as extract_main
 from vlds.data.shardio import DataError, load_index
 from vlds.data.synthetic import SyntheticSpec, write_task_split
 from vlds.data.tasks import draw_soft_answer, majority_answer, vqa_soft_scores
-from vlds.model.vision import CLIP_MEAN, CLIP_STD
+from vlds.model.vision import CLIP_MEAN, CLIP_STD, normalise_pixels, pixel_scale_shift
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -45,17 +45,17 @@ def encode(img: Image.Image, fmt: str) -> bytes:
 
 
 def pixels(x: torch.Tensor) -> torch.Tensor:
-    """Normalised (3, S, S) -> 0..255 RGB."""
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-    return (x * std + mean) * 255
+    """Preprocess's uint8 (3, S, S) -> float 0..255 RGB (differences may go negative)."""
+    assert x.dtype == torch.uint8
+    return x.float()
 
 
 def test_squash_keeps_the_sides_a_crop_cuts_off():
     # 80 x 48 (5:3): the crop keeps the centre 48 x 48 (columns 16..63), so the 8-column bands
     # are gone, 8 columns beyond the bicubic support (2 px x scale 2) from the crop's edge
     data = encode(banded(80, 48, 8), "PNG")
-    squash = pixels(Preprocess(24, CLIP_MEAN, CLIP_STD).image(data))
-    crop = pixels(Preprocess(24, CLIP_MEAN, CLIP_STD, resize="crop").image(data))
+    squash = pixels(Preprocess(24).image(data))
+    crop = pixels(Preprocess(24, resize="crop").image(data))
     assert squash.shape == crop.shape == (3, 24, 24)
     # squash: the whole width in 24 columns, bands 2.4 columns wide: column 0 red, 23 blue
     assert squash[0, :, 0].min() > 200 and squash[1, :, 0].max() < 60
@@ -63,11 +63,13 @@ def test_squash_keeps_the_sides_a_crop_cuts_off():
     # crop: no red or blue anywhere, all green
     assert crop[0].abs().max() < 2 and crop[2].abs().max() < 2 and crop[1].min() > 253
     # squash is the reference's transform: torchvision Resize((24, 24)), bicubic, on the PIL image
-    ref = TF.to_tensor(
-        TF.resize(banded(80, 48, 8), [24, 24], interpolation=TF.InterpolationMode.BICUBIC)
-    )
-    ref = TF.normalize(ref, CLIP_MEAN, CLIP_STD)
-    assert torch.allclose(Preprocess(24, CLIP_MEAN, CLIP_STD).image(data), ref, atol=1e-5)
+    ref = TF.resize(banded(80, 48, 8), [24, 24], interpolation=TF.InterpolationMode.BICUBIC)
+    ours = Preprocess(24).image(data)
+    assert torch.equal(ours, TF.pil_to_tensor(ref))  # the same uint8 pixels
+    # and the tower's normalisation is the reference's Normalize
+    normalised = normalise_pixels(ours, *pixel_scale_shift())
+    want = TF.normalize(TF.to_tensor(ref), CLIP_MEAN, CLIP_STD)
+    assert torch.allclose(normalised, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("resize", ["squash", "crop"])
@@ -75,10 +77,7 @@ def test_jpeg_draft_mode_keeps_both_sides_at_least_the_size(resize):
     # 800 x 200: draft may scale by 1/2 only (200 / 2 = 100 >= 96); 1/4 would make 50 rows
     img = banded(800, 200, 80)
     data = encode(img, "JPEG")
-    draft, full = (
-        Preprocess(96, CLIP_MEAN, CLIP_STD, draft=d, resize=resize).image(data)
-        for d in (True, False)
-    )
+    draft, full = (Preprocess(96, draft=d, resize=resize).image(data) for d in (True, False))
     assert draft.shape == full.shape == (3, 96, 96)
     # the DCT downscale then bicubic vs bicubic alone: the same picture within a few levels
     assert (pixels(draft) - pixels(full)).abs().mean() < 3
@@ -88,7 +87,7 @@ def test_jpeg_draft_mode_keeps_both_sides_at_least_the_size(resize):
 
 def test_preprocess_refuses_an_unknown_resize_mode():
     with pytest.raises(DataError, match="data.image_resize='pad'; valid: squash, crop"):
-        Preprocess(24, CLIP_MEAN, CLIP_STD, resize="pad")
+        Preprocess(24, resize="pad")
 
 
 # ---- cached features record the resize mode ------------------------------------------------

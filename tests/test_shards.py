@@ -26,7 +26,6 @@ from vlds.data.prep.shards import main as shards_main
 from vlds.data.shardio import GROUP, SkipCounter, load_index, read_samples
 from vlds.data.stream import TrainStream
 from vlds.data.tasks import ALL_TASKS, TASKS
-from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 REPO = Path(__file__).resolve().parent.parent
 FIELDS = {  # tasks.py's table (+ "task", "id"); yc2c/tvc also carry ts when the release has it
@@ -533,7 +532,7 @@ def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenize
         return TrainStream(
             idx,
             {"vqa": 4, "nlvr": 2},
-            Preprocess(96, CLIP_MEAN, CLIP_STD),
+            Preprocess(96),
             Collator(tokenizer, ["vqa", "nlvr"], 40, 20),
             rank=0,
             world=1,
@@ -579,7 +578,7 @@ def test_stream_reads_converted_shards(image_shards, release, tmp_path, tokenize
     stream = TrainStream(
         {"tvc": tvc},
         {"tvc": 2},
-        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Preprocess(96),
         Collator(tokenizer, ["tvc"], 40, 20),
         rank=0,
         world=1,

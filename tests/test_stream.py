@@ -14,7 +14,6 @@ from vlds.data.mixing import epoch_schedule, task_batch_sizes
 from vlds.data.shardio import DataError, load_index
 from vlds.data.stream import EvalStream, TrainStream, consumed_state
 from vlds.data.synthetic import SyntheticSpec, write_task_split
-from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,7 @@ def _stream(
     return TrainStream(
         idx,
         {t: bs for t in tasks},
-        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Preprocess(96),
         Collator(tokenizer, list(tasks), 40, 20),
         rank=rank,
         world=world,
@@ -111,7 +110,7 @@ def test_collator_prompts_and_masks(uneven_root, tokenizer):
 
 def test_eval_stream_counts_every_sample_once(shapes_root, tokenizer):
     idx = load_index(shapes_root, "nlvr", "val")
-    pre, col = Preprocess(96, CLIP_MEAN, CLIP_STD), Collator(tokenizer, ["nlvr"], 40, 20)
+    pre, col = Preprocess(96), Collator(tokenizer, ["nlvr"], 40, 20)
     seen = []
     for rank in range(3):
         for b in EvalStream(idx, pre, col, rank=rank, world=3, batch_size=5):
@@ -134,7 +133,7 @@ def test_eval_ranges_count_every_sample_once_and_each_rank_reads_its_share(
     from vlds.data.shardio import read_records
 
     idx = load_index(uneven_root, "vqa", "train")
-    pre, col = Preprocess(96, CLIP_MEAN, CLIP_STD), Collator(tokenizer, ["vqa"], 40, 20)
+    pre, col = Preprocess(96), Collator(tokenizer, ["vqa"], 40, 20)
     order = [r["id"] for r in read_records(idx)]
     sizes = [Path(p).stat().st_size for p, _ in idx.shards]
     me = psutil.Process()
@@ -382,7 +381,7 @@ def test_too_many_bad_samples_stop_with_the_shard_names(tmp_path, tokenizer):
     strict = TrainStream(
         {"vqa": load_index(tmp_path, "vqa", "train")},
         {"vqa": 4},
-        Preprocess(96, CLIP_MEAN, CLIP_STD),
+        Preprocess(96),
         Collator(tokenizer, ["vqa"], 40, 20),
         rank=0,
         world=1,

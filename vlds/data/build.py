@@ -19,7 +19,6 @@ from vlds.data.shardio import DataError, load_index, read_records
 from vlds.data.stream import EvalStream, TrainStream, reader_split_notes
 from vlds.data.tasks import uses_task_prompts
 from vlds.guard import quiet_worker, signals_blocked
-from vlds.model.vision import CLIP_MEAN, CLIP_STD
 
 log = logging.getLogger("vlds")
 
@@ -134,8 +133,6 @@ def preprocess_and_collate(cfg, tokenizer, image_size: int) -> tuple[Preprocess,
     d = cfg.data
     preprocess = Preprocess(
         image_size,
-        CLIP_MEAN,
-        CLIP_STD,
         features=d.features,
         draft=d.jpeg_draft,
         resize=d.image_resize,

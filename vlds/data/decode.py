@@ -1,9 +1,10 @@
 """Decoding: a raw shard sample -> tensors (Preprocess), and one task's samples -> a padded
 batch (Collator). Runs in the DataLoader workers during training and evaluation.
 
-Pixels are resized and normalised as CLIP expects; cached CLIP features (written by
-python -m vlds.data.prep.extract) are passed on as stored and laid out as visual tokens by
-vlds.model.vision, exactly as the tower's own outputs would be.
+Pixels are resized to the tower's input and leave the workers as uint8, a quarter of float32's
+shared memory; the tower normalises them on its device (vlds.model.vision.normalise_pixels).
+Cached CLIP features (written by python -m vlds.data.prep.extract) are passed on as stored and
+laid out as visual tokens by vlds.model.vision, exactly as the tower's own outputs would be.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def check_record(rec: dict) -> None:
 
 
 class Preprocess:
-    """Raw shard sample -> {task, id, rec, visual}: CLIP resize/normalise for pixels, or the
+    """Raw shard sample -> {task, id, rec, visual}: pixels resized to image_size x image_size,
+    uint8 (3, S, S) per image, (T, 3, S, S) for frames (normalised by the tower), or the
     cached feature array as stored (`features`: "auto" uses feats.npy when a sample has it,
     "true" requires it, "false" reads pixels only).
 
@@ -90,8 +92,6 @@ class Preprocess:
     def __init__(
         self,
         image_size: int,
-        mean,
-        std,
         *,
         features: str = "auto",
         draft: bool = True,
@@ -102,15 +102,6 @@ class Preprocess:
         if resize not in RESIZE_MODES:
             raise DataError(f"data.image_resize={resize!r}; valid: {', '.join(RESIZE_MODES)}")
         self.size, self.features, self.draft, self.resize = image_size, features, draft, resize
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-        # (x / 255 - mean) / std == x * scale - shift, two in-place passes
-        self.scale = 1.0 / (255.0 * self.std)
-        self.shift = self.mean / self.std
-
-    def _to_tensor(self, arr: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(arr).permute(2, 0, 1).float()  # (3, S, S)
-        return x.mul_(self.scale).sub_(self.shift)
 
     def image(self, data: bytes) -> torch.Tensor:
         from PIL import Image
@@ -131,7 +122,8 @@ class Preprocess:
             left, top = (rw - s) // 2, (rh - s) // 2
             box = (left * w / rw, top * h / rh, (left + s) * w / rw, (top + s) * h / rh)
             img = img.resize((s, s), Image.BICUBIC, box=box)
-        return self._to_tensor(np.array(img))  # a writable copy
+        # (S, S, 3) -> (3, S, S) uint8; contiguous, so the batch's stack copies whole rows
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
     def frames(self, data: bytes, gzipped: bool = False) -> torch.Tensor:
         if gzipped:
@@ -139,13 +131,15 @@ class Preprocess:
         arr = load_npy(data)  # (T, H, W, 3) uint8
         if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
             raise DataError(f"frames.npy is {arr.dtype} {arr.shape}, expected (T, H, W, 3) uint8")
-        x = torch.from_numpy(arr.astype(np.float32)).permute(0, 3, 1, 2)  # (T, 3, H, W)
-        x = x / 255.0
+        x = torch.from_numpy(arr.transpose(0, 3, 1, 2).copy())  # (T, 3, H, W) uint8, writable
         if x.shape[-2:] != (self.size, self.size):
+            # Frames are normally written at the tower's size; others are resized here
+            # (bicubic) and rounded back to uint8 levels.
             x = torch.nn.functional.interpolate(
-                x, size=(self.size, self.size), mode="bicubic", align_corners=False
-            ).clamp(0, 1)
-        return (x - self.mean) / self.std  # (T, 3, S, S)
+                x.float(), size=(self.size, self.size), mode="bicubic", align_corners=False
+            )
+            return x.clamp_(0, 255).round_().to(torch.uint8)  # (T, 3, S, S)
+        return x  # (T, 3, S, S)
 
     def feats(self, data: bytes, kind: str) -> np.ndarray:
         arr = load_npy(data)  # (n_img * n_tok, C) for images, (T, D) for video
@@ -308,7 +302,7 @@ class Collator:
             visual = feature_inputs([s["visual"] for s in samples], task.kind, self.max_frames)
         elif any(s.get("feats") for s in samples):
             raise DataError(f"a {task.name} batch mixes cached features and pixels")
-        else:  # images (B, n_img, 3, S, S) | frames (B, T, 3, S, S)
+        else:  # uint8 images (B, n_img, 3, S, S) | frames (B, T, 3, S, S)
             key = "frames" if task.kind == "video" else "images"
             visual = {key: stack([s["visual"] for s in samples])}
         return {

@@ -5,6 +5,10 @@ Images: a ResNet tower gives its layer4 grid before attention pooling (7x7x2048 
 patch tokens (after ln_post). Video: each frame's pooled CLIP embedding (512-d for ViT-B/32),
 resampled in time to `max_frames` (max-pool when longer, zero-pad + mask when shorter).
 
+Pixels arrive as uint8 (the data workers hand over a quarter of float32's bytes: shared memory,
+pinned host memory, the host-to-device copy) and are normalised here, on the tower's device, as
+CLIP expects: `normalise_pixels`. Float pixels are taken as normalised already.
+
 Every visual token carries a 5-d box (x1, y1, x2, y2, area) in [0, 1] for the position code of
 the visual embedding: its grid cell for images, its time slice (t/T, 0, (t+1)/T, 1) for frames.
 Only model.visual_input="grid" reads them; the reference's input (the default) feeds zero boxes
@@ -24,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CONFIG_DIR = Path(__file__).parent / "configs"  # the tiny towers used by tests and the default
+# open_clip's OPENAI_DATASET_MEAN / STD: the statistics every tower vlds names was trained with
+# (RN101 and ViT-B/32 "openai", the embedded tower: vlds.model.embedded_tower)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -38,6 +44,19 @@ def register_embedded_configs() -> None:
 
         open_clip.add_model_config(CONFIG_DIR)
         _registered = True
+
+
+def pixel_scale_shift(mean=CLIP_MEAN, std=CLIP_STD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) float32 `scale`, `shift` with (x / 255 - mean) / std == x * scale - shift."""
+    mean_t, std_t = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    return 1.0 / (255.0 * std_t), mean_t / std_t
+
+
+def normalise_pixels(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (..., 3, H, W) -> float32 x * scale - shift, two in-place passes: the
+    arithmetic the data workers used before pixels left them as uint8, so the result is the
+    same to the bit on the CPU (tests/test_model.py)."""
+    return x.float().mul_(scale.to(x.device)).sub_(shift.to(x.device))
 
 
 def tower_image_size(name: str) -> int:
@@ -172,6 +191,8 @@ class VisionTower(nn.Module):
         stats = _feature_stats(pretrained)
         for key in ("grid_mean", "grid_std", "pooled_mean", "pooled_std"):
             self.register_buffer(key, stats.get(key), persistent=False)
+        # Plain attributes, not buffers: a tower cast to bf16 still normalises in float32.
+        self.pixel_scale, self.pixel_shift = pixel_scale_shift(CLIP_MEAN, CLIP_STD)
         self.requires_grad_(False)
         self.eval()
 
@@ -180,8 +201,19 @@ class VisionTower(nn.Module):
 
     # grid_tokens / frame_embeddings build no graph while the tower is frozen (no parameter
     # requires grad); visual_inputs adds no_grad unless asked for gradients (pretraining).
+    def pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> normalised float32 (on x's device); float pixels pass unchanged."""
+        if x.dtype != torch.uint8:
+            return x
+        if self.pixel_scale.device != x.device:  # once: later calls find them on the device
+            self.pixel_scale = self.pixel_scale.to(x.device)
+            self.pixel_shift = self.pixel_shift.to(x.device)
+        return normalise_pixels(x, self.pixel_scale, self.pixel_shift)
+
     def grid_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, H, W) normalised pixels -> tokens (N, n_tok, grid_dim), boxes (n_tok, 5)."""
+        """(N, 3, H, W) pixels, uint8 or normalised -> tokens (N, n_tok, grid_dim), boxes
+        (n_tok, 5)."""
+        images = self.pixels(images)
         v = self.visual
         if self.is_resnet:
             x = v.stem(images.to(v.conv1.weight.dtype))
@@ -200,7 +232,9 @@ class VisionTower(nn.Module):
         return ((x - mean.to(x.dtype)) / std.to(x.dtype)).to(x.dtype)
 
     def frame_embeddings(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, 3, H, W) -> (B, T, pooled_dim) pooled CLIP embeddings, one per frame."""
+        """(B, T, 3, H, W) pixels, uint8 or normalised -> (B, T, pooled_dim) pooled CLIP
+        embeddings, one per frame."""
+        frames = self.pixels(frames)
         b, t = frames.shape[:2]
         out = self.visual(frames.flatten(0, 1).to(self.visual.conv1.weight.dtype))
         pooled = out[0] if isinstance(out, tuple) else out
@@ -211,6 +245,7 @@ class VisionTower(nn.Module):
 
         images: (B, n_img, 3, H, W) -> n_img x n_tok tokens per sample, image-order ids 0..n-1
         (NLVR2's two images differ only by that id); frames: (B, T, 3, H, W) -> max_frames tokens.
+        Pixels are uint8, normalised here on the batch's device (float: normalised already).
         A batch that already holds `vis_feats` (cached CLIP features) passes through.
         `grad=True` keeps the graph through the tower (its parameters must require grad: the
         backbone pretraining of bench/mini_repro.py); training and evaluation never ask for it.

@@ -49,7 +49,7 @@ from vlds.data.shardio import (
 )
 from vlds.data.tasks import get_task
 from vlds.model.build import build_tower
-from vlds.model.vision import CLIP_MEAN, CLIP_STD, VisionTower
+from vlds.model.vision import VisionTower
 
 
 class ShardFeed(torch.utils.data.IterableDataset):
@@ -102,7 +102,8 @@ class Extractor:
 
     @torch.no_grad()
     def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, n_tok, C) grid tokens, or (N, D) frame embeddings."""
+        """(N, 3, S, S) uint8 pixels (the tower normalises them on its device) -> (N, n_tok, C)
+        grid tokens, or (N, D) frame embeddings."""
         outs = []
         for i in range(0, len(x), self.bs):
             chunk = x[i : i + self.bs].to(self.device)
@@ -162,8 +163,6 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
         todo,
         Preprocess(
             tower.image_size,
-            CLIP_MEAN,
-            CLIP_STD,
             features="false",
             draft=not args.no_draft,
             resize=args.resize,
