@@ -17,9 +17,11 @@ process (data.num_workers=0), for simulated worlds of 1, 8 and 64 readers (ranks
 - eval: bytes each of ranks 0, world/2 and world-1 reads to score the split as a validation
   split (the most of the three), against split bytes / world. Target: <= split / world + one
   shard.
-- shm: the loader's shared-memory need per rank at the bart-base preset on 8 ranks: workers x
-  prefetch x the largest task batch as the workers hand it over (pixels as float32 today).
-  Target: <= 2 GB per rank.
+- shm: the loaders' shared-memory need per rank at the bart-base preset on 8 ranks, as training
+  logs and checks it at start-up (vlds.data.shm): workers x prefetch x (the largest training
+  batch + the largest evaluation batch, which waits beside it during an evaluation), pixels as
+  the workers hand them over (uint8; the token tensors, < 1 %, left out). Target: <= 2 GB per
+  rank.
 
 Ends with one line: `scale: resume <bytes at 90 %>/<bytes at 10 %> = <ratio>; eval <bytes per
 rank>/<split bytes / world> = <ratio>; shm <GB> GB/rank: PASS|FAIL` (the largest world of the
@@ -138,19 +140,31 @@ def eval_cost(index, world: int) -> dict:
 
 
 def shm_need(world: int = 8) -> dict:
-    """The loader's shared memory per rank at the bart-base preset (pixels, float32 today)."""
+    """The loaders' shared memory per rank at the bart-base preset (vlds.data.shm), uint8
+    pixels: {"workers", "prefetch", "train": {task: batch bytes}, "eval": {...}, "bytes"}."""
     from vlds.config import build_config
     from vlds.data.mixing import run_batch_sizes
+    from vlds.data.shm import loader_shm_need
     from vlds.data.tasks import get_task
 
     cfg = build_config(preset="bart-base")
     sizes = run_batch_sizes(cfg, world)
     image = 224  # RN101's input (CLIP's preprocessing)
     images = {"image": 1, "pair": 2}  # NLVR2's two images; video presets are not bart-base's
-    per_task = {t: b * images[get_task(t).kind] * 3 * image * image * 4 for t, b in sizes.items()}
-    prefetch = 4  # vlds.data.build: prefetch_factor of the training loader
-    need = cfg.data.num_workers * prefetch * max(per_task.values())
-    return {"workers": cfg.data.num_workers, "prefetch": prefetch, "batch": sizes, "bytes": need}
+    one = {t: images[get_task(t).kind] * 3 * image * image for t in sizes}  # uint8 bytes
+    train = {t: b * one[t] for t, b in sizes.items()}
+    evals = {t: cfg.eval.batch_size * one[t] for t in sizes}
+    d = cfg.data
+    need = loader_shm_need(d.num_workers, d.prefetch_factor, train, evals)
+    return {
+        "workers": d.num_workers,
+        "prefetch": d.prefetch_factor,
+        "batch": sizes,
+        "eval_batch": cfg.eval.batch_size,
+        "train": train,
+        "eval": evals,
+        "bytes": need,
+    }
 
 
 def main(argv=None) -> int:
@@ -202,9 +216,12 @@ def main(argv=None) -> int:
     shm = shm_need()
     gb = shm["bytes"] / 1e9
     print()
+    tr, ev = (max(shm[k], key=shm[k].get) for k in ("train", "eval"))
     print(
         f"shm at bart-base on 8 ranks: {shm['workers']} workers x prefetch {shm['prefetch']} x "
-        f"the largest task batch ({shm['batch']}) = {gb:.2f} GB per rank"
+        f"(training batch {shm['train'][tr] / 1e6:.1f} MB ({tr}, {shm['batch'][tr]} samples; "
+        f"batches {shm['batch']}) + evaluation batch {shm['eval'][ev] / 1e6:.1f} MB ({ev}, "
+        f"{shm['eval_batch']} samples)) of uint8 pixels = {gb:.2f} GB per rank"
     )
     rows, e = last
     cursors = [r for r in rows if r["how"] == "cursors"]

@@ -42,8 +42,9 @@ def test_scale_quick_reports_step_independent_resume_and_per_rank_eval_reads():
     for _, got, share, shard in evals:
         got, share, shard = (int(x.replace(",", "")) for x in (got, share, shard))
         assert got <= share + shard
-    # shm by hand: 8 workers x prefetch 4 x GQA's 104 samples x 3 x 224 x 224 float32 bytes
-    gb = 8 * 4 * 104 * 3 * 224 * 224 * 4 / 1e9
+    # shm by hand: 8 workers x prefetch 2 x (GQA's training batch, 104 images, + NLVR2's
+    # evaluation batch, 256 x 2 images) x 3 x 224 x 224 uint8 bytes
+    gb = 8 * 2 * (104 + 256 * 2) * 3 * 224 * 224 / 1e9
     last = p.stdout.strip().splitlines()[-1]
     m = re.fullmatch(
         r"scale: resume (\d+)/(\d+) = ([\d.]+); eval (\d+)/(\d+) = ([\d.]+); "

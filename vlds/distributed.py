@@ -120,6 +120,19 @@ def world_info_from_env() -> WorldInfo:
     return WorldInfo(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]))
 
 
+def local_world_size() -> int:
+    """Processes of this job on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed
+    launcher's LOCAL_SIZE, or SLURM's tasks per node ("8", "8(x2)"; the most of any node);
+    1 when none is set (a bare `python` run)."""
+    env = os.environ
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+        if env.get(key, "").isdigit():
+            return max(1, int(env[key]))
+    per_node = env.get("SLURM_STEP_TASKS_PER_NODE", env.get("SLURM_TASKS_PER_NODE", ""))
+    counts = [int(n) for n in re.findall(r"(\d+)(?:\(x\d+\))?", per_node)]
+    return max(counts, default=1)
+
+
 def slurm_port(job_id: str | int) -> int:
     """The rendezvous port of a SLURM job: 20000 + job id mod 20000 (as slurm/train.sbatch)."""
     return 20000 + int(job_id) % 20000

@@ -116,7 +116,14 @@ def evaluate_checkpoint(
     # The loaders first: a missing split fails before any model is built.
     image_size = tower_image_size(cfg.model.vision)
     data = DataBuilder(
-        cfg, Path(shards), tokenizer, image_size, WorldInfo(0, 0, 1), train=False, eval_tasks=tasks
+        cfg,
+        Path(shards),
+        tokenizer,
+        image_size,
+        WorldInfo(0, 0, 1),
+        train=False,
+        eval_tasks=tasks,
+        device=device,
     )
     tower = build_tower(cfg)  # seeded as in training: frozen random weights come back exactly
     model = build_model(cfg, tokenizer, tower, Path(shards))

@@ -121,6 +121,7 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     from vlds.checkpoint import load_adapter, read_adapter
     from vlds.data import build
     from vlds.model.build import build_model, build_tokenizer, build_tower
+    from vlds.model.vision import tower_image_size
     from vlds.peft import summary_line
     from vlds.trainer import Trainer, find_resume
 
@@ -144,13 +145,15 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     # ---- data, model, engine ------------------------------------------------------------
     data_root = build.data_root(cfg, info.is_main)
     tokenizer = build_tokenizer(cfg, data_root)
+    # The loaders first: a /dev/shm too small for them fails before any model is built.
+    image_size = tower_image_size(cfg.model.vision)
+    data = build.DataBuilder(cfg, data_root, tokenizer, image_size, info, device=device)
     tower = build_tower(cfg).to(device)  # seeds torch: random weights follow train.seed
     model = build_model(cfg, tokenizer, tower, data_root)
     if init is not None:  # a new run (fresh optimizer) from another run's trained weights
         load_adapter(model, cfg.train.init_from, loaded=init)
     if info.is_main:
         log.info(summary_line(model, cfg.peft.method))
-    data = build.DataBuilder(cfg, data_root, tokenizer, tower.image_size, info)
     plan = data.batch_plan()
     total_steps = cfg.train.epochs * plan["steps_per_epoch"]
     if info.is_main:

@@ -16,8 +16,10 @@ from vlds.config import global_batch
 from vlds.data.decode import Collator, Preprocess
 from vlds.data.mixing import run_batch_sizes
 from vlds.data.shardio import DataError, load_index, read_records
+from vlds.data.shm import check_shm, sample_bytes, shm_free
 from vlds.data.stream import EvalStream, TrainStream, reader_split_notes
 from vlds.data.tasks import uses_task_prompts
+from vlds.distributed import local_world_size
 from vlds.guard import quiet_worker, signals_blocked
 
 log = logging.getLogger("vlds")
@@ -166,12 +168,24 @@ def refuse_unlabelled(indexes) -> None:
 class DataBuilder:
     """The loaders of a run. `train=False` (the evaluator) reads only the validation split of
     `eval_tasks` (default: every task); task ids still follow cfg.data.tasks, so per-task
-    modules route as in training."""
+    modules route as in training. On a CUDA `device` the loaders pin their batches (the
+    trainer's copy to the device is then asynchronous). At start-up the loaders' shared-memory
+    need is logged and checked against /dev/shm (`check_shared_memory`)."""
 
     def __init__(
-        self, cfg, root: Path, tokenizer, image_size: int, info, *, train=True, eval_tasks=None
+        self,
+        cfg,
+        root: Path,
+        tokenizer,
+        image_size: int,
+        info,
+        *,
+        train=True,
+        eval_tasks=None,
+        device=None,
     ):
         self.cfg, self.root, self.info = cfg, Path(root), info
+        self.pin = device is not None and torch.device(device).type == "cuda"
         tasks = cfg.task_list
         d = cfg.data
         self.train_idx = {t: load_index(root, t, d.train_split) for t in tasks} if train else {}
@@ -184,6 +198,44 @@ class DataBuilder:
         if info.is_main:  # once per run, not once per worker
             for note in reader_split_notes(self.train_idx, info.world_size, d.num_workers):
                 log.info(note)
+        self.check_shared_memory()
+
+    def shared_memory_batches(self) -> tuple[dict[str, int], dict[str, int]]:
+        """({task: bytes of one training batch}, {task: bytes of one evaluation batch}) as the
+        workers hand them over, from one probed sample per task (vlds.data.shm.sample_bytes)."""
+        train, evals = {}, {}
+        for t in {**self.val_idx, **self.train_idx}:
+            one = sample_bytes(
+                self.train_idx.get(t) or self.val_idx[t], self.preprocess, self.collate
+            )
+            if one is None:
+                continue
+            if t in self.train_idx:
+                train[t] = one * self.sizes[t]
+            if t in self.val_idx:
+                evals[t] = one * min(self.cfg.eval.batch_size, self.val_idx[t].total)
+        return train, evals
+
+    def check_shared_memory(self, free=shm_free) -> str | None:
+        """Log (rank 0) the loaders' shared-memory need per rank and the free space of
+        /dev/shm; DataError with the fix when it cannot hold the need of every rank on this
+        node. `free()`: the free bytes (None: no /dev/shm, not checked). Nothing to check
+        without worker processes."""
+        d = self.cfg.data
+        if not d.num_workers:
+            return None
+        train, evals = self.shared_memory_batches()
+        line = check_shm(
+            d.num_workers,
+            d.prefetch_factor,
+            train,
+            evals,
+            local_world_size(),
+            free(),
+        )
+        if self.info.is_main:
+            log.info(line)
+        return line
 
     def _stream(self, epoch: int, skip_steps: int = 0) -> TrainStream:
         d = self.cfg.data
@@ -240,7 +292,8 @@ class DataBuilder:
                 num_workers=nw,
                 generator=torch.Generator().manual_seed(self.cfg.train.seed + epoch),
                 persistent_workers=False,
-                prefetch_factor=4 if nw else None,
+                prefetch_factor=self.cfg.data.prefetch_factor if nw else None,
+                pin_memory=self.pin,
             ),
             stream,
         )
@@ -266,7 +319,8 @@ class DataBuilder:
                     batch_size=None,
                     num_workers=nw,
                     generator=torch.Generator(),
-                    prefetch_factor=2 if nw else None,
+                    prefetch_factor=cfg.data.prefetch_factor if nw else None,
+                    pin_memory=self.pin,
                 )
             )
             for t, idx in self.val_idx.items()
