@@ -243,11 +243,12 @@ def share_backbone(cfg) -> None:
     tower and T5 pretrained on the shapes world, minutes on a fresh machine) is pretrained here,
     once, before any trial starts; the trials find it cached. Real weights are read by every
     trial from their hub name or path."""
+    from vlds.data.build import local_side
     from vlds.model.build import build_tokenizer, lm_weights, tower_weights
 
     tower_weights(cfg)
     if cfg.model.lm == "synthetic":
-        root = Path(cfg.data.root)
+        root = local_side(cfg, cfg.data.root, True)  # a URL root: its local cache folder
         lm_weights(cfg, build_tokenizer(cfg, root), root)
 
 
