@@ -116,6 +116,19 @@ def test_sigkill_mid_epoch_then_resume_is_exact(shapes_root, tmp_path, reference
     assert losses(out) == losses(reference_run)
 
 
+def test_training_from_s3_is_the_local_run_and_resumes(s3_shapes, tmp_path, reference_run):
+    """The same 10 steps with the shards on an S3-compatible server (tests/conftest.py): killed
+    as step 8 starts, resumed from its workers' cursors (range reads at the saved offsets), it
+    ends with the local uninterrupted run's loss at every step and its weights."""
+    url, env = s3_shapes
+    os.environ.update(env)
+    out = tmp_path / "run"
+    crash_then_resume(url, out, "kill@8", published="step6")
+    assert losses(out) == losses(reference_run)
+    a, b = weights(reference_run), weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_kill_during_save_leaves_the_previous_checkpoint(shapes_root, tmp_path, reference_run):
     out = tmp_path / "run"
     ckpt = out / "checkpoints"

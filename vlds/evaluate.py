@@ -29,10 +29,12 @@ import logging
 import sys
 from pathlib import Path
 
+from vlds.data import remote
+
 log = logging.getLogger("vlds.evaluate")
 
 
-def reference_rows(shards: Path, task: str, split: str, max_samples: int = 0) -> dict:
+def reference_rows(shards: Path | str, task: str, split: str, max_samples: int = 0) -> dict:
     """{id: (references, meta)} of a split's first `max_samples` records (0 = all), the same
     samples the in-loop evaluation reads, without decoding any pixels."""
     from vlds.data.decode import META_FIELDS
@@ -64,7 +66,7 @@ def score_file(path, task, shards, split="val", max_samples=0, legacy_vqa=False)
     from vlds.eval.submission import check_ids, read_predictions
 
     pairs = read_predictions(task, path)
-    refs = reference_rows(Path(shards), task, split, max_samples)
+    refs = reference_rows(shards, task, split, max_samples)
     check_ids([i for i, _ in pairs], list(refs), path)
     rows = [(i, p, *refs[i]) for i, p in pairs]
     return score_rows(task, rows, _metric(task, legacy_vqa))
@@ -90,7 +92,7 @@ def evaluate_checkpoint(
 
     from vlds.checkpoint import ADAPTER_CONFIG, load_adapter
     from vlds.config import ConfigError, config_from_dict
-    from vlds.data.build import DataBuilder
+    from vlds.data.build import DataBuilder, local_side
     from vlds.distributed import WorldInfo
     from vlds.engine import use_bf16
     from vlds.eval.loop import evaluate_tasks
@@ -112,12 +114,14 @@ def evaluate_checkpoint(
     cfg.eval.java_metrics = True  # the official caption scorers, whatever the run itself used
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = build_tokenizer(cfg, Path(shards))
+    shards = remote.location(shards)
+    local = local_side(cfg, shards, True)
+    tokenizer = build_tokenizer(cfg, local)
     # The loaders first: a missing split fails before any model is built.
     image_size = tower_image_size(cfg.model.vision)
     data = DataBuilder(
         cfg,
-        Path(shards),
+        shards,
         tokenizer,
         image_size,
         WorldInfo(0, 0, 1),
@@ -126,7 +130,7 @@ def evaluate_checkpoint(
         device=device,
     )
     tower = build_tower(cfg)  # seeded as in training: frozen random weights come back exactly
-    model = build_model(cfg, tokenizer, tower, Path(shards))
+    model = build_model(cfg, tokenizer, tower, local)
     load_adapter(model, adapter)
     dtype = torch.bfloat16 if use_bf16(cfg) else torch.float32
     model.to(device, dtype)
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     for t in tasks:
         get_task(t)  # an unknown task name fails with the valid ones
-    shards = Path(args.shards).expanduser()
+    shards = remote.location(args.shards)
     if args.predictions:
         if len(tasks) != 1:
             raise ValueError("--predictions needs exactly one --task (the file's task)")

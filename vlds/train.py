@@ -144,12 +144,13 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
 
     # ---- data, model, engine ------------------------------------------------------------
     data_root = build.data_root(cfg, info.is_main)
-    tokenizer = build_tokenizer(cfg, data_root)
+    local = build.local_side(cfg, data_root, info.local_rank == 0)
+    tokenizer = build_tokenizer(cfg, local)
     # The loaders first: a /dev/shm too small for them fails before any model is built.
     image_size = tower_image_size(cfg.model.vision)
     data = build.DataBuilder(cfg, data_root, tokenizer, image_size, info, device=device)
     tower = build_tower(cfg).to(device)  # seeds torch: random weights follow train.seed
-    model = build_model(cfg, tokenizer, tower, data_root)
+    model = build_model(cfg, tokenizer, tower, local)
     if init is not None:  # a new run (fresh optimizer) from another run's trained weights
         load_adapter(model, cfg.train.init_from, loaded=init)
     if info.is_main:

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from vlds.config import global_batch
+from vlds.data import remote
 from vlds.data.decode import Collator, Preprocess
 from vlds.data.mixing import run_batch_sizes
 from vlds.data.shardio import DataError, load_index, read_records
@@ -25,12 +26,13 @@ from vlds.guard import quiet_worker, signals_blocked
 log = logging.getLogger("vlds")
 
 
-def data_root(cfg, is_main: bool) -> Path:
-    """`data.root`, or the embedded shapes world (generated once, by rank 0, into the cache)."""
+def data_root(cfg, is_main: bool) -> Path | str:
+    """`data.root` (a folder, or a URL: vlds.data.remote), or the embedded shapes world
+    (generated once, by rank 0, into the cache)."""
     import torch.distributed as dist
 
     if cfg.data.root:
-        return Path(cfg.data.root)
+        return remote.location(cfg.data.root)
     from vlds.data.synthetic import ensure_synthetic
 
     if is_main:
@@ -40,6 +42,38 @@ def data_root(cfg, is_main: bool) -> Path:
     if not is_main:
         root = ensure_synthetic()
     return root
+
+
+def local_side(cfg, root, local_main: bool) -> Path:
+    """The local folder for what a run keeps beside its shards: the shapes world's tokenizer
+    (`model.tokenizer=synthetic`) and the embedded language model pretrained for it
+    (`model.lm=synthetic`, vlds.model.embedded_lm). The root itself when local; for a URL a
+    cache folder (vlds.data.remote.cache_dir), into which each node's local rank 0
+    (`local_main`) copies those folders from the root once (a language model the root lacks
+    is pretrained there, as for a local root)."""
+    import torch.distributed as dist
+
+    from vlds.model.embedded_lm import lm_dir
+
+    if not remote.is_url(root):
+        return Path(root)
+    local = remote.cache_dir(root)
+    tok = remote.join(root, "tokenizer")
+    if (
+        local_main
+        and cfg.model.tokenizer == "synthetic"
+        and not remote.fetch_dir(tok, local / "tokenizer")
+    ):
+        raise DataError(
+            f"model.tokenizer=synthetic reads the tokenizer/ folder beside the shards, and "
+            f"{remote.redact(root)} has none; copy it there, or pass --model.tokenizer=DIR"
+        )
+    if local_main and cfg.model.lm == "synthetic":
+        rel = lm_dir(cfg, local).relative_to(local).as_posix()
+        remote.fetch_dir(remote.join(root, rel), local / rel)
+    if dist.is_initialized():
+        dist.barrier()
+    return local
 
 
 def check_features(cfg, indexes: dict) -> None:
@@ -175,7 +209,7 @@ class DataBuilder:
     def __init__(
         self,
         cfg,
-        root: Path,
+        root: Path | str,
         tokenizer,
         image_size: int,
         info,
@@ -184,7 +218,7 @@ class DataBuilder:
         eval_tasks=None,
         device=None,
     ):
-        self.cfg, self.root, self.info = cfg, Path(root), info
+        self.cfg, self.root, self.info = cfg, remote.location(root), info
         self.pin = device is not None and torch.device(device).type == "cuda"
         tasks = cfg.task_list
         d = cfg.data

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from vlds.config import build_config
+from vlds.data import remote
 from vlds.data.decode import Preprocess
 from vlds.data.prep import shardwrite
 from vlds.data.shardio import (
@@ -129,7 +129,9 @@ class Extractor:
         self.pending = []
 
 
-def extract_split(args, tower: VisionTower, task: str, split: str, device) -> dict:
+def extract_split(args, tower: VisionTower, task: str, split: str, device, out: Path) -> dict:
+    """One split's feature shards into the local folder `out` (the --out root, or its staging
+    folder when --out is a URL: vlds.data.remote.staged)."""
     src = load_index(args.shards, task, split)
     if src.features is not None:
         raise DataError(f"{args.shards}/{task}/{split} already holds features, not pixels")
@@ -148,16 +150,16 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
         feats_meta["resize"] = args.resize  # checked against data.image_resize
     if not args.vision_pretrained:
         feats_meta["seed"] = args.seed
-    index_file = Path(args.shards) / task / f"{split}.index.json"
+    index_file = remote.join(args.shards, task, f"{split}.index.json")
     spec = {
-        "source": str(index_file.resolve()),
-        "source_sha256": hashlib.sha256(index_file.read_bytes()).hexdigest(),
+        "source": remote.redact(index_file if remote.is_url(index_file) else index_file.resolve()),
+        "source_sha256": hashlib.sha256(remote.read_bytes(index_file)).hexdigest(),
         "features": feats_meta,
         "jpeg_draft": not args.no_draft,
     }
-    out_dir = Path(args.out) / task
+    out_dir = out / task
     done = shardwrite.begin_split(out_dir, split, spec, overwrite=args.overwrite)
-    urls = [Path(p).name for p, _ in src.shards]
+    urls = [str(p).rsplit("/", 1)[-1] for p, _ in src.shards]
     todo = [(k, p) for k, (p, _) in enumerate(src.shards) if k not in done]
     feed = ShardFeed(
         todo,
@@ -209,9 +211,8 @@ def extract_split(args, tower: VisionTower, task: str, split: str, device) -> di
     bar.close()
     kept = [stats[k] for k in sorted(stats) if stats[k]["samples"]]
     shardwrite.write_index(out_dir, task, split, kept, features=feats_meta)
-    tok = Path(args.shards) / "tokenizer"
-    if tok.is_dir() and not (Path(args.out) / "tokenizer").exists():
-        shutil.copytree(tok, Path(args.out) / "tokenizer")  # synthetic data's own tokenizer
+    # synthetic data's own tokenizer, when there is one
+    remote.fetch_dir(remote.join(args.shards, "tokenizer"), out / "tokenizer")
     summary = shardwrite.summarize([stats[k] for k in sorted(stats)])
     return summary | {"resumed_shards": len(done)}
 
@@ -220,10 +221,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vlds.data.prep.extract", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--shards", required=True, help="root of pixel shards ({task}/{split}...)")
+    p.add_argument("--shards", required=True, help="pixel shards root (folder or URL)")
     p.add_argument("--tasks", required=True, help="comma-separated, e.g. vqa,gqa,nlvr,caption")
     p.add_argument("--splits", default="train,val")
-    p.add_argument("--out", required=True, help="root for the feature shards")
+    p.add_argument("--out", required=True, help="root for the feature shards: a folder or a URL")
     p.add_argument("--vision", default="RN101", help="open_clip model name")
     p.add_argument("--vision-pretrained", default="openai", help='"openai", a file, or ""')
     p.add_argument("--grid-pool", type=int, default=6, help="ResNet grid -> g x g tokens")
@@ -273,10 +274,11 @@ def main(argv=None) -> dict:
         )
         tower = build_tower(cfg).to(device)
         rows = []
-        for t in tasks:
-            for s in splits:
-                rows.append((t, s, extract_split(args, tower, t, s, device)))
-    except (DataError, shardwrite.ShardError, ValueError) as e:
+        with remote.staged(args.out) as out:
+            for t in tasks:
+                for s in splits:
+                    rows.append((t, s, extract_split(args, tower, t, s, device, out)))
+    except (DataError, shardwrite.ShardError, ValueError, remote.RemoteError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if not args.quiet:
