@@ -374,15 +374,6 @@ def fetch_dir(src, dest: Path) -> bool:
     return True
 
 
-def exists(loc) -> bool:
-    if not is_url(loc):
-        return local_path(loc).exists()
-    if str(loc).startswith("pipe:"):
-        raise ValueError("a pipe: location cannot be listed")
-    fs, path = filesystem(str(loc))
-    return retried(lambda: fs.exists(path), str(loc), "look up")
-
-
 def upload(local: Path, url: str) -> None:
     """Copy a local file to a URL (s3/gs: one object, complete or absent; pipe: CMD reads it
     on its standard input)."""
