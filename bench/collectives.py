@@ -42,7 +42,8 @@ Trainer.train_step and Trainer.finish (a config key the older tree lacks is left
 listed). Results: a Markdown table (--sites N adds each row's busiest call sites) and
 bench/collectives_result.json (per rank: counts by op and caller, bytes, call sites, step
 times); --merge keeps the file's rows of other presets and configs. Tiny: ~10 s per config and
-tree on 2 cores; t5-base-random: ~25-35 s.
+tree on 2 cores; t5-base-random: ~25-35 s. The shapes world is the embedded default's (its
+language model pretrained on first use) unless --data-root names another.
 """
 
 from __future__ import annotations
@@ -365,6 +366,7 @@ def launch(args, repo: Path, preset: str, ds_path: Path, tmp: Path, label: str) 
             "train.save_every_minutes": 0.0,
             "eval.every": 0,
             **({"peft.method": args.method} if args.method else {}),
+            **({"data.root": str(args.data_root.resolve())} if args.data_root else {}),
         },
     }
     port = str(free_port())
@@ -495,6 +497,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=0, help="micro-batch per rank (0: per preset)")
     p.add_argument("--method", default="", help="peft.method (default: the preset's)")
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument(
+        "--data-root",
+        type=Path,
+        help="a shapes world (data.root) with the preset's language model under lms/ "
+        "(default: the embedded default, pretrained first on a cold cache: ~15 min)",
+    )
     p.add_argument("--before", type=Path, help="another checkout: its figures beside these")
     p.add_argument("--before-only", action="store_true", help="count the --before tree only")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the rows go")

@@ -14,12 +14,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def test_one_bookkeeping_collective_per_step_and_zero3_gathers_in_buckets(tmp_path):
+def test_one_bookkeeping_collective_per_step_and_zero3_gathers_in_buckets(tmp_path, shapes_root):
     out = tmp_path / "collectives.json"
     cmd = [sys.executable, "bench/collectives.py", "--zero", "2", "3", "--steps", "3"]
+    # the session's shapes world, whose tiny language models are built: the embedded default's
+    # (the bench's own default) is pretrained on a cold cache first, 15 minutes on 2 cores
+    cmd += ["--data-root", str(shapes_root)]
     # its own session: on a timeout the ranks it started go too (left running, they held the
-    # embedded backbone's build lock and slowed every later test). A cold cache pretrains the
-    # embedded default's language model first (minutes)
+    # embedded backbone's build lock and slowed every later test)
     p = subprocess.Popen(
         [*cmd, "--json", str(out)],
         cwd=REPO,
@@ -29,7 +31,7 @@ def test_one_bookkeeping_collective_per_step_and_zero3_gathers_in_buckets(tmp_pa
         start_new_session=True,
     )
     try:
-        stdout, stderr = p.communicate(timeout=1200)
+        stdout, stderr = p.communicate(timeout=600)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
         stdout, stderr = p.communicate()

@@ -503,6 +503,29 @@ def test_ensure_synthetic_env_default_and_lost_rename(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [final.name, f"{final.name}.lock"]
 
 
+def test_an_incomplete_cached_folder_is_rebuilt_not_a_dead_end(tmp_path, caplog):
+    # A cached language model's folder once held its tokenizer files but no config.json (how is
+    # unknown: vlds' builds rename whole folders). A 15-minute build then failed at its rename
+    # with ENOTEMPTY; now the leftover is cleared first and the build lands
+    final = tmp_path / "lms" / "t5-tiny"
+    final.mkdir(parents=True)
+    (final / "tokenizer.json").write_text("{}")
+    built = []
+
+    def build(tmp: Path) -> None:
+        built.append(tmp.name)
+        tmp.mkdir()
+        (tmp / "config.json").write_text('{"d_model": 64}')
+
+    ready = lambda p: (p / "config.json").is_file()  # noqa: E731
+    with caplog.at_level("WARNING", logger="vlds"):
+        assert package.build_once(final, ready, build) == final
+    assert sorted(p.name for p in final.iterdir()) == ["config.json"]
+    assert "incomplete" in caplog.text and str(final) in caplog.text
+    assert sorted(p.name for p in final.parent.iterdir()) == ["t5-tiny", "t5-tiny.lock"]
+    assert package.build_once(final, ready, build) == final and len(built) == 1  # ready: kept
+
+
 def _ensure(root: str) -> str:
     return str(S.ensure_synthetic(Path(root), S.SyntheticSpec(**{**vars(SMALL), "seed": 9})))
 

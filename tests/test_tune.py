@@ -280,6 +280,7 @@ def test_best_config_is_a_config_file_train_py_accepts(searched, shapes_root):
     sections = ("model", "peft", "data", "train")
     run_keys = {
         "data.num_workers",
+        "data.prefetch_factor",
         "train.out_dir",
         "train.resume",
         "train.save_every",

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -28,6 +29,8 @@ from vlds.data.synthetic.language import make_sample
 from vlds.data.synthetic.tokenizer import train_tokenizer
 from vlds.data.synthetic.world import GENERATOR_VERSION, SyntheticSpec, _split_sizes
 from vlds.data.tasks import ALL_TASKS, get_task
+
+log = logging.getLogger("vlds")
 
 # --- shards -------------------------------------------------------------------------------
 
@@ -119,14 +122,23 @@ def build_once(final: Path, ready: Callable[[Path], bool], build: Callable[[Path
     other processes wait on a lock beside it, and whole or not at all: ``build(tmp)`` fills a
     temporary sibling named ``<name>.tmp-<host>-<pid>`` that is renamed into place, and removed
     if the build fails. Hosts sharing a file system each build; the loser of the rename keeps
-    the winner's copy. The shapes world, the embedded tower and language models are cached so."""
+    the winner's copy. The shapes world, the embedded tower and language models are cached so.
+    A ``final`` that exists but is not ready (no build of this function leaves one: something
+    else wrote or pruned it) is moved aside and removed first, so that it cannot block the
+    rename after a build that may take minutes."""
     if ready(final):
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(final.parent / f"{final.name}.lock"):
         if ready(final):  # another process finished while we waited
             return final
-        tmp = final.with_name(f"{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        tag = f"{socket.gethostname()}-{os.getpid()}"
+        if final.exists() or final.is_symlink():
+            log.warning("%s is incomplete (not written whole by vlds): building it again", final)
+            stale = final.with_name(f"{final.name}.stale-{tag}")
+            os.replace(final, stale)
+            _remove(stale)
+        tmp = final.with_name(f"{final.name}.tmp-{tag}")
         _remove(tmp)
         try:
             build(tmp)
