@@ -1,5 +1,7 @@
 """The method table: every PEFT method x both backbones, against the same expectations."""
 
+import re
+
 import pytest
 import torch
 
@@ -7,11 +9,19 @@ from tests.helpers import byte_tokenizer, tiny
 from vlds.config import ConfigError, build_config, validate
 from vlds.peft import METHODS
 from vlds.peft.inject import norm_types
+from vlds.peft.registry import method_class
 from vlds.peft.report import PAPER_PERCENT, report
 
 TASKS = "vqa,gqa,nlvr,caption"
 ARCHS = ["t5", "bart"]
-ALL = sorted(METHODS)
+# a method plus prompts: shared and per-task modules on either side, LayerNorms trained or not
+COMPOSITES = [
+    "single_adapter+multiple_prompts",
+    "multiple_adapters+single_prompt",
+    "single_lora+multiple_prompts",
+    "full_finetune+single_prompt",
+]
+ALL = sorted(METHODS) + COMPOSITES
 # what each method trains besides its own modules and the visual embedding
 TRAINS_NORMS = {
     "single_adapter",
@@ -67,6 +77,7 @@ def logits_and_loss(model, batch):
 
 
 def expected_trainable(model, method):
+    method = method.split("+")[0]  # a composition trains what its method does, plus prompts
     ids = {id(p) for n, p in model.named_parameters() if n.startswith(("peft.", "visual_embed."))}
     for m in model.lm.modules():
         for pname, p in m.named_parameters(recurse=False):
@@ -119,7 +130,7 @@ def test_identity_init_reproduces_the_base_model(arch, method):
     assert torch.equal(logits_and_loss(base, batch)[0], logits_and_loss(model, batch)[0])
 
 
-@pytest.mark.parametrize("method", [m for m in ALL if METHODS[m].per_task])
+@pytest.mark.parametrize("method", [m for m in ALL if method_class(m)(None, []).per_task])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_a_mixed_batch_equals_each_tasks_sub_batch(arch, method):
     cfg, tok, tower, model = build(arch, method, seed=1)
@@ -168,6 +179,37 @@ def test_percent_updated_matches_the_paper(kind, method):
         assert round(r["percent"], 2) == 17.71
     else:
         assert round(r["percent"], 2) == paper
+
+
+@pytest.mark.parametrize("prompts, n", [("single_prompt", 1), ("multiple_prompts", 4)])
+def test_a_method_plus_prompts_trains_both_counted_by_hand(prompts, n):
+    """bart-base, r = 8, 4 image tasks. Single adapter (as report's test below): 30 adapters of
+    Linear(768 -> 96) + Linear(96 -> 768) = 30 x 148,320 = 4,449,600, every LayerNorm of the
+    LM (6 + 6 layers x 2 or 3 norms, layernorm_embedding x 2, final norms: 32 x 1,536 = 49,152)
+    and the visual embedding (Linear(2048 -> 768) + its LayerNorm + order and position tables:
+    1,582,848). One prompt: Embedding(40, 768) + Linear(768 -> 800) + Linear(800 -> 768) =
+    30,720 + 615,200 + 615,168 = 1,261,088, one per task with multiple_prompts."""
+    adapter = 30 * (768 * 96 + 96 + 96 * 768 + 768) + 32 * 1536 + 1_582_848
+    assert adapter == 6_081_600
+    prompt = 40 * 768 + (768 * 800 + 800) + (800 * 768 + 768)
+    r = report("bart-base", f"single_adapter+{prompts}", TASKS.split(","))
+    assert r["trainable"] == adapter + n * prompt
+    # what stays frozen is single_adapter's frozen part (report's test below: 145,606,464 in all)
+    assert r["total"] - r["trainable"] == 145_606_464 - 6_081_600
+
+
+@pytest.mark.parametrize(
+    "method, needle",
+    [
+        ("single_prompt+single_adapter", "a composition is METHOD+PROMPTS"),
+        ("single_prompt+multiple_prompts", "a composition is METHOD+PROMPTS"),
+        ("single_adapter+single_lora", "a composition is METHOD+PROMPTS"),
+        ("single_adaptr+single_prompt", "unknown PEFT method 'single_adaptr'"),
+    ],
+)
+def test_bad_compositions_fail_with_the_form(method, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate(build_config("tiny", {"peft.method": method}))
 
 
 def test_methods_that_cannot_be_built_fail_before_training():

@@ -27,12 +27,15 @@ REPO = Path(__file__).resolve().parent.parent
         ("t5-base", "full_finetune", 1e-4),
         ("bart-base-video", "single_adapter", 3e-4),
         ("bart-base-video", "full_finetune", 3e-5),
+        ("bart-base", "multiple_adapters+single_prompt", 3e-4),  # the method's rate
+        ("bart-base-video", "full_finetune+multiple_prompts", 3e-5),
     ],
 )
 def test_learning_rate_per_method(preset, method, lr):
     cfg, sources = resolve_config(preset, {"peft.method": method})
     assert cfg.train.lr == lr
-    script = "full_finetuning" if method == "full_finetune" else method
+    base = method.split("+")[0]
+    script = "full_finetuning" if base == "full_finetune" else base
     assert f"{script}.sh: lr=" in sources["train.lr"]
     # an explicit override still wins, and says so
     cfg, sources = resolve_config(preset, {"peft.method": method, "train.lr": "2e-4"})
@@ -151,6 +154,11 @@ def test_every_reference_default_names_a_real_key_and_the_printer_shows_it():
 
     assert uses_task_prompts(cfg)
     assert not uses_task_prompts(build_config("bart-base", {"peft.method": "multiple_adapters"}))
+    for method, prompted in (
+        ("single_adapter+multiple_prompts", True),  # as single_adapter.sh
+        ("multiple_adapters+single_prompt", False),  # as multiple_adapters.sh
+    ):
+        assert uses_task_prompts(build_config("bart-base", {"peft.method": method})) == prompted
     # generation length: the reference's gen_max_length, 40 for captions, 20 otherwise
     assert cfg.eval.max_new_tokens == 0
     assert {t: TASKS[t].max_new_tokens for t in ("vqa", "caption", "tvc")} == {

@@ -179,7 +179,7 @@ def test_every_method_trains_through_deepspeed(shapes_root, tmp_path, method):
         (3, "single_adapter"),
         (3, "hyperformer"),
         (3, "multiple_lora"),
-        (3, "multiple_prompts"),
+        (3, "single_adapter+multiple_prompts"),  # a method plus per-task prompts
     ],
 )
 def test_two_ranks_with_gloo(shapes_root, tmp_path, zero, method):
@@ -219,9 +219,12 @@ def test_two_ranks_with_gloo(shapes_root, tmp_path, zero, method):
         "single_adapter": ("peft.enc-0-self.down.weight", [d // 2, d]),
         "hyperformer": ("peft.hyper_enc.generators.enc_self.down_w.weight", [d * d // 2, 8]),
         "multiple_lora": ("peft.dec-1-cross-v.loras.3.A.weight", [8, d]),
-        "multiple_prompts": ("peft.prompt.prompts.2.embed.weight", [8, d]),
+        "single_adapter+multiple_prompts": ("peft.prompt.prompts.2.embed.weight", [8, d]),
     }[method]
     assert list(tensors[whole[0]].shape) == whole[1]
+    if "+" in method:  # both parts exported, and counted in the run's parameters
+        assert "peft.enc-0-self.down.weight" in tensors
+        assert sum(v.numel() for v in tensors.values()) == result["params"]["trainable"]
 
 
 @pytest.mark.parametrize(

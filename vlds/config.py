@@ -100,8 +100,29 @@ class ModelConfig:
     visual_input: str = _match("reference")
 
 
+# peft.method may be a method plus prompt tuning: "single_adapter+multiple_prompts"
+PROMPT_METHODS = ("single_prompt", "multiple_prompts")
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """peft.method "METHOD+PROMPTS" -> (METHOD, PROMPTS), PROMPTS one of PROMPT_METHODS and
+    METHOD any other method (vlds.peft.registry.method_class builds them); a single method ->
+    (method, None). The names themselves are checked against the registry there."""
+    base, plus, prompts = method.partition("+")
+    if not plus:
+        return method, None
+    if prompts not in PROMPT_METHODS or base in PROMPT_METHODS:
+        raise ConfigError(
+            f"peft.method={method!r}: a composition is METHOD+PROMPTS, PROMPTS one of "
+            f"{', '.join(PROMPT_METHODS)} and METHOD another method "
+            f"(e.g. single_adapter+multiple_prompts)"
+        )
+    return base, prompts
+
+
 @dataclass
 class PeftConfig:
+    # a registered method (vlds.peft.METHODS) or METHOD+PROMPTS (split_method)
     method: str = _match("single_adapter")
     reduction_factor: int = _match(8)  # bottleneck = d_model // reduction_factor
     # None = the method's default (the paper trains LayerNorms with adapters, not with LoRA)

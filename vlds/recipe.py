@@ -129,7 +129,14 @@ BEHAVIOUR: dict[str, str] = {
 
 
 def recipe_lr(kind: str, method: str) -> tuple[float, str]:
-    """(learning rate, source) of the reference for an "image" or "video" run of `method`."""
+    """(learning rate, source) of the reference for an "image" or "video" run of `method`; a
+    method plus prompts (METHOD+PROMPTS) trains at the method's rate."""
+    from vlds.config import split_method
+
+    base, prompts = split_method(method)
+    if prompts is not None:
+        lr, src = recipe_lr(kind, base)
+        return lr, f"{src} ({base}'s rate: the reference adds --encoder_prompt_len to its flags)"
     if kind == "video":
         return _VIDEO_LR.get(method, _VIDEO_DEFAULT_LR)
     if method not in _IMAGE_LR:

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from vlds.config import ConfigError, config_check
+from vlds.config import ConfigError, config_check, split_method
 from vlds.eval.vqa import normalize_answer
 
 IMAGE_TASKS = ("vqa", "gqa", "nlvr", "caption")
@@ -273,14 +273,14 @@ PROMPTED_METHODS = {
 def uses_task_prompts(cfg) -> bool:
     """Whether this config's encoder texts start with the task prompts ("vqa: " ...):
     data.task_prompts "true" / "false", or "auto" = as the reference's script for
-    peft.method on these tasks (PROMPTED_METHODS)."""
+    peft.method on these tasks (PROMPTED_METHODS; for METHOD+PROMPTS, as METHOD's)."""
     mode = cfg.data.task_prompts
     if mode not in TASK_PROMPTS:
         raise ConfigError(f"data.task_prompts={mode!r}; valid: {', '.join(TASK_PROMPTS)}")
     if mode != "auto":
         return mode == "true"
     kind = "video" if any(t in VIDEO_TASKS for t in cfg.task_list) else "image"
-    return cfg.peft.method in PROMPTED_METHODS[kind]
+    return split_method(cfg.peft.method)[0] in PROMPTED_METHODS[kind]
 
 
 @config_check

@@ -112,10 +112,10 @@ def build_lm(
             f"model.lm={name!r} is a {hf_config.model_type} model but model.arch={m.arch!r}; "
             f"set --model.arch={hf_config.model_type}"
         )
-    from vlds.peft import METHODS
+    from vlds.peft.registry import method_class
 
     # the hub model's width, not model.d_model, sizes the PEFT modules
-    METHODS[cfg.peft.method](cfg.peft, cfg.task_list).check(hf_config.d_model, m.arch)
+    method_class(cfg.peft.method)(cfg.peft, cfg.task_list).check(hf_config.d_model, m.arch)
     drop = {"dropout_rate": m.dropout} if m.arch == "t5" else {"dropout": m.dropout}
     lm = AutoModelForSeq2SeqLM.from_pretrained(name, **drop)
     old_rows = lm.get_input_embeddings().num_embeddings

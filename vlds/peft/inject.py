@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from vlds.config import ConfigError, PeftConfig
-from vlds.peft.registry import METHODS
+from vlds.config import PeftConfig
+from vlds.peft.registry import method_class
 
 
 @dataclass
@@ -136,11 +136,7 @@ def norm_types() -> tuple[type, ...]:
 
 def apply_peft(model: nn.Module, cfg: PeftConfig, tasks: list[str]):
     """Freeze `model` (a VLModel), inject the configured method, unfreeze what it trains."""
-    if cfg.method not in METHODS:
-        raise ConfigError(
-            f"unknown PEFT method {cfg.method!r}; valid methods: {', '.join(METHODS)}"
-        )
-    method = METHODS[cfg.method](cfg, tasks)
+    method = method_class(cfg.method)(cfg, tasks)
     method.check(model.d_model, model.arch)
     model.requires_grad_(False)
     if method.per_task:

@@ -4,6 +4,7 @@ download): how many parameters a method trains and what share of the VL model th
     python -m vlds.peft.report --backbone bart-base --method single_adapter \
         --tasks vqa,gqa,nlvr,caption
     python -m vlds.peft.report --backbone t5-base --method single_lora --feat-dim 512
+    python -m vlds.peft.report --backbone bart-base --method single_adapter+multiple_prompts
     python -m vlds.peft.report --backbone bart-base --all        # a table of every method
 
 "% updated" = trainable / all parameters of the VL model: language model + visual embedding +
@@ -19,7 +20,7 @@ import torch
 
 from vlds.config import PeftConfig
 from vlds.peft.inject import apply_peft, count_parameters
-from vlds.peft.registry import METHODS
+from vlds.peft.registry import METHODS, method_class
 
 # The published configurations of the two backbones (config.json of the hub models), the
 # length of their tokenizers and the tokens the reference adds (vlds' presets: model.extra_tokens).
@@ -40,6 +41,8 @@ PAPER_PERCENT = {
     ("image", "multiple_lora"): 17.72, ("image", "single_prompt"): 2.00,
     ("video", "single_adapter"): 3.39, ("video", "single_lora"): 5.17,
 }  # fmt: skip
+# the paper's analysis of adapters with prompts: rows of the --all table after the methods
+COMPOSITIONS = ("single_adapter+single_prompt", "single_adapter+multiple_prompts")
 
 
 def build_lm(backbone: str, extra_tokens: int | None = None):
@@ -86,7 +89,12 @@ def report(
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="bart-base")
-    p.add_argument("--method", choices=sorted(METHODS), default="single_adapter")
+    p.add_argument(
+        "--method",
+        default="single_adapter",
+        help=f"one of {', '.join(sorted(METHODS))}, or METHOD+PROMPTS "
+        "(e.g. single_adapter+multiple_prompts)",
+    )
     p.add_argument("--tasks", default="vqa,gqa,nlvr,caption")
     p.add_argument("--feat-dim", type=int, default=2048, help="2048: CLIP RN101 grid; 512: video")
     p.add_argument("--reduction-factor", type=int, default=8)
@@ -98,17 +106,21 @@ def main(argv=None) -> None:
     )
     p.add_argument("--all", action="store_true", help="a table of every method")
     a = p.parse_args(argv)
+    try:
+        method_class(a.method)
+    except ValueError as e:  # ConfigError
+        p.error(str(e))
     tasks = [t for t in a.tasks.split(",") if t]
     kw = dict(feat_dim=a.feat_dim, reduction_factor=a.reduction_factor, extra_tokens=a.extra_tokens)
     if not a.all:
         print(json.dumps(report(a.backbone, a.method, tasks, **kw)))
         return
     kind = "video" if a.feat_dim == 512 else "image"
-    print(f"{'method':22s} {'trainable':>12s} {'total':>13s} {'% updated':>10s} {'paper':>6s}")
-    for m in METHODS:
+    print(f"{'method':32s} {'trainable':>12s} {'total':>13s} {'% updated':>10s} {'paper':>6s}")
+    for m in (*METHODS, *COMPOSITIONS):
         r = report(a.backbone, m, tasks, **kw)
         paper = PAPER_PERCENT.get((kind, m)) if a.backbone == "bart-base" else None
-        print(f"{m:22s} {r['trainable']:12,d} {r['total']:13,d} {r['percent']:10.2f} "
+        print(f"{m:32s} {r['trainable']:12,d} {r['total']:13,d} {r['percent']:10.2f} "
               f"{paper if paper is not None else '':>6}")  # fmt: skip
 
 
