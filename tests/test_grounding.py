@@ -96,6 +96,12 @@ def test_shuffle_visual_gives_every_sample_another_samples_tokens():
     assert shuffle_visual(one, {"vis_feats": feats, "vis_mask": mask})["vis_feats"][0, 0, 0] == 0.0
     assert shuffle_visual(one, None)["vis_feats"][0, 0, 0] == 7.0  # nothing to swap with
     assert blank_visual(one)["vis_feats"].abs().sum() == 0
+    # pixels, for a tower that computes its tokens inside the model (model.vision_train)
+    images = torch.arange(3, dtype=torch.uint8).view(3, 1, 1, 1, 1).expand(3, 2, 3, 4, 4)
+    out = shuffle_visual({"images": images, "ids": [0, 1, 2]}, None)
+    assert out["images"][:, 1, 2, 3, 3].tolist() == [2, 0, 1] and "vis_feats" not in out
+    frames = torch.full((1, 5, 3, 4, 4), 9, dtype=torch.uint8)
+    assert shuffle_visual({"frames": frames}, {"frames": frames - 9})["frames"].sum() == 0
 
 
 ANSWERS = ["red", "blue", "green", "yellow"]

@@ -227,6 +227,32 @@ def test_two_ranks_with_gloo(shapes_root, tmp_path, zero, method):
         assert sum(v.numel() for v in tensors.values()) == result["params"]["trainable"]
 
 
+def test_a_tower_that_trains_is_inside_the_zero3_engine(shapes_root, tmp_path):
+    """model.vision_train=adapter on 2 ranks under ZeRO-3: the tower's adapters are partitioned,
+    trained and exported whole with the rest, counted in the run's parameters, and load back
+    into a model built from the run's config (as vlds.evaluate builds it)."""
+    from vlds.checkpoint import load_adapter
+    from vlds.config import config_from_dict
+    from vlds.model.build import build_model, build_tokenizer, build_tower
+
+    out = tmp_path / "run"
+    flags = ["--model.vision_train=adapter", "--train.max_steps=3", "--eval.max_samples=6"]
+    launch(tiny_args(shapes_root, out, *flags), ranks=2, zero=3)
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["step"] == 3 and result["metrics"]["vqa"]["n"] == 6
+    tensors = load_file(out / "adapter" / "adapter_model.safetensors")
+    tower = {k: v for k, v in tensors.items() if k.startswith("tower.")}
+    assert sorted({k.split(".")[2] for k in tower}) == [f"layer{i}-0" for i in range(1, 5)]
+    assert tower["tower.adapters.layer4-0.adapter.down.weight"].shape == (128, 256)
+    assert tower["tower.adapters.layer4-0.adapter.up.weight"].abs().sum() > 0  # left zero
+    assert sum(v.numel() for v in tensors.values()) == result["params"]["trainable"]
+    cfg = config_from_dict(json.loads((out / "config.json").read_text()))
+    model = build_model(cfg, build_tokenizer(cfg, shapes_root), build_tower(cfg), shapes_root)
+    load_adapter(model, out)
+    for k, v in tower.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
 @pytest.mark.parametrize(
     "args, needle",
     [

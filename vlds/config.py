@@ -91,6 +91,9 @@ class ModelConfig:
     vision_pretrained: str = _match("")
     # ResNet layer4 grid is adaptively max-pooled to grid_pool x grid_pool
     grid_pool: int = _match(6)
+    # What of the tower trains: frozen (the paper's choice, outside the engine), full, ln (its
+    # normalisation layers) or adapter (adapters in its blocks); vlds.model.vision.train_tower
+    vision_train: str = _match("frozen")
     # video: frames resampled to this many (max-pool down, zero-pad up)
     max_frames: int = _match(64)
     # Visual tokens: "reference" = zero boxes + an object-order term (row N - k - 1 of the LM's

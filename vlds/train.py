@@ -11,9 +11,10 @@ Options: `--preset NAME`, `--config FILE.json`, any `--section.key=value` from v
 
 One DeepSpeed engine holds the VL model (language model + visual embedding + PEFT modules); its
 optimizer sees only the trainable parameters, and checkpoints exclude the frozen ones. The
-frozen CLIP tower runs outside the engine under no_grad. Everything a run produces lands in
-train.out_dir: config.json, metrics.jsonl, tb/ (TensorBoard), curves.png, metrics.json,
-predictions_<task>.{json,csv,jsonl} (official formats) and checkpoints/.
+frozen CLIP tower runs outside the engine under no_grad; with model.vision_train (full, ln,
+adapter) the VL model holds it, inside the engine (vlds.model.vision). Everything a run
+produces lands in train.out_dir: config.json, metrics.jsonl, tb/ (TensorBoard), curves.png,
+metrics.json, predictions_<task>.{json,csv,jsonl} (official formats) and checkpoints/.
 
 Exit codes: 0 done (or preempted by SIGTERM/SIGUSR1, in any phase, after saving a checkpoint),
 2 bad config/data/checkpoint (before any training), 3 too many non-finite steps in a row.
@@ -162,7 +163,7 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     if cfg.train.max_steps > 0:
         total_steps = min(total_steps, cfg.train.max_steps)
     engine = build_engine(cfg, model, ds_config, total_steps)
-    if bf16:
+    if bf16 and not tower.in_model:  # a tower inside the engine is cast (and placed) by it
         tower.to(torch.bfloat16)
 
     trainer = Trainer(

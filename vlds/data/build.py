@@ -97,6 +97,13 @@ def check_features(cfg, indexes: dict) -> None:
                 f"data.features=false but {where} describes feature shards (no pixels); point "
                 f"data.root at the pixel shards or set --data.features=auto"
             )
+        if m.vision_train != "frozen":
+            raise DataError(
+                f"model.vision_train={m.vision_train} trains the CLIP tower, which needs "
+                f"pixels, but {where} describes cached features (computed once by a frozen "
+                f"tower); point data.root at the pixel shards, or keep "
+                f"--model.vision_train=frozen"
+            )
         want = {"vision": m.vision, "pretrained": m.vision_pretrained}
         if feats.get("kind") == "grid" and feats.get("resnet", True):
             want["grid_pool"] = m.grid_pool

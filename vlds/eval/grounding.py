@@ -88,13 +88,16 @@ def shuffle_visual(batch: dict, previous: dict | None) -> dict:
     """The batch with every sample's visual tokens (and their mask) taken from another sample:
     rolled by one within the batch; a batch of one takes the previous batch's first sample
     (left as it is when there is none: one sample cannot be shuffled). Boxes and order ids are
-    the same for every sample of a task and stay."""
-    feats, mask = batch["vis_feats"], batch["vis_mask"]
-    if feats.shape[0] > 1:
-        feats, mask = feats.roll(1, dims=0), mask.roll(1, dims=0)
-    elif previous is not None:
-        feats, mask = previous["vis_feats"][:1], previous["vis_mask"][:1]
-    return {**batch, "vis_feats": feats, "vis_mask": mask}
+    the same for every sample of a task and stay. A batch still in pixels (a tower that trains
+    computes its tokens inside the model: model.vision_train) has its images or frames moved
+    the same way."""
+    pixels = [k for k in ("images", "frames") if k in batch]
+    keys = ["vis_feats", "vis_mask"] if "vis_feats" in batch else pixels
+    if batch[keys[0]].shape[0] > 1:
+        return {**batch, **{k: batch[k].roll(1, dims=0) for k in keys}}
+    if previous is not None:
+        return {**batch, **{k: previous[k][:1] for k in keys}}
+    return batch
 
 
 def blank_visual(batch: dict) -> dict:

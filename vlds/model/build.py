@@ -13,7 +13,7 @@ import torch
 
 from vlds.config import Config, ConfigError
 from vlds.data.tasks import VIDEO_TASKS
-from vlds.model.vision import VisionTower
+from vlds.model.vision import VisionTower, train_tower
 from vlds.model.vl import VLModel
 
 
@@ -199,4 +199,9 @@ def build_model(
     lm = build_lm(cfg, *vocab_of(tokenizer), path=path)
     model = VLModel(lm, cfg.model.arch, feat_dim_for(cfg, tower), cfg.model.visual_input)
     apply_peft(model, cfg.peft, cfg.task_list)
+    if cfg.model.vision_train != "frozen":  # the tower goes inside the model (and the engine)
+        video = cfg.task_list[0] in VIDEO_TASKS
+        p = cfg.peft
+        train_tower(tower, cfg.model.vision_train, p.reduction_factor, video, p.fused_kernel)
+        model.attach_tower(tower, cfg.model.max_frames)
     return model

@@ -1,4 +1,5 @@
-"""The frozen CLIP vision tower (open_clip) and how its outputs become visual tokens.
+"""The CLIP vision tower (open_clip), frozen or partly trained, and how its outputs become
+visual tokens.
 
 Images: a ResNet tower gives its layer4 grid before attention pooling (7x7x2048 for RN101 at
 224 px), adaptively max-pooled to `grid_pool` x `grid_pool` tokens; a ViT tower gives its
@@ -16,6 +17,21 @@ and derives each token's object order from vis_order (vlds.model.vl.VisualEmbedd
 This module is the one place that layout is written: `image_tokens` and `frame_tokens` turn
 tower outputs, or the same outputs cached as features (vlds.data.decode), into the model's
 vis_feats / vis_boxes / vis_order / vis_mask inputs.
+
+The tower is frozen by default and runs outside the DeepSpeed engine under no_grad (the paper's
+choice). `model.vision_train` (the paper's comparison of a frozen CLIP, a fine-tuned one and
+adapters inside it) trains part of it: `train_tower` marks what trains, and the VL model then
+holds the tower (vlds.model.vl.VLModel.attach_tower) so that it lives inside the engine, which
+optimises, partitions and checkpoints it; the tower computes the visual tokens inside the
+model's forward and `visual_inputs` called from outside passes the pixels through.
+- full: every weight the visual tokens depend on (not the attention pool of a ResNet or the
+  output projection of a ViT for image tasks: grid tokens are read before them);
+- ln: the normalisation layers (a ViT's LayerNorms, a ResNet's BatchNorm weights and biases);
+- adapter: vlds' adapter (vlds.peft.adapter.Adapter, bottleneck = width / peft.reduction_factor)
+  on the output of every ViT block's attention and MLP, and of every ResNet bottleneck's last
+  BatchNorm (over channels), before the residual add; the up-projection starts at zero, so
+  the tower starts as the pretrained one (vlds' choice: the reference has no CLIP adapters).
+BatchNorm statistics stay fixed in every mode (the tower is always in eval mode).
 """
 
 from __future__ import annotations
@@ -162,8 +178,36 @@ def _feature_stats(pretrained: str) -> dict:
     return {k: v.float() for k, v in stats.items()}
 
 
+VISION_TRAIN = ("frozen", "full", "ln", "adapter")
+
+
+class TowerAdapter(nn.Module):
+    """An adapter (vlds.peft.adapter.Adapter) at a site inside the tower: over the last
+    dimension of a ViT block's (L, N, D) or (N, L, D) output, or over the channels of a ResNet
+    block's (N, C, H, W) feature map (`channels_first`).
+
+    Below the first adapter nothing of the tower trains, so that adapter's input needs no
+    gradient; it is made to ask for one. Under ZeRO-3 a module's parameters are released once
+    the gradient reaches its inputs, and for a module whose inputs need none DeepSpeed's hook
+    fires as soon as the gradient reaches its outputs: before the adapter's own weight
+    gradients are accumulated (a shape error in AccumulateGrad, seen on CPU with
+    ds_configs/zero3.json). The input's gradient costs one small matmul and is dropped."""
+
+    def __init__(self, adapter: nn.Module, channels_first: bool):
+        super().__init__()
+        self.adapter, self.channels_first = adapter, channels_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and not x.requires_grad:
+            x = x.detach().requires_grad_()
+        if not self.channels_first:
+            return self.adapter(x)
+        return self.adapter(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 class VisionTower(nn.Module):
-    """A frozen open_clip image tower. Always in eval mode (BatchNorm statistics fixed)."""
+    """An open_clip image tower, frozen unless `train_tower` says otherwise. Always in eval
+    mode (BatchNorm statistics fixed)."""
 
     def __init__(self, name: str, pretrained: str = "", grid_pool: int = 6):
         super().__init__()
@@ -195,6 +239,8 @@ class VisionTower(nn.Module):
         self.pixel_scale, self.pixel_shift = pixel_scale_shift(CLIP_MEAN, CLIP_STD)
         self.requires_grad_(False)
         self.eval()
+        self.trains = "frozen"  # model.vision_train, set by train_tower
+        self.in_model = False  # held by a VL model (VLModel.attach_tower): it computes the tokens
 
     def train(self, mode: bool = True):
         return super().train(False)  # frozen: BatchNorm and dropout stay in eval mode
@@ -249,8 +295,10 @@ class VisionTower(nn.Module):
         A batch that already holds `vis_feats` (cached CLIP features) passes through.
         `grad=True` keeps the graph through the tower (its parameters must require grad: the
         backbone pretraining of bench/mini_repro.py); training and evaluation never ask for it.
+        A tower held by the VL model (it trains) passes the pixels through: the model's forward
+        computes the tokens with the graph (VLModel.encoder_inputs).
         """
-        if "vis_feats" in batch:
+        if "vis_feats" in batch or self.in_model:
             return batch
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return self._visual_inputs(batch, max_frames)
@@ -263,3 +311,58 @@ class VisionTower(nn.Module):
             return {**batch, **image_tokens(tokens.reshape(b, n * tokens.shape[1], -1), n)}
         emb = self.frame_embeddings(batch["frames"])  # (B, T, D)
         return {**batch, **frame_tokens(emb, max_frames)}
+
+
+def _tower_sites(visual: nn.Module, is_resnet: bool) -> list[tuple[str, nn.Module, int]]:
+    """(key, module whose output an adapter transforms, width) inside the tower."""
+    if is_resnet:
+        return [
+            (f"layer{i}-{j}", block.bn3, block.bn3.num_features)
+            for i in range(1, 5)
+            for j, block in enumerate(getattr(visual, f"layer{i}"))
+        ]
+    width = visual.transformer.width
+    return [
+        (f"block{i}-{part}", getattr(block, part), width)
+        for i, block in enumerate(visual.transformer.resblocks)
+        for part in ("attn", "mlp")
+    ]
+
+
+def train_tower(
+    tower: VisionTower, mode: str, reduction_factor: int, video: bool, fused_kernel: str = "auto"
+) -> None:
+    """Mark what of `tower` trains for model.vision_train=`mode` (see the module docstring);
+    `video`: its pooled output is read (frame embeddings), else its grid tokens."""
+    from vlds.config import ConfigError
+    from vlds.peft.adapter import Adapter
+    from vlds.peft.inject import transform_output
+
+    if mode not in VISION_TRAIN:
+        raise ConfigError(f"model.vision_train={mode!r}; valid: {', '.join(VISION_TRAIN)}")
+    tower.trains = mode
+    v = tower.visual
+    tower.requires_grad_(False)
+    if mode == "full":
+        v.requires_grad_(True)
+        if not video and tower.is_resnet:
+            v.attnpool.requires_grad_(False)
+        elif not video and v.proj is not None:
+            v.proj.requires_grad_(False)
+    elif mode == "ln":
+        for m in v.modules():
+            if isinstance(m, nn.LayerNorm | nn.BatchNorm2d):
+                m.requires_grad_(True)
+    elif mode == "adapter":
+        tower.adapters = nn.ModuleDict()
+        for key, module, width in _tower_sites(v, tower.is_resnet):
+            if width % reduction_factor:
+                raise ConfigError(
+                    f"model.vision_train=adapter: peft.reduction_factor={reduction_factor} "
+                    f"does not divide the tower's width {width} at {key}"
+                )
+            adapter = Adapter(width, width // reduction_factor, fused_kernel=fused_kernel)
+            nn.init.zeros_(adapter.up.weight)  # the tower starts as the pretrained one
+            nn.init.zeros_(adapter.up.bias)
+            tower.adapters[key] = TowerAdapter(adapter, channels_first=tower.is_resnet)
+            transform_output(module, tower.adapters[key])

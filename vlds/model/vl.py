@@ -158,6 +158,16 @@ class VLModel(nn.Module):
         self.router = None  # per-sample task routing, set by vlds.peft.inject
         # (embeds, mask) -> (embeds, mask) applied to the text part, e.g. prompt tuning
         self.input_transforms: list[nn.Module] = []
+        self.tower = None  # a VisionTower that trains (attach_tower), or None: frozen outside
+        self.max_frames = 0
+
+    def attach_tower(self, tower: nn.Module, max_frames: int) -> None:
+        """Hold a tower part of which trains (vlds.model.vision.train_tower): its parameters
+        become the model's (inside the DeepSpeed engine: optimised, partitioned, saved, and
+        counted in the "% updated"), and encoder_inputs computes the visual tokens from the
+        batch's pixels with the graph. Called after apply_peft, which freezes the model."""
+        self.tower, self.max_frames = tower, max_frames
+        tower.in_model = True
 
     @property
     def d_model(self) -> int:
@@ -169,6 +179,11 @@ class VLModel(nn.Module):
         return backbone_init(module, self.arch, getattr(self.lm.config, "init_std", 0.02))
 
     def encoder_inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "vis_feats" not in batch:
+            if self.tower is None:
+                raise ValueError("a batch of pixels for a model without a tower: run its "
+                                 "VisionTower.visual_inputs first")  # fmt: skip
+            batch = self.tower._visual_inputs(batch, self.max_frames)
         table = self.lm.get_input_embeddings()
         text = table(batch["input_ids"])  # (B, Tt, d), scaled for BART
         n_text = text.shape[1]
@@ -309,4 +324,33 @@ def check_model_inputs(cfg) -> None:
         raise ConfigError(
             f"eval.no_repeat_ngram_size={n} must be >= 0 (0 = off) or none (the backbone's "
             f"generation config, as the reference)"
+        )
+
+
+@config_check
+def check_vision_train(cfg) -> None:
+    """model.vision_train is known and has pixels to train on (vlds.model.vision)."""
+    from vlds.model.vision import VISION_TRAIN
+
+    mode = cfg.model.vision_train
+    if mode not in VISION_TRAIN:
+        raise ConfigError(
+            f"model.vision_train={mode!r}; valid: {', '.join(VISION_TRAIN)} (frozen: the "
+            f"paper's choice; full: the whole tower; ln: its normalisation layers; adapter: "
+            f"adapters in its blocks)"
+        )
+    if mode == "frozen":
+        return
+    if cfg.data.features == "true":
+        raise ConfigError(
+            f"model.vision_train={mode} trains the CLIP tower, which needs pixels, but "
+            f"data.features=true reads cached features (computed once by a frozen tower); "
+            f"point data.root at pixel shards with --data.features=false, or keep "
+            f"--model.vision_train=frozen"
+        )
+    if cfg.data.blind:
+        raise ConfigError(
+            f"data.blind feeds every sample one constant image (the text prior), from which "
+            f"a training tower (model.vision_train={mode}) learns nothing; set "
+            f"--model.vision_train=frozen"
         )

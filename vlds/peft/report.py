@@ -6,9 +6,12 @@ download): how many parameters a method trains and what share of the VL model th
     python -m vlds.peft.report --backbone t5-base --method single_lora --feat-dim 512
     python -m vlds.peft.report --backbone bart-base --method single_adapter+multiple_prompts
     python -m vlds.peft.report --backbone bart-base --all        # a table of every method
+    python -m vlds.peft.report --backbone bart-base --vision RN101 --vision-train adapter
 
 "% updated" = trainable / all parameters of the VL model: language model + visual embedding +
-added modules; CLIP excluded, tied weights counted once, buffers not counted.
+added modules; CLIP excluded, tied weights counted once, buffers not counted. A CLIP tower that
+trains (--vision-train full|ln|adapter: model.vision_train) is part of the model and counted,
+all of it in the total; it is built with random weights on the CPU (seconds for RN101).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import torch
 
 from vlds.config import PeftConfig
+from vlds.model.vision import VISION_TRAIN
 from vlds.peft.inject import apply_peft, count_parameters
 from vlds.peft.registry import METHODS, method_class
 
@@ -73,6 +77,8 @@ def report(
     feat_dim: int = 2048,
     reduction_factor: int = 8,
     extra_tokens: int | None = None,
+    vision: str = "",
+    vision_train: str = "frozen",
     **peft,
 ) -> dict:
     from vlds.model.vl import VLModel
@@ -83,6 +89,13 @@ def report(
         apply_peft(
             model, PeftConfig(method=method, reduction_factor=reduction_factor, **peft), tasks
         )
+    if vision_train != "frozen":  # open_clip cannot build on the meta device
+        from vlds.data.tasks import VIDEO_TASKS
+        from vlds.model.vision import VisionTower, train_tower
+
+        tower = VisionTower(vision or "RN101")
+        train_tower(tower, vision_train, reduction_factor, video=tasks[0] in VIDEO_TASKS)
+        model.attach_tower(tower, 0)
     return count_parameters(model)
 
 
@@ -105,13 +118,26 @@ def main(argv=None) -> None:
         help="tokens added to the vocabulary (default: 200 for bart-base, 100 for t5-base)",
     )
     p.add_argument("--all", action="store_true", help="a table of every method")
+    p.add_argument("--vision", default="RN101", help="the CLIP tower (open_clip name)")
+    p.add_argument(
+        "--vision-train",
+        default="frozen",
+        choices=VISION_TRAIN,
+        help="what of the tower trains (model.vision_train); frozen: not counted",
+    )
     a = p.parse_args(argv)
     try:
         method_class(a.method)
     except ValueError as e:  # ConfigError
         p.error(str(e))
     tasks = [t for t in a.tasks.split(",") if t]
-    kw = dict(feat_dim=a.feat_dim, reduction_factor=a.reduction_factor, extra_tokens=a.extra_tokens)
+    kw = dict(
+        feat_dim=a.feat_dim,
+        reduction_factor=a.reduction_factor,
+        extra_tokens=a.extra_tokens,
+        vision=a.vision,
+        vision_train=a.vision_train,
+    )
     if not a.all:
         print(json.dumps(report(a.backbone, a.method, tasks, **kw)))
         return
