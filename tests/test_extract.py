@@ -176,6 +176,9 @@ def test_config_checks_feature_shards(pixel_root, feats32):
         check(feats32, **{"model.vision": "vlds-tiny-vit"})
     with pytest.raises(DataError, match="grid_pool=3 .config: 6"):
         check(feats32, **{"model.grid_pool": "6"})
+    check(pixel_root, **{"model.vision_train": "adapter"})  # a tower that trains reads pixels
+    with pytest.raises(DataError, match="vision_train=adapter trains the CLIP tower, which needs"):
+        check(feats32, **{"model.vision_train": "adapter"})
 
 
 def test_training_on_extracted_features(feats32, tmp_path):
