@@ -236,6 +236,9 @@ class TrainConfig:
     # nearest multiple of it), data.batch_size the largest micro-batch per rank (global_batch)
     global_batch_size: int = _match(0)
     seed: int = _match(0)
+    # "adapt" (PEFT on a backbone) or "pretrain": VL-T5-style objectives on the whole backbone,
+    # which is written to out_dir/backbone at the end (vlds.pretrain)
+    stage: str = _match("adapt")
     precision: str = _match("auto")  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" | "fp32"
     out_dir: str = _run("runs/{preset}")  # a fresh run moves an earlier one aside
     resume: str = _run("")  # "" | "latest" | a checkpoint folder

@@ -21,6 +21,7 @@ import vlds.data.tasks  # noqa: F401  (registers the data.tasks check)
 import vlds.kernels  # noqa: F401  (registers the peft.fused_kernel check)
 import vlds.model.vl  # noqa: F401  (registers the model.visual_input / eval.nlvr_predict checks)
 import vlds.peft  # noqa: F401  (registers the peft.method check)
+import vlds.pretrain  # noqa: F401  (registers the train.stage check)
 import vlds.trackers  # noqa: F401  (registers the train.report_to check)
 from vlds.config import Config, ConfigError, config_check, global_batch
 

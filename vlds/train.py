@@ -180,7 +180,12 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
         preemption=preemption,
     )
     trainer.load(found)
-    return trainer.fit()
+    result = trainer.fit()
+    if cfg.train.stage == "pretrain" and not result.get("preempted") and info.is_main:
+        from vlds.pretrain import write_backbone
+
+        result["backbone"] = str(write_backbone(cfg, out_dir, tokenizer, local))
+    return result
 
 
 def plan_line(plan: dict) -> str:

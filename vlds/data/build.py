@@ -6,6 +6,7 @@ The one place loaders are built: training (vlds/train.py) and the standalone eva
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from pathlib import Path
@@ -280,11 +281,15 @@ class DataBuilder:
 
     def _stream(self, epoch: int, skip_steps: int = 0) -> TrainStream:
         d = self.cfg.data
+        collate = self.collate
+        if self.cfg.train.stage == "pretrain":  # training batches only: evaluation as usual
+            collate = copy.copy(collate)
+            collate.pretrain = True
         return TrainStream(
             self.train_idx,
             self.sizes,
             self.preprocess,
-            self.collate,
+            collate,
             rank=self.info.rank,
             world=self.info.world_size,
             seed=self.cfg.train.seed,

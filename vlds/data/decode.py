@@ -271,6 +271,9 @@ class Collator:
         self.max_text, self.max_target = max_text_len, max_target_len
         self.max_frames = max_frames
         self.vqa_target, self.caption_loss = vqa_target, caption_loss
+        # train.stage=pretrain: training batches of image captions take the pretraining
+        # objectives (vlds.pretrain); set on the training stream's copy by DataBuilder
+        self.pretrain = False
 
     def _target(self, task, sample: dict, epoch: int) -> tuple[str, float]:
         """(training target, loss weight) of one labelled sample at this epoch's visit."""
@@ -278,6 +281,22 @@ class Collator:
         if self.vqa_target == "soft" and task.soft_target is not None:
             return task.soft_target(sample["rec"], rng)
         return task.train_target(sample["rec"], rng, sample.get("sentence")), 1.0
+
+    def _pretrain_pairs(self, samples, texts, drawn, epoch):
+        """Each caption visit's pretraining pair (vlds.pretrain.caption_objective), drawn
+        from the sample and the epoch (a resumed run draws the same)."""
+        from vlds.pretrain import caption_objective, sentinel
+
+        pairs = [
+            caption_objective(
+                target,
+                random.Random(f"pretrain-{s['key']}-{epoch}"),
+                text,
+                lambda k: sentinel(self.tok, k),
+            )
+            for s, text, (target, _) in zip(samples, texts, drawn, strict=True)
+        ]
+        return [a for a, _ in pairs], [(b, w) for (_, b), (_, w) in zip(pairs, drawn, strict=True)]
 
     def _tokenize(self, texts: list[str], limit: int, task_limit: int | None):
         n = limit if limit > 0 else task_limit  # None: untruncated, as the reference
@@ -293,6 +312,8 @@ class Collator:
         # (predicted only: DataBuilder never trains on them) have none.
         # A VQA sample with data.vqa_target=soft draws its answer and loss weight the same way.
         drawn = [self._target(task, s, epoch) if labelled(s["rec"]) else ("", 1.0) for s in samples]
+        if self.pretrain and task.generative_caption and task.kind == "image":
+            texts, drawn = self._pretrain_pairs(samples, texts, drawn, epoch)
         targets = [t for t, _ in drawn]
         enc = self._tokenize(texts, self.max_text, task.max_text_len)
         lab = self._tokenize(targets, self.max_target, task.max_target_len)

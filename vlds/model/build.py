@@ -7,6 +7,7 @@ builds a randomly initialised model of the configured sizes without touching the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -15,6 +16,8 @@ from vlds.config import Config, ConfigError
 from vlds.data.tasks import VIDEO_TASKS
 from vlds.model.vision import VisionTower, train_tower
 from vlds.model.vl import VLModel
+
+log = logging.getLogger("vlds")
 
 
 def build_tokenizer(cfg: Config, data_root: Path | None = None):
@@ -185,6 +188,27 @@ def lm_weights(cfg: Config, tokenizer, data_root: Path | None = None) -> str:
     return str(ensure_lm(cfg, data_root, tokenizer))
 
 
+def load_visual_embed(model: VLModel, lm_path: str) -> None:
+    """The visual embedding a pretraining run wrote beside its language model (vlds.pretrain:
+    <dir>/visual_embed.safetensors), when model.lm is such a folder; it must fit this model."""
+    from vlds.pretrain import VISUAL_EMBED
+
+    f = Path(lm_path) / VISUAL_EMBED
+    if not f.is_file():
+        return
+    from safetensors.torch import load_file
+
+    try:
+        model.visual_embed.load_state_dict(load_file(f))
+    except RuntimeError as e:
+        raise ConfigError(
+            f"{f} does not fit this model's visual embedding (another tower or width?): "
+            f"{' '.join(str(e).split())[:300]}; pretrain with the same --model.vision, or "
+            f"delete the file to start it fresh"
+        ) from None
+    log.info("loaded the pretrained visual embedding from %s", f)
+
+
 def build_model(
     cfg: Config, tokenizer, tower: VisionTower, data_root: Path | None = None
 ) -> VLModel:
@@ -198,6 +222,7 @@ def build_model(
         torch.manual_seed(cfg.train.seed + 1)
     lm = build_lm(cfg, *vocab_of(tokenizer), path=path)
     model = VLModel(lm, cfg.model.arch, feat_dim_for(cfg, tower), cfg.model.visual_input)
+    load_visual_embed(model, path)
     apply_peft(model, cfg.peft, cfg.task_list)
     if cfg.model.vision_train != "frozen":  # the tower goes inside the model (and the engine)
         video = cfg.task_list[0] in VIDEO_TASKS

@@ -171,6 +171,17 @@ def pretrain(cfg, tokenizer, steps: int | None = None, seed: int = 0):
     return lm, acc
 
 
+def save_lm_dir(lm, tokenizer, path: Path) -> None:
+    """A language model folder that --model.lm=DIR and --model.tokenizer=DIR load:
+    save_pretrained of both, and a sentencepiece tokenizer's model file (loaded by
+    T5Tokenizer as "synthetic" loads it)."""
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    vocab = getattr(tokenizer, "vocab_file", None)
+    if vocab and Path(vocab).is_file():
+        shutil.copy(vocab, Path(path) / "spiece.model")
+
+
 def ensure_lm(cfg, data_root: Path, tokenizer) -> Path:
     """The cached pretrained model directory (see the module docstring), pretrained first if
     missing: once per host (others wait on a lock), renamed into place whole."""
@@ -179,11 +190,7 @@ def ensure_lm(cfg, data_root: Path, tokenizer) -> Path:
     def build(tmp: Path) -> None:
         lm, acc = pretrain(cfg, tokenizer)
         log.info("pretrained the embedded language model: held-out exact match %.2f", acc)
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        vocab = getattr(tokenizer, "vocab_file", None)  # sentencepiece: keep the model file, so
-        if vocab and Path(vocab).is_file():  # --model.tokenizer=DIR loads it as "synthetic" does
-            shutil.copy(vocab, tmp / "spiece.model")
+        save_lm_dir(lm, tokenizer, tmp)
         (tmp / "pretraining.json").write_text(
             json.dumps(
                 {
