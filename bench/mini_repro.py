@@ -3,6 +3,8 @@
     python bench/mini_repro.py                      # the whole experiment (make repro)
     python bench/mini_repro.py --seeds 0 --methods single_adapter,full_finetune --no-video
     python bench/mini_repro.py --report-only        # re-write the report from finished runs
+    python bench/mini_repro.py --seeds 0 --methods single_adapter --analyses clip,pretrain \
+        --no-video                                  # the paper's analyses only
 
 1. Data: the embedded default of `make train` (8 tasks of the shapes world).
 2. Backbone: the embedded default's own, built by the product on first use: the tiny open_clip
@@ -27,6 +29,14 @@
    one caption sample per image or clip and batches of 32 (16 for video). Two runs at a time,
    one core each; a finished run (its metrics.json) is never redone, so an interrupted experiment
    continues where it stopped.
+   The paper's analyses add single-adapter rows (--analyses, all by default): "prompts", the
+   single adapter with per-task prompts (peft.method=single_adapter+multiple_prompts);
+   "clip", CLIP fine-tuned and adapters inside CLIP (model.vision_train=full / adapter: these
+   read pixels, since a tower that trains cannot use cached features), beside the frozen
+   tower of every other row; "pretrain", the single adapter on a backbone that first went
+   through vlds' V&L pre-training stage (train.stage=pretrain: the whole model, --pretrain-
+   epochs on the image tasks' training split, written to out/pretrain/backbone and loaded
+   with --model.lm=DIR).
 5. Report: report.md (per method: % updated, each task's official metric as mean +- std over
    seeds, the average, the same model's average with shuffled images and the gap between the
    two (what the images contribute), step time, peak memory, checkpoint bytes; the text prior;
@@ -54,6 +64,12 @@ from vlds.recipe import RECIPES, SPLIT_SIZES, recipe_lr, reference_shares  # noq
 IMAGE_TASKS = "vqa,gqa,nlvr,caption"
 VIDEO_TASKS = "tvqa,how2qa,tvc,yc2c"
 VIDEO_METHODS = ("single_adapter", "full_finetune")
+# The paper's analyses, each a single-adapter row with a variant (the report's row name)
+ANALYSES = {
+    "prompts": [("single_adapter+multiple_prompts", "")],
+    "clip": [("single_adapter", "clip-full"), ("single_adapter", "clip-adapter")],
+    "pretrain": [("single_adapter", "vl-pretrained")],
+}
 # The reference's mixture: its epoch's step shares on the real releases (VQA 28, GQA 29, NLVR2
 # 12, captions 31 %; vlds.recipe). The shapes world has 8,000 samples per task, so the
 # reference's rule (one caption sample per sentence, per-task batches) would give other shares
@@ -81,6 +97,7 @@ PEFT = {
 
 def parse_args(argv):
     from vlds.peft import METHODS
+    from vlds.peft.registry import method_class
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "runs" / "mini_repro")
@@ -94,11 +111,26 @@ def parse_args(argv):
     p.add_argument("--parallel", type=int, default=2, help="runs at a time (one thread each)")
     p.add_argument("--eval-samples", type=int, default=300, help="validation samples per task")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--analyses",
+        default=",".join(ANALYSES),
+        help=f"the paper's analyses to add (comma list of {', '.join(ANALYSES)}; '' for none)",
+    )
+    p.add_argument("--pretrain-epochs", type=int, default=1, help="epochs of V&L pre-training")
     args = p.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(args.methods) - set(METHODS))
+    unknown = []
+    for m in args.methods:
+        try:
+            method_class(m)
+        except ValueError:
+            unknown.append(m)
     if unknown:
         p.error(f"unknown method(s) {unknown}; valid: {', '.join(sorted(METHODS))}")
+    args.analyses = [a.strip() for a in args.analyses.split(",") if a.strip()]
+    bad = sorted(set(args.analyses) - set(ANALYSES))
+    if bad:
+        p.error(f"unknown analysis {bad}; valid: {', '.join(ANALYSES)}")
     args.seeds = [int(s) for s in args.seeds.split(",")]
     return args
 
@@ -151,19 +183,44 @@ def prepare(down_root: Path, out: Path) -> Path:
 
 
 def run_specs(args) -> list[dict]:
+    """One entry per run: `method` is the report's row (the PEFT method, `@variant` for an
+    analysis row), `peft` the method it trains."""
     specs = []
+    extra = [row for a in args.analyses for row in ANALYSES[a]]
     for video in (False, True):
         if video and args.no_video:
             continue
-        methods = [m for m in args.methods if not video or m in VIDEO_METHODS]
-        for method in methods:
+        rows = [(m, "") for m in args.methods if not video or m in VIDEO_METHODS]
+        rows += [] if video else [r for r in extra if r not in rows]
+        for method, variant in rows:
             lr = recipe_lr("video" if video else "image", method)[0]  # the reference's table
+            label = f"{method}@{variant}" if variant else method
             for seed in args.seeds:
-                name = f"{'video' if video else 'image'}/{method}/seed{seed}"
+                name = f"{'video' if video else 'image'}/{label}/seed{seed}"
                 specs.append(
-                    {"name": name, "video": video, "method": method, "seed": seed, "lr": lr}
+                    {
+                        "name": name,
+                        "video": video,
+                        "method": label,
+                        "peft": method,
+                        "variant": variant,
+                        "seed": seed,
+                        "lr": lr,
+                    }  # fmt: skip
                 )
     return specs
+
+
+def pretrain_args(feats: Path, down_root: Path, out: Path, args) -> list[str]:
+    """The V&L pre-training run of the "pretrain" analysis: the whole model (the rate of full
+    fine-tuning, 1e-4) on the image tasks' cached features, seed 0."""
+    spec = {"name": "pretrain", "video": False, "method": "full_finetune", "variant": "",
+            "seed": 0, "lr": recipe_lr("image", "full_finetune")[0]}  # fmt: skip
+    argv = train_args(spec, feats, down_root, out, args)
+    return [a for a in argv if not a.startswith("--train.epochs=")] + [
+        f"--train.epochs={args.pretrain_epochs}",
+        "--train.stage=pretrain",
+    ]
 
 
 def train_args(spec: dict, feats: Path, down_root: Path, out: Path, args) -> list[str]:
@@ -182,7 +239,7 @@ def train_args(spec: dict, feats: Path, down_root: Path, out: Path, args) -> lis
         "data.tasks": VIDEO_TASKS if spec["video"] else IMAGE_TASKS,
         "data.mixing_weights": IMAGE_MIX,
         "data.caption_samples": "image",
-        "peft.method": spec["method"],
+        "peft.method": spec.get("peft", spec["method"]),
         "train.lr": spec["lr"],
         "train.seed": spec["seed"],
         "train.epochs": args.video_epochs if spec["video"] else args.epochs,
@@ -194,6 +251,23 @@ def train_args(spec: dict, feats: Path, down_root: Path, out: Path, args) -> lis
         "eval.batch_size": 100,
         "eval.caption_beams": 3,
     }
+    variant = spec.get("variant", "")
+    if variant.startswith("clip-"):  # a tower that trains reads pixels; the same language model
+        from vlds.config import build_config
+        from vlds.model.embedded_lm import lm_dir
+
+        lm = lm_dir(build_config("tiny", MODEL), feats)
+        over.update(
+            {
+                "model.lm": str(lm),
+                "model.vision_train": variant.removeprefix("clip-"),
+                "data.root": str(down_root),
+                "data.features": "false",
+            }
+        )
+    elif variant == "vl-pretrained":
+        backbone = out / "pretrain" / "backbone" / "lm"
+        over.update({"model.lm": str(backbone), "model.tokenizer": str(backbone)})
     if spec["video"]:  # the preset's mixing weights name the image tasks
         over.update(
             {
@@ -206,30 +280,43 @@ def train_args(spec: dict, feats: Path, down_root: Path, out: Path, args) -> lis
     return [f"--{k}={v}" for k, v in over.items()]
 
 
+def train(name: str, argv: list[str], run_dir: Path) -> None:
+    """`python vlds/train.py ARGV` on one thread, in a world of its own; its log beside it."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for k in list(env):  # a world of one per run, on its own free port, even under srun
+        if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") or (
+            k.startswith("SLURM_")
+        ):
+            env.pop(k)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "w") as f:
+        cmd = [sys.executable, "vlds/train.py", *argv]
+        p = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = log.read_text()[-2000:]
+        raise RuntimeError(f"{name} failed (exit {p.returncode}); log {log}:\n{tail}")
+
+
+def pretrain_backbone(feats: Path, down_root: Path, out: Path, args) -> Path:
+    """The "pretrain" analysis' backbone, trained once (a finished one is reused)."""
+    backbone = out / "pretrain" / "backbone"
+    if not (backbone / "backbone.json").is_file():
+        train("pretrain", pretrain_args(feats, down_root, out, args), out / "pretrain")
+    return backbone
+
+
 def run_one(spec: dict, feats: Path, down_root: Path, out: Path, args) -> dict:
     run_dir = out / spec["name"]
     done = run_dir / "metrics.json"
     if not done.is_file():
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-        for k in list(env):  # a world of one per run, on its own free port, even under srun
-            if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") or (
-                k.startswith("SLURM_")
-            ):
-                env.pop(k)
-        cmd = [sys.executable, "vlds/train.py", *train_args(spec, feats, down_root, out, args)]
         t0 = time.time()
-        log = run_dir.parent / f"{run_dir.name}.log"
-        with open(log, "w") as f:
-            p = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-        if p.returncode != 0:
-            tail = log.read_text()[-2000:]
-            raise RuntimeError(f"{spec['name']} failed (exit {p.returncode}); log {log}:\n{tail}")
+        train(spec["name"], train_args(spec, feats, down_root, out, args), run_dir)
         result = json.loads(done.read_text())
         result["wall_s"] = round(time.time() - t0, 1)
         done.write_text(json.dumps(result, indent=2) + "\n")
@@ -264,6 +351,8 @@ def main(argv=None) -> None:
         t0 = time.time()
         down_root = ensure_synthetic()  # the default of `make train`
         feats = prepare(down_root, out)
+        if "pretrain" in args.analyses:
+            pretrain_backbone(feats, down_root, out, args)
         timing = {"prepare_s": round(time.time() - t0, 1)}
         with cf.ThreadPoolExecutor(args.parallel) as pool:
             futures = [pool.submit(run_one, s, feats, down_root, out, args) for s in specs]

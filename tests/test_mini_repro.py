@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.mini_report import findings, summarise, verdict, write_report
+from bench.mini_report import findings, rule_verdict, summarise, verdict, write_report
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -114,6 +114,70 @@ def test_a_method_that_ignores_the_images_makes_a_finding_not_testable(runs):
     assert "**not testable: single_prompt does not use the images beyond seed noise**" in prompt
     adapter = next(x for x in findings(image, {}) if x.startswith("- Single adapter"))
     assert "**reproduced**" in adapter  # both use the images (gaps of 20 points)
+
+
+def test_the_analyses_rows_by_their_stated_rules(runs):
+    """single_adapter averages 70.5 ± 0.7 (2σ 1.4); the analysis rows are hand-made."""
+    extra = [
+        fake_run("single_adapter@clip-full", 0, (62, 52, 72, 104), 100.0),  # 72.5: +2.0
+        fake_run("single_adapter@clip-full", 1, (62, 52, 72, 104), 100.0),
+        fake_run("single_adapter@clip-adapter", 0, (60, 50, 70, 102), 9.0),  # 70.5: +0.0
+        fake_run("single_adapter@clip-adapter", 1, (60, 50, 70, 102), 9.0),
+        fake_run("single_adapter@vl-pretrained", 0, (64, 54, 74, 104), 5.0),  # 74.0: +3.5
+        fake_run("single_adapter@vl-pretrained", 1, (64, 54, 74, 104), 5.0),
+        fake_run("single_adapter+multiple_prompts", 0, (59, 50, 71, 100), 7.0),  # 70.0
+    ]
+    lines = findings(summarise(runs + extra, video=False), {})
+    full = next(x for x in lines if "than fine-tuning CLIP" in x)
+    assert "= +2.0 points (2σ of seeds 1.4)" in full and "**not reproduced**" in full
+    inside = next(x for x in lines if "adapters inside CLIP" in x)
+    assert "= +0.0 points" in inside and "**reproduced**" in inside
+    pre = next(x for x in lines if "V&L pre-training" in x)
+    assert "= +3.5 points" in pre and "**reproduced**" in pre
+    prompts = next(x for x in lines if "Per-task prompts" in x)
+    assert "-0.5 points (2σ of seeds 1.4)" in prompts and "no verdict" in prompts
+    assert rule_verdict(-0.5, 1.4, "a ahead") == "within seed noise"
+    assert rule_verdict(-3.0, 1.4, "a ahead") == "not reproduced"
+
+
+def test_the_analyses_train_what_they_name(tmp_path):
+    from bench import mini_repro as M
+
+    args = M.parse_args(["--seeds", "0,1", "--methods", "single_adapter", "--no-video"])
+    specs = {s["name"]: s for s in M.run_specs(args)}
+    assert sorted(specs) == sorted(
+        f"image/{row}/seed{s}"
+        for row in (
+            "single_adapter",
+            "single_adapter+multiple_prompts",
+            "single_adapter@clip-full",
+            "single_adapter@clip-adapter",
+            "single_adapter@vl-pretrained",
+        )
+        for s in (0, 1)
+    )
+    feats, down = tmp_path / "features", tmp_path / "shapes"
+
+    def argv(name):
+        given = M.train_args(specs[name], feats, down, tmp_path, args)
+        return dict(a[2:].split("=", 1) for a in given)
+
+    clip = argv("image/single_adapter@clip-adapter/seed1")
+    assert (clip["model.vision_train"], clip["data.features"], clip["data.root"]) == (
+        "adapter", "false", str(down)
+    )  # fmt: skip
+    assert clip["model.lm"] == str(feats / "lms" / "t5-d96-l3-h4-ff384-v3")
+    assert clip["peft.method"] == "single_adapter" and clip["train.seed"] == "1"
+    pre = argv("image/single_adapter@vl-pretrained/seed0")
+    assert pre["model.lm"] == pre["model.tokenizer"] == str(tmp_path / "pretrain/backbone/lm")
+    assert pre["data.features"] == "true"
+    both = argv("image/single_adapter+multiple_prompts/seed0")
+    assert both["peft.method"] == "single_adapter+multiple_prompts"
+    stage = dict(a[2:].split("=", 1) for a in M.pretrain_args(feats, down, tmp_path, args))
+    assert (stage["train.stage"], stage["peft.method"], stage["train.epochs"]) == (
+        "pretrain", "full_finetune", "1"
+    )  # fmt: skip
+    assert stage["train.lr"] == "0.0001" and stage["train.out_dir"] == str(tmp_path / "pretrain")
 
 
 def test_unknown_method_is_refused():
