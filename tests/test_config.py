@@ -136,7 +136,9 @@ def test_every_owner_registers_its_check():
         "vlds.kernels",
         "vlds.trackers",
         "vlds.engine",  # train.decay_exempt
-        "vlds.model.vl",  # model.visual_input, eval.nlvr_predict / no_repeat_ngram_size
+        "vlds.model.vl",  # model.visual_input, eval.nlvr_predict / no_repeat_ngram_size,
+        # model.vision_train
+        "vlds.pretrain",  # train.stage
     }
 
 

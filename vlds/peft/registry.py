@@ -92,9 +92,10 @@ def method_class(name: str) -> type[Method]:
     base, prompts = split_method(name)
     for part in (base, prompts):
         if part is not None and part not in METHODS:
+            where = f" in peft.method={name!r}" if prompts else ""
             raise ConfigError(
-                f"unknown PEFT method {part!r} in peft.method={name!r}; valid methods: "
-                f"{', '.join(METHODS)}, or METHOD+PROMPTS (e.g. single_adapter+multiple_prompts)"
+                f"unknown PEFT method {part!r}{where}; valid methods: {', '.join(METHODS)}, "
+                f"or METHOD+PROMPTS (e.g. single_adapter+multiple_prompts)"
             )
     if prompts is None:
         return METHODS[base]
