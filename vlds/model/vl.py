@@ -336,8 +336,8 @@ def check_vision_train(cfg) -> None:
     if mode not in VISION_TRAIN:
         raise ConfigError(
             f"model.vision_train={mode!r}; valid: {', '.join(VISION_TRAIN)} (frozen: the "
-            f"paper's choice; full: the whole tower; ln: its normalisation layers; adapter: "
-            f"adapters in its blocks)"
+            f"paper's choice; full: all it computes the tokens with; ln: its normalisation "
+            f"layers; adapter: adapters in its blocks)"
         )
     if mode == "frozen":
         return
