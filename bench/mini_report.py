@@ -192,14 +192,9 @@ def findings(image: dict, video: dict) -> list[str]:
     def gap_line(claim, a, b, rows, paper):
         if a not in rows or b not in rows:
             return
-        (ma, sa), (mb, sb) = rows[a]["average"], rows[b]["average"]
-        gap, paper_gap = ma - mb, paper[a] - paper[b]
-        noise = 2 * max(sa, sb)
-        unclear = [m for m in (a, b) if not uses_images(rows[m])]
-        v = verdict(gap, paper_gap, noise)
-        if unclear:
-            does = "does" if len(unclear) == 1 else "do"
-            v = f"not testable: {' and '.join(unclear)} {does} not use the images beyond seed noise"
+        gap, noise, untestable = compare(rows, a, b)
+        paper_gap = paper[a] - paper[b]
+        v = untestable or verdict(gap, paper_gap, noise)
         out.append(
             f"- {claim}: {a} − {b} = {gap:+.1f} points here (2σ of seeds {noise:.1f}), "
             f"{paper_gap:+.1f} in the paper → **{v}**."
@@ -257,6 +252,20 @@ def findings(image: dict, video: dict) -> list[str]:
     return out
 
 
+def compare(rows: dict, a: str, b: str) -> tuple[float, float, str | None]:
+    """Row a's average minus row b's, the noise (2σ of the seeds, the larger of the two rows),
+    and the "not testable" verdict when either row does not use the images (else None)."""
+    (ma, sa), (mb, sb) = rows[a]["average"], rows[b]["average"]
+    unclear = [m for m in (a, b) if not uses_images(rows[m])]
+    untestable = None
+    if unclear:
+        does = "does" if len(unclear) == 1 else "do"
+        untestable = (
+            f"not testable: {' and '.join(unclear)} {does} not use the images beyond seed noise"
+        )
+    return ma - mb, 2 * max(sa, sb), untestable
+
+
 def rule_verdict(gap: float, noise: float, claim: str) -> str:
     """The analyses' stated rules, on a - b (points of the average; noise: 2σ of the seeds,
     the larger of the two rows). claim "a ahead": reproduced when gap > noise, within seed
@@ -284,24 +293,20 @@ def analysis_findings(image: dict) -> list[str]:
     for name, claim, text in rows:
         if base is None or name not in image:
             continue
-        r = image[name]
-        (ma, sa), (mb, sb) = r["average"], base["average"]
-        gap, noise = ma - mb, 2 * max(sa, sb)
-        unclear = [m for m, x in ((name, r), ("single_adapter", base)) if not uses_images(x)]
-        v = rule_verdict(gap, noise, claim)
-        if unclear:
-            v = f"not testable: {' and '.join(unclear)} not using the images beyond seed noise"
+        gap, noise, untestable = compare(image, name, "single_adapter")
+        v = untestable or rule_verdict(gap, noise, claim)
         out.append(
             f"- {text}: {name} − single_adapter = {gap:+.1f} points (2σ of seeds "
-            f"{noise:.1f}) for {r['percent']:.2f} % vs {base['percent']:.2f} % of the "
-            f"parameters updated; rule: {claim.replace('a ', 'the analysis row ')} → **{v}**."
+            f"{noise:.1f}) for {image[name]['percent']:.2f} % vs {base['percent']:.2f} % of "
+            f"the parameters updated; rule: {claim.replace('a ', 'the analysis row ')} → "
+            f"**{v}**."
         )
     if base is not None and "single_adapter+multiple_prompts" in image:
-        (ma, sa), (mb, sb) = image["single_adapter+multiple_prompts"]["average"], base["average"]
+        gap, noise, _ = compare(image, "single_adapter+multiple_prompts", "single_adapter")
         out.append(
-            f"- Per-task prompts added to the single adapter: {ma - mb:+.1f} points (2σ of "
-            f"seeds {2 * max(sa, sb):.1f}); measured, the paper's number is not in the "
-            f"reference notes (no verdict)."
+            f"- Per-task prompts added to the single adapter: {gap:+.1f} points (2σ of "
+            f"seeds {noise:.1f}); measured, the paper's number is not in the reference notes "
+            f"(no verdict)."
         )
     return out
 

@@ -124,21 +124,30 @@ def write_backbone(cfg, run_dir: Path, tokenizer, data_root: Path | None) -> Pat
     from vlds.model.embedded_lm import save_lm_dir
 
     _, tensors, _ = read_adapter(run_dir)
+
+    def under(prefix: str) -> dict:  # the export's tensors of one submodule, by their names there
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
     out = Path(run_dir) / BACKBONE
     tmp = out.with_name(f"{BACKBONE}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     lm = build_lm(cfg, *vocab_of(tokenizer), path=lm_weights(cfg, tokenizer, data_root))
-    part = {k[3:]: v for k, v in tensors.items() if k.startswith("lm.")}
+    part = under("lm.")
     missing, unexpected = lm.load_state_dict(part, strict=False)
-    tied = {"lm_head.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
-    tied |= {f"model.{k}" for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"the export does not match the language model: {missing[:5]}")
+    # the export names a tied tensor once (named_parameters): its other names share its storage
+    state = lm.state_dict()
+    loaded = {state[k].data_ptr() for k in part}
+    untied = [k for k in missing if state[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise RuntimeError(
+            f"the export does not match the language model: missing {untied[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     save_lm_dir(lm, tokenizer, tmp / "lm")
-    embed = {k[13:]: v for k, v in tensors.items() if k.startswith("visual_embed.")}
+    embed = under("visual_embed.")
     save_file({k: v.contiguous() for k, v in embed.items()}, tmp / "lm" / VISUAL_EMBED)
     written = {"lm": "lm/", "visual_embed": f"lm/{VISUAL_EMBED}"}
-    tower_part = {k[len("tower.") :]: v for k, v in tensors.items() if k.startswith("tower.")}
+    tower_part = under("tower.")
     if tower_part:
         written["vision"] = "vision.pt"
         _save_tower(cfg, build_tower(cfg), tower_part, tmp / "vision.pt")

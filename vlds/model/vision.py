@@ -239,7 +239,6 @@ class VisionTower(nn.Module):
         self.pixel_scale, self.pixel_shift = pixel_scale_shift(CLIP_MEAN, CLIP_STD)
         self.requires_grad_(False)
         self.eval()
-        self.trains = "frozen"  # model.vision_train, set by train_tower
         self.in_model = False  # held by a VL model (VLModel.attach_tower): it computes the tokens
 
     def train(self, mode: bool = True):
@@ -340,7 +339,6 @@ def train_tower(
 
     if mode not in VISION_TRAIN:
         raise ConfigError(f"model.vision_train={mode!r}; valid: {', '.join(VISION_TRAIN)}")
-    tower.trains = mode
     v = tower.visual
     tower.requires_grad_(False)
     if mode == "full":

@@ -77,7 +77,7 @@ def report(
     feat_dim: int = 2048,
     reduction_factor: int = 8,
     extra_tokens: int | None = None,
-    vision: str = "",
+    vision: str = "RN101",
     vision_train: str = "frozen",
     **peft,
 ) -> dict:
@@ -93,7 +93,7 @@ def report(
         from vlds.data.tasks import VIDEO_TASKS
         from vlds.model.vision import VisionTower, train_tower
 
-        tower = VisionTower(vision or "RN101")
+        tower = VisionTower(vision)
         train_tower(tower, vision_train, reduction_factor, video=tasks[0] in VIDEO_TASKS)
         model.attach_tower(tower, 0)
     return count_parameters(model)
