@@ -19,11 +19,13 @@ train: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} \
 		$(BIN)/deepspeed vlds/train.py --deepspeed ds_configs/zero2.json $(ARGS)
 
-# Serial: the tests launch real training subprocesses with their own rendezvous ports and
-# timing-sensitive signals; `make test PYTEST_ARGS="-n 2 --dist loadfile"` halves the time on an
-# idle 2-core machine (pytest-xdist is installed) but was flaky under outside load.
+# Two pytest-xdist workers, each given whole test files (module fixtures stay shared), slowest
+# files first (tests/conftest.py), every process on one torch thread: two torch processes with
+# two threads each on 2 cores slow both many times over. TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	PATH=$(abspath $(BIN)):$$PATH OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check vlds tests bench tune

@@ -22,6 +22,19 @@ for _k in list(os.environ):
         del os.environ[_k]
 
 
+# The slowest files (measured: their tests launch training runs, a Ray search or a SLURM
+# cluster), first: `make test` hands whole files to its two xdist workers in collection order
+# (--dist loadfile --no-loadscope-reorder), so a long file never starts when the other worker
+# is nearly done.
+SLOW_FILES = ("test_train.py", "test_reliability.py", "test_slurm.py", "test_distributed.py",
+              "test_tune.py", "test_evaluate.py", "test_mini_repro.py", "test_docs.py")  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(SLOW_FILES)))
+
+
 def pytest_unconfigure(config):
     """After the summary: if the interpreter has not exited within EXIT_WATCHDOG_S (something
     the suite left behind: a non-daemon thread, a child process the exit joins), print every

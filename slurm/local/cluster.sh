@@ -32,7 +32,7 @@
 # time limit, `scancel --signal=USR1 ID` sends SIGUSR1 to the steps' tasks at once (not to the
 # batch shell).
 #
-# Environment: SLURM_LOCAL_CPUS (default: nproc), SLURM_LOCAL_MEMORY_MB (default 1024),
+# Environment: SLURM_LOCAL_CPUS (default: the CPUs this process may use), SLURM_LOCAL_MEMORY_MB (default 1024),
 # KILL_WAIT (SIGTERM -> SIGKILL delay, default 10 s), CRED_EXPIRE (default 10 s, minimum 5),
 # START_TIMEOUT (seconds to wait for the node to be idle, default 60), FIRST_JOB_ID (default 1:
 # train.sbatch derives its rendezvous port from the job id, 20000 + id % 20000).
@@ -188,7 +188,9 @@ cmd_start() {
     # to reach the socket; the key itself is 0400.
     chmod 0755 "$dir" "$dir/munge"
 
-    cpus=${SLURM_LOCAL_CPUS:-$(nproc)}
+    # GNU nproc answers OMP_NUM_THREADS when it is set (a shell with OMP_NUM_THREADS=1 would
+    # get a 1-CPU node on which no 2-task job ever starts): count the CPUs without it.
+    cpus=${SLURM_LOCAL_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}
     mem=${SLURM_LOCAL_MEMORY_MB:-1024}
     ctld_port=$(free_port)
     slurmd_port=$(free_port "$ctld_port")
