@@ -106,10 +106,18 @@ def deepspeed_cmd(args, ranks: int) -> list[str]:
     return [launcher, "--num_gpus", str(ranks), "--master_port", port, "vlds/train.py", *args]
 
 
-def launch_ranks(args, ranks, faults="", check=True):
+def train_cmd(args, ranks: int, launcher: bool = False) -> list[str]:
     """vlds/train.py on `ranks` CPU ranks under the deepspeed launcher; one rank without it
-    (`python vlds/train.py`, a world of one: the launcher's two extra interpreters cost ~15 s)."""
-    cmd = deepspeed_cmd(args, ranks) if ranks > 1 else [sys.executable, "vlds/train.py", *args]
+    unless asked (`python vlds/train.py`, a world of one: the launcher's two extra interpreters
+    cost ~15 s)."""
+    if ranks > 1 or launcher:
+        return deepspeed_cmd(args, ranks)
+    return [sys.executable, "vlds/train.py", *args]
+
+
+def launch_ranks(args, ranks, faults="", check=True):
+    """vlds/train.py on `ranks` CPU ranks (train_cmd)."""
+    cmd = train_cmd(args, ranks)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",

@@ -17,17 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import deepspeed_cmd
+from tests.helpers import train_cmd
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def run(args, faults="", check=True, ranks=1, wait=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}
-    if ranks == 1:
-        cmd = [sys.executable, "vlds/train.py", *args]
-    else:
-        cmd = deepspeed_cmd(args, ranks)
+    cmd = train_cmd(args, ranks)
+    if ranks > 1:
         env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     if not wait:
         return subprocess.Popen(

@@ -14,20 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlds.distributed import free_port
+from tests.helpers import train_cmd
 from vlds.peft import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
-DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 def launch(args, ranks=1, zero=2, timeout=600, launcher=False):
-    config = ["--deepspeed", f"ds_configs/zero{zero}.json", *args]
-    if ranks == 1 and not launcher:
-        cmd = [sys.executable, "vlds/train.py", *config]
-    else:
-        port = str(free_port())
-        cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", port, "vlds/train.py", *config]
+    cmd = train_cmd(["--deepspeed", f"ds_configs/zero{zero}.json", *args], ranks, launcher)
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -166,7 +160,7 @@ def check_finished(out: Path, method: str, steps: int, samples: int) -> dict:
 
 # Through DeepSpeed, one method per family and sharing mode (each one's modules, routing and
 # LayerNorm rule are tested in process for every method: test_peft_methods.py), here on one
-# rank or on two in test_two_ranks_with_gloo (GLOO_METHODS). Left out, as they share these
+# rank or on two in test_two_ranks_with_gloo (GLOO_RUNS). Left out, as they share these
 # runs' engine and export paths: half_shared_adapter (multiple_adapters' TaskAdapters),
 # multiple_compacters (single_compacter's PHM layers, routed as the adapters), single_prompt
 # (multiple_prompts' Prompts), visual_ln (visual_only plus trained norms).

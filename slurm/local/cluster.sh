@@ -32,8 +32,8 @@
 # time limit, `scancel --signal=USR1 ID` sends SIGUSR1 to the steps' tasks at once (not to the
 # batch shell).
 #
-# Environment: SLURM_LOCAL_CPUS (default: the CPUs this process may use), SLURM_LOCAL_MEMORY_MB (default 1024),
-# KILL_WAIT (SIGTERM -> SIGKILL delay, default 10 s), CRED_EXPIRE (default 10 s, minimum 5),
+# Environment: SLURM_LOCAL_CPUS (default: the CPUs this process may use), SLURM_LOCAL_MEMORY_MB
+# (default 1024), KILL_WAIT (SIGTERM -> SIGKILL delay, default 10 s), CRED_EXPIRE (default 10 s, minimum 5),
 # START_TIMEOUT (seconds to wait for the node to be idle, default 60), FIRST_JOB_ID (default 1:
 # train.sbatch derives its rendezvous port from the job id, 20000 + id % 20000).
 set -euo pipefail
