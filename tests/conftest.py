@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import vlds.engine  # noqa: F401  (registers every config section's check, as entry points do)
-from tests.helpers import S3_ENV, SAME_RUN, is_launch_var, launch_ranks, server, tiny_args
+from tests.helpers import S3_ENV, SAME_RUN, is_launch_var, server, tiny_args, train_run
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*No pretrained weights loaded.*")
@@ -114,7 +114,7 @@ def one_and_two_ranks(shapes_root, tmp_path_factory):
     runs = {}
     for ranks, micro in ((1, 16), (2, 8)):
         out = tmp_path_factory.mktemp(f"ranks{ranks}") / "run"
-        launch_ranks(tiny_args(shapes_root, out, f"--data.batch_size={micro}", *SAME_RUN), ranks)
+        train_run(tiny_args(shapes_root, out, f"--data.batch_size={micro}", *SAME_RUN), ranks)
         runs[ranks] = out
     return runs
 

@@ -106,25 +106,19 @@ def deepspeed_cmd(args, ranks: int) -> list[str]:
     return [launcher, "--num_gpus", str(ranks), "--master_port", port, "vlds/train.py", *args]
 
 
-def train_cmd(args, ranks: int, launcher: bool = False) -> list[str]:
-    """vlds/train.py on `ranks` CPU ranks under the deepspeed launcher; one rank without it
-    unless asked (`python vlds/train.py`, a world of one: the launcher's two extra interpreters
-    cost ~15 s)."""
-    if ranks > 1 or launcher:
-        return deepspeed_cmd(args, ranks)
-    return [sys.executable, "vlds/train.py", *args]
+def train_run(args, ranks=1, faults="", check=True, launcher=False, timeout=600):
+    """vlds/train.py ARGS on `ranks` CPU ranks, one torch thread each: forked from the warm
+    server (tests/warm.py), or, with `launcher`, under the deepspeed launcher as users start
+    it. A CompletedProcess (text)."""
+    env = {"OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}
+    if launcher:
+        env = {**os.environ, **env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        cmd = deepspeed_cmd(args, ranks)
+        p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        from tests.warm import run
 
-
-def launch_ranks(args, ranks, faults="", check=True):
-    """vlds/train.py on `ranks` CPU ranks (train_cmd)."""
-    cmd = train_cmd(args, ranks)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "VLDS_FAULTS": faults,
-    }
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        p = run(args, env, ranks=ranks, timeout=timeout)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p

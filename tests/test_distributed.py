@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from tests.helpers import (
     SAME_RUN,
     is_launch_var,
-    launch_ranks,
     slurm_job_id_with_free_port,
     tiny_args,
+    train_run,
 )
 from vlds.distributed import (
     expand_nodelist,
@@ -211,9 +211,9 @@ def _killed_and_resumed(root, out, *extra, zero="zero2"):
         f"--deepspeed=ds_configs/{zero}.json",
         *extra,
     )
-    p = launch_ranks(argv, 2, faults="kill@5", check=False)
+    p = train_run(argv, 2, faults="kill@5", check=False)
     assert p.returncode != 0 and (out / "checkpoints" / "latest").read_text() == "step4"
-    p = launch_ranks([*argv, "--train.resume=latest"], 2)
+    p = train_run([*argv, "--train.resume=latest"], 2)
     assert "resumed from" in p.stderr + p.stdout
     assert "replaying the stream" not in p.stderr + p.stdout  # each rank from its cursors
     return out
@@ -239,7 +239,7 @@ def test_zero3_two_ranks_killed_and_resumed_end_bitwise_equal(shapes_root, tmp_p
     """ZeRO-3 (the trainable tensors partitioned across the ranks, and in the checkpoint)."""
     ref = tmp_path / "ref"
     argv = tiny_args(shapes_root, ref, "--data.batch_size=8", *SAME_RUN)
-    launch_ranks([*argv, "--deepspeed=ds_configs/zero3.json"], 2)
+    train_run([*argv, "--deepspeed=ds_configs/zero3.json"], 2)
     out = _killed_and_resumed(shapes_root, tmp_path / "run", zero="zero3")
     _bitwise_equal(ref, out)
     # the evaluation: 7 and 6 samples per rank, every one scored exactly once

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import warm
+from tests.helpers import train_run
 from vlds.eval.metrics import METRICS
 from vlds.eval.submission import FILE_NAMES, PredictionError, read_predictions, write_predictions
 from vlds.evaluate import reference_rows, score_file
@@ -29,17 +31,19 @@ def run(cmd, timeout=300):
 
 
 def evaluate_cli(run_dir: Path, shards: Path, *args):
-    """`python -m vlds.evaluate --checkpoint RUN/adapter --shards SHARDS ARGS...`"""
-    cmd = [sys.executable, "-m", "vlds.evaluate", "--checkpoint", str(run_dir / "adapter")]
-    return run([*cmd, "--shards", str(shards), *map(str, args)])
+    """`python -m vlds.evaluate --checkpoint RUN/adapter --shards SHARDS ARGS...` (its main,
+    forked from the tests' warm server, one torch thread: tests/warm.py)"""
+    argv = ["--checkpoint", run_dir / "adapter", "--shards", shards, *args]
+    env = {"OMP_NUM_THREADS": "1"}
+    p = warm.run(argv, env, entry="vlds.evaluate:main", timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout + p.stderr
 
 
 def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
     out = tmp_path / "run"
-    run(
+    train_run(  # a world of one (the launcher is tested in test_train.py)
         [
-            sys.executable,  # a world of one (the launcher is tested in test_train.py)
-            "vlds/train.py",
             "--deepspeed",
             "ds_configs/zero2.json",
             f"--data.root={shapes_root}",

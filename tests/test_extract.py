@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import tiny
+from tests.helpers import tiny, train_run
 from vlds.config import build_config
 from vlds.data.build import check_features
 from vlds.data.decode import Collator, Preprocess
@@ -183,9 +180,7 @@ def test_config_checks_feature_shards(pixel_root, feats32):
 
 def test_training_on_extracted_features(feats32, tmp_path):
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "vlds/train.py",
+    args = [
         f"--data.root={feats32}",
         f"--train.out_dir={run}",
         "--data.tasks=vqa,nlvr",
@@ -199,8 +194,6 @@ def test_training_on_extracted_features(feats32, tmp_path):
         "--eval.batch_size=4",
         "--train.log_every=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    train_run(args, timeout=300)
     result = json.loads((run / "metrics.json").read_text())
     assert result["step"] == 2 and result["metrics"]["vqa"]["n"] == 4

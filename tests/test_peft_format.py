@@ -248,13 +248,9 @@ def test_trained_layernorms_have_no_peft_export(tmp_path):
 
 
 def train(root, out, *extra):
-    import os
-    import subprocess
-    from pathlib import Path
+    from tests.helpers import train_run
 
-    cmd = [
-        sys.executable,
-        "vlds/train.py",
+    args = [
         f"--data.root={root}",
         f"--train.out_dir={out}",
         "--model.arch=bart",
@@ -267,9 +263,7 @@ def train(root, out, *extra):
         "--train.max_steps=2",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    repo = Path(__file__).resolve().parent.parent
-    return subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    return train_run(args, check=False)
 
 
 def test_train_py_exports_and_init_from_takes_a_peft_export(shapes_root, tmp_path):

@@ -5,18 +5,15 @@ run end to end through vlds/train.py at toy size."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import byte_tokenizer, tiny_args
+from tests.helpers import byte_tokenizer, tiny_args, train_run
 from vlds.config import ConfigError, build_config, validate
 from vlds.data.decode import Collator
 from vlds.pretrain import caption_objective, span_corruption
@@ -111,16 +108,7 @@ def test_stage_settings_are_checked_before_any_work(over, needle):
 
 
 def _train(args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(
-        [sys.executable, "vlds/train.py", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = train_run(args)
     return p.stdout + p.stderr
 
 

@@ -1,7 +1,9 @@
 """A long run will be killed, preempted and fed broken files: it must lose nothing.
 
-Every test runs the real `vlds/train.py` in a subprocess; failures are made to happen at a
-chosen step with VLDS_FAULTS (vlds/faults.py) or by sending real signals.
+Every test runs vlds/train.py as its own process: forked from the tests' warm server
+(tests/warm.py: `vlds.train.cli`, what the script runs), or as a real interpreter where the
+script's start-up or the launcher is what is tested. Failures are made to happen at a chosen
+step with VLDS_FAULTS (vlds/faults.py) or by sending real signals.
 """
 
 import hashlib
@@ -17,21 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import train_cmd
+from tests.helpers import deepspeed_cmd, train_run
+from tests.warm import Run
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(args, faults="", check=True, ranks=1, wait=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}
-    cmd = train_cmd(args, ranks)
-    if ranks > 1:
-        env["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    if not wait:
-        return subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+def run(args, faults="", check=True, ranks=1, launcher=False):
+    """A finished run (helpers.train_run): forked, or under the deepspeed launcher."""
+    p = train_run(args, ranks, faults, check=False, launcher=launcher)
     if check:
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return p
@@ -164,7 +160,7 @@ def _wait_for(out: Path, proc, ready, what: str, timeout=120):
         if ready():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"exited before {what}: " + proc.stdout.read()[-3000:])
+            raise AssertionError(f"exited before {what}: " + proc.communicate()[0][-3000:])
         time.sleep(0.05)
     raise AssertionError(f"no {what} in {timeout} s")
 
@@ -173,9 +169,12 @@ def _wait_for_training(out: Path, proc, timeout=120, rows_before=0):
     _wait_for(out, proc, lambda: _train_rows(out) > rows_before, "training step", timeout)
 
 
-def start(argv, faults=""):
-    """vlds/train.py in its own process group (signalled as a batch system signals a job)."""
+def start(argv, faults="", script=False):
+    """vlds/train.py in its own process group (signalled as a batch system signals a job):
+    forked from the warm server, or with `script` a new interpreter running the file."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}
+    if not script:
+        return Run(argv, env)
     return subprocess.Popen(
         [sys.executable, "vlds/train.py", *argv],
         cwd=REPO,
@@ -218,7 +217,8 @@ def test_a_signal_to_the_whole_process_group_saves_and_exits_zero(shapes_root, t
     steps = [0]
     for i, (moment, sig) in enumerate(SIGNALS):
         rows = _train_rows(out)
-        proc = start(argv + (["--train.resume=latest"] if i else []))
+        # at set-up, the script itself: its interpreter's start, early handlers and imports
+        proc = start(argv + (["--train.resume=latest"] if i else []), script=moment == "setup")
         if moment == "setup":
             time.sleep(1.0)  # python has started: importing torch, building the model
             assert _train_rows(out) == rows
@@ -311,7 +311,12 @@ def test_a_signal_to_one_rank_stops_every_rank(shapes_root, tmp_path):
     import psutil
 
     out = tmp_path / "run"
-    proc = run(args(shapes_root, out, "--train.max_steps=2000"), ranks=2, wait=False)
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the launcher's ranks: 2
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
+    cmd = deepspeed_cmd(args(shapes_root, out, "--train.max_steps=2000"), 2)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     _wait_for_training(out, proc)
     rank1 = [
         c

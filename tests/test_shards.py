@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -21,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import train_run
 from vlds.data.decode import Collator, Preprocess
 from vlds.data.prep.shards import main as shards_main
 from vlds.data.shardio import GROUP, SkipCounter, load_index, read_samples
@@ -615,9 +613,7 @@ def test_converted_shards_train(image_shards, shapes_root, tmp_path):
     """The real entry point trains 2 steps on the four converted image tasks and evaluates."""
     out, _ = image_shards
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "vlds/train.py",
+    args = [
         f"--data.root={out}",
         f"--train.out_dir={run}",
         f"--model.tokenizer={shapes_root / 'tokenizer'}",
@@ -631,9 +627,7 @@ def test_converted_shards_train(image_shards, shapes_root, tmp_path):
         "--eval.java_metrics=false",  # the JVM scorers are tested in test_eval_metrics.py
         "--train.log_every=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    train_run(args, timeout=300)
     result = json.loads((run / "metrics.json").read_text())
     assert result["step"] == 2 and set(result["metrics"]) == {
         "vqa",

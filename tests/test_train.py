@@ -1,11 +1,11 @@
 """The real entry point, launched the ways users launch it: `deepspeed vlds/train.py ...` (the
-first run of test_one_rank_trains_checkpoints_and_resumes and every 2-rank run) and, for the other
-one-rank runs, `python vlds/train.py --deepspeed ...` (a world of one, the same engine, without
-the launcher's two extra interpreters: ~15 s less per run on 2 cores)."""
+first run of test_one_rank_trains_checkpoints_and_resumes and the ZeRO-2 2-rank run), and
+otherwise as a process forked from the tests' warm server (tests/warm.py: the same
+`vlds.train.cli` a `python vlds/train.py` runs, ranks given torchrun's variables, without ~16 s
+of imports per process)."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,21 +14,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import train_cmd
+from tests.helpers import train_run
 from vlds.peft import METHODS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def launch(args, ranks=1, zero=2, timeout=600, launcher=False):
-    cmd = train_cmd(["--deepspeed", f"ds_configs/zero{zero}.json", *args], ranks, launcher)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    args = ["--deepspeed", f"ds_configs/zero{zero}.json", *args]
+    p = train_run(args, ranks, launcher=launcher, timeout=timeout)
     return p.stdout + p.stderr
 
 
@@ -213,6 +207,7 @@ def test_two_ranks_with_gloo(shapes_root, tmp_path, zero, method):
         ),
         ranks=2,
         zero=zero,
+        launcher=zero == 2,  # the deepspeed launcher's 2 ranks
     )
     # 15 validation samples split over 2 ranks (8 + 7): each counted exactly once
     result = check_finished(out, method, steps=4, samples=15)

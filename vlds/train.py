@@ -32,9 +32,19 @@ from pathlib import Path
 # kept and acted on before the first step (vlds.guard.Preemption), not fatal: `scancel` or
 # SLURM's warning signal at start-up still ends in a checkpoint and exit 0.
 EARLY_SIGNALS: list[int] = []
+AS_SCRIPT = False  # set by catch_early_signals: the process is this command, not an importer
+
+
+def catch_early_signals() -> None:
+    """From here until vlds.guard.Preemption takes over, SIGTERM / SIGUSR1 are remembered."""
+    global AS_SCRIPT
+    AS_SCRIPT = True
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, _frame: EARLY_SIGNALS.append(signum))
+
+
 if __name__ == "__main__":
-    for _sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(_sig, lambda signum, _frame: EARLY_SIGNALS.append(signum))
+    catch_early_signals()
 
 import torch  # noqa: E402
 
@@ -101,7 +111,7 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
         preemption.received = EARLY_SIGNALS[-1] if EARLY_SIGNALS else None
     else:
         preemption = Preemption(())
-        if __name__ == "__main__":  # the signals' default action again
+        if AS_SCRIPT:  # the signals' default action again
             for sig in Preemption.SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
 
@@ -204,13 +214,14 @@ def plan_line(plan: dict) -> str:
     )
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """The command: main(), its errors turned into the exit codes of the module docstring."""
     from vlds.checkpoint import CheckpointError
     from vlds.data.shardio import DataError
     from vlds.guard import NonFiniteError
 
     try:
-        main()
+        main(argv)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -224,3 +235,7 @@ if __name__ == "__main__":
         # failed to its batch script). Ignored from here on.
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_IGN)
+
+
+if __name__ == "__main__":
+    cli()
