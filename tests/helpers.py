@@ -106,19 +106,25 @@ def deepspeed_cmd(args, ranks: int) -> list[str]:
     return [launcher, "--num_gpus", str(ranks), "--master_port", port, "vlds/train.py", *args]
 
 
+def launcher_env(**extra) -> dict:
+    """The environment for the deepspeed launcher: one torch thread, the venv's bin on PATH
+    (where the launcher finds itself to start the ranks)."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, **extra}
+
+
 def train_run(args, ranks=1, faults="", check=True, launcher=False, timeout=600):
     """vlds/train.py ARGS on `ranks` CPU ranks, one torch thread each: forked from the warm
     server (tests/warm.py), or, with `launcher`, under the deepspeed launcher as users start
     it. A CompletedProcess (text)."""
-    env = {"OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}
     if launcher:
-        env = {**os.environ, **env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        env = launcher_env(VLDS_FAULTS=faults)
         cmd = deepspeed_cmd(args, ranks)
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     else:
         from tests.warm import run
 
-        p = run(args, env, ranks=ranks, timeout=timeout)
+        p = run(args, {"OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}, ranks, timeout)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p

@@ -19,18 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import deepspeed_cmd, train_run
+from tests.helpers import deepspeed_cmd, launcher_env, train_run
 from tests.warm import Run
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(args, faults="", check=True, ranks=1, launcher=False):
-    """A finished run (helpers.train_run): forked, or under the deepspeed launcher."""
-    p = train_run(args, ranks, faults, check=False, launcher=launcher)
-    if check:
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    return p
+def run(args, faults="", check=True, ranks=1):
+    """A finished forked run (helpers.train_run)."""
+    return train_run(args, ranks, faults, check)
 
 
 def args(root, out, *extra):
@@ -311,11 +308,14 @@ def test_a_signal_to_one_rank_stops_every_rank(shapes_root, tmp_path):
     import psutil
 
     out = tmp_path / "run"
-    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # the launcher's ranks: 2
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path}
-    cmd = deepspeed_cmd(args(shapes_root, out, "--train.max_steps=2000"), 2)
+    cmd = deepspeed_cmd(args(shapes_root, out, "--train.max_steps=2000"), 2)  # --local_rank=N
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        cmd,
+        cwd=REPO,
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     _wait_for_training(out, proc)
     rank1 = [
