@@ -3,40 +3,27 @@ export, writes and re-scores the official submission formats, predicts unlabelle
 and refuses bad prediction files with what is wrong."""
 
 import json
-import os
 import runpy
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-from tests import warm
 from tests.helpers import train_run
 from vlds.eval.metrics import METRICS
 from vlds.eval.submission import FILE_NAMES, PredictionError, read_predictions, write_predictions
 from vlds.evaluate import reference_rows, score_file
 
 REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-# One thread everywhere: the run and the evaluator then do the same float arithmetic.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}"}
-
-
-def run(cmd, timeout=300):
-    p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return p.stdout + p.stderr
 
 
 def evaluate_cli(run_dir: Path, shards: Path, *args):
     """`python -m vlds.evaluate --checkpoint RUN/adapter --shards SHARDS ARGS...` (its main,
     forked from the tests' warm server, one torch thread: tests/warm.py)"""
     argv = ["--checkpoint", run_dir / "adapter", "--shards", shards, *args]
-    env = {"OMP_NUM_THREADS": "1"}
-    p = warm.run(argv, env, entry="vlds.evaluate:main", timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    # one thread, as the training run: the same float arithmetic
+    p = train_run(argv, timeout=300, entry="vlds.evaluate:main")
     return p.stdout + p.stderr
 
 
