@@ -51,16 +51,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def kernel_bytes(m: int, d: int, b: int, elem: int = 2) -> dict[str, int]:
-    """DRAM bytes of the fused design (fused_adapter.py docstring) in elements of `elem` bytes.
+def kernel_bytes(m: int, d: int, b: int, elem: int = 2, splits: int = 0) -> dict[str, int]:
+    """DRAM bytes the fused kernels move per pass (fused_adapter.py docstring), activations in
+    elements of `elem` bytes.
 
-    forward: read x, write y, write z: (2d + b) per token. Backward kernel 1: read dy and z,
-    write dx and dz: (2d + 2b); kernel 2: read x, dy, z, dz: (2d + 2b). Left out: the weights
-    (L2-resident) and kernel 2's fp32 partial sums (a few MB, under 3 % at M = 65,536).
+    fwd (timed under no_grad, as inference runs it): read x, write y: 2d per token; no z is
+    saved. fwd+bwd: the training forward also writes z (2d + b); backward kernel 1 reads dy and
+    z and writes dx and dz (2d + 2b); kernel 2 reads x, dy, z, dz (2d + 2b) and writes `splits`
+    fp32 partials of the four gradients, which torch then reads back and sums (2 x 4 bytes x
+    splits x (2bd + b + d)). Left out: the weights (read from L2 by every row block).
     """
-    fwd = m * elem * (2 * d + b)
-    bwd = 2 * m * elem * (2 * d + 2 * b)
-    return {"fwd": fwd, "fwd+bwd": fwd + bwd}
+    fwd = m * elem * 2 * d
+    train_fwd = m * elem * (2 * d + b)
+    bwd = 2 * m * elem * (2 * d + 2 * b) + 2 * 4 * splits * (2 * b * d + b + d)
+    return {"fwd": fwd, "fwd+bwd": train_fwd + bwd}
+
+
+def grad_splits(d: int, dtype) -> int:
+    """The weight-gradient kernel's row splits on this GPU (vlds.kernels.fused_adapter)."""
+    import torch
+    import triton
+
+    from vlds.kernels import fused_adapter as fa
+
+    d_blocks = triton.cdiv(d, fa._grad_block_d(dtype))
+    return fa._splits(2**31 - 1, d_blocks, torch.device("cuda", torch.cuda.current_device()))
 
 
 def cuda_median_ms(fn, reps: int, warmup: int) -> float:
@@ -128,7 +143,7 @@ def kernel_rows(args, copy_gbs: float) -> list[dict]:
         ]  # h (M, d), W_down, b_down, W_up, b_up
         inputs = [t.requires_grad_() for t in inputs]
         dy = torch.randn(m, d, generator=g, device="cuda").to(torch.bfloat16)
-        nbytes = kernel_bytes(m, d, b)
+        nbytes = kernel_bytes(m, d, b, splits=grad_splits(d, torch.bfloat16))
         for name, fn in impls.items():
             for phase, ms in time_passes(fn, inputs, dy, args).items():
                 gbs = nbytes[phase] / ms / 1e6

@@ -113,18 +113,21 @@ def launcher_env(**extra) -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PATH": path, **extra}
 
 
-def train_run(args, ranks=1, faults="", check=True, launcher=False, timeout=600, entry=None):
+def train_run(
+    args, ranks=1, faults="", check=True, launcher=False, timeout=600, entry=None, env=None
+):
     """vlds/train.py ARGS on `ranks` CPU ranks, one torch thread each: forked from the warm
     server (tests/warm.py), or, with `launcher`, under the deepspeed launcher as users start
-    it; `entry` ("module:function") forks another command instead. A CompletedProcess (text)."""
+    it; `entry` ("module:function") forks another command instead; `env` adds variables. A
+    CompletedProcess (text)."""
     if launcher:
-        env = launcher_env(VLDS_FAULTS=faults)
+        env = launcher_env(VLDS_FAULTS=faults, **(env or {}))
         cmd = deepspeed_cmd(args, ranks)
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     else:
         from tests.warm import TRAIN, run
 
-        env = {"OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults}
+        env = {"OMP_NUM_THREADS": "1", "VLDS_FAULTS": faults, **(env or {})}
         p = run(args, env, ranks, timeout, entry or TRAIN)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -145,6 +145,9 @@ class PeftConfig:
     prompt_hidden: int = _match(800)
     # Fused Triton adapter kernels: "auto" = on CUDA tensors when triton imports, "on", "off"
     fused_kernel: str = _resume("auto")
+    # The first fused call per (d, b, dtype, device) is checked against PyTorch (falls back on a
+    # mismatch, recorded in metrics.json); false skips the check (benchmarks)
+    fused_check: bool = _resume(True)
 
 
 @dataclass

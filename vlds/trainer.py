@@ -29,6 +29,7 @@ from vlds.checkpoint import (
 from vlds.data.stream import CURSOR
 from vlds.eval.grounding import blank_visual
 from vlds.guard import Agreed, NonFiniteGuard, Preempted, Preemption, step_sync
+from vlds.kernels import report as adapter_kernel_report
 
 log = logging.getLogger("vlds")
 
@@ -481,6 +482,7 @@ class Trainer:
             "majority_baseline": self.baselines()["majority_baseline"],
             "text_prior": self.baselines()["text_prior"],
             **self.cost(self.out_dir / "adapter"),
+            "adapter_kernel": adapter_kernel_report(),  # which path each adapter shape ran
         }
         if self.info.is_main:
             (self.out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -7,11 +7,20 @@ Modes (peft.fused_kernel): "auto" = fused on CUDA tensors when triton imports, t
 otherwise; "on" = fused always, also on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1
 set before triton is first imported), an error where it cannot run; "off" = the reference.
 triton is imported only when the fused path is taken, so `import vlds` never needs it.
+
+Self-check (peft.fused_check, on by default): the first time the fused path is taken for a
+(d, b, dtype, device), the same batch also runs through the PyTorch reference, forward and
+backward, and is compared with the bound of tests/test_kernels.py (vlds/kernels/check.py). On a
+compile error or a mismatch, "auto" logs once and takes the reference for that shape for the
+rest of the process; "on" raises. `report()` says which path ran for each shape and why; the
+trainer writes it to metrics.json ("adapter_kernel"). Not under torch.compile (the check reads
+values): a compiled model takes the path unchecked, and the report says so.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 
@@ -25,7 +34,18 @@ MODES = ("auto", "on", "off")
 # spill-free up to 128 (r = 6 at d = 768), spill but run up to 256; "auto" takes the first range.
 MAX_BOTTLENECK = 256
 AUTO_MAX_BOTTLENECK = 128
-__all__ = ["MODES", "adapter_forward", "adapter_reference", "check_mode", "use_fused"]
+__all__ = [
+    "MODES",
+    "adapter_forward",
+    "adapter_reference",
+    "check_mode",
+    "configure",
+    "report",
+    "use_fused",
+]
+log = logging.getLogger(__name__)
+SELF_CHECK = True  # peft.fused_check; configure() sets it for the process
+_PATHS: dict[tuple, dict] = {}  # (d, b, dtype, device, mode) -> {"path", "reason", ...}
 
 
 def check_mode(mode: str) -> None:
@@ -56,21 +76,46 @@ def _cpu_kernels() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def configure(self_check: bool = True) -> None:
+    """Process-wide settings from the run's config (peft.fused_check), and a fresh report."""
+    global SELF_CHECK
+    SELF_CHECK = bool(self_check)
+    _PATHS.clear()
+
+
+def report() -> dict:
+    """{"d768_b96_bfloat16_cuda:0_auto": {"path": "fused" | "reference", "reason": ...,
+    "checked": bool, ...}} for every shape adapter_forward has seen in this process."""
+    return {
+        f"d{d}_b{b}_{str(dt).removeprefix('torch.')}_{dev}_{mode}": dict(v)
+        for (d, b, dt, dev, mode), v in _PATHS.items()
+    }
+
+
+def _auto_reason(h: torch.Tensor, bottleneck: int | None) -> str:
+    """Why "auto" takes the reference for h; empty when it takes the fused path."""
+    if not h.is_cuda:
+        return f"{h.device.type} tensors: the fused kernels run on CUDA"
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {h.dtype}"
+    if bottleneck is not None and bottleneck > AUTO_MAX_BOTTLENECK:
+        return f"bottleneck {bottleneck} > {AUTO_MAX_BOTTLENECK} (spills registers)"
+    # under autocast the reference's F.linear runs in the autocast dtype: keep that
+    if torch.is_autocast_enabled("cuda"):
+        return "under autocast"
+    if not triton_available():
+        return "triton does not import"
+    return ""
+
+
 def use_fused(h: torch.Tensor, mode: str, bottleneck: int | None = None) -> bool:
-    """Whether `adapter_forward(h, ..., mode)` takes the fused path; raises when mode "on"
-    cannot be honoured."""
+    """Whether `adapter_forward(h, ..., mode)` takes the fused path (before the self-check);
+    raises when mode "on" cannot be honoured."""
     check_mode(mode)
     if mode == "off":
         return False
     if mode == "auto":
-        return (
-            h.is_cuda
-            and h.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and (bottleneck is None or bottleneck <= AUTO_MAX_BOTTLENECK)
-            # under autocast the reference's F.linear runs in the autocast dtype: keep that
-            and not torch.is_autocast_enabled("cuda")
-            and triton_available()
-        )
+        return not _auto_reason(h, bottleneck)
     if not triton_available():
         raise RuntimeError(
             "peft.fused_kernel='on' needs triton, which does not import here; install it or "
@@ -93,9 +138,51 @@ def adapter_forward(
     b_up: torch.Tensor | None,  # (d,)
     mode: str = "auto",
 ) -> torch.Tensor:
-    """h + Up(gelu_new(Down(h))), fused when `mode` and the tensor allow it."""
-    if use_fused(h, mode, w_down.shape[0]):
+    """h + Up(gelu_new(Down(h))), fused when `mode`, the tensor and the self-check allow it."""
+    args = (h, w_down, b_down, w_up, b_up)
+    if torch.compiler.is_compiling():  # traced: no checks, no bookkeeping
+        if use_fused(h, mode, w_down.shape[0]):
+            from vlds.kernels.fused_adapter import fused_adapter
+
+            return fused_adapter(*args)
+        return adapter_reference(*args)
+    key = (h.shape[-1], w_down.shape[0], h.dtype, str(h.device), mode)
+    state = _PATHS.get(key)
+    if state is None:
+        state = _PATHS[key] = _decide(args, mode)
+    if state["path"] == "fused":
         from vlds.kernels.fused_adapter import fused_adapter
 
-        return fused_adapter(h, w_down, b_down, w_up, b_up)
-    return adapter_reference(h, w_down, b_down, w_up, b_up)
+        return fused_adapter(*args)
+    return adapter_reference(*args)
+
+
+def _decide(args: tuple, mode: str) -> dict:
+    """The path for this shape: the dispatch rule, then (fused, SELF_CHECK) the self-check."""
+    h, w_down = args[0], args[1]
+    shape = f"d {h.shape[-1]}, b {w_down.shape[0]}, {h.dtype}, {h.device}"
+    if not use_fused(h, mode, w_down.shape[0]):
+        reason = "peft.fused_kernel=off" if mode == "off" else _auto_reason(h, w_down.shape[0])
+        return {"path": "reference", "reason": reason, "checked": False}
+    if not SELF_CHECK:
+        return {"path": "fused", "reason": "self-check off (peft.fused_check=false)",
+                "checked": False}  # fmt: skip
+    from vlds.kernels.check import self_check
+    from vlds.kernels.fused_adapter import fused_adapter
+
+    result = self_check(fused_adapter, *args)
+    checked = {"checked": True, "max_rel_error": result["max_rel_error"]}
+    if result["ok"]:
+        log.info("fused adapter kernels (%s): %s", shape, result["reason"])
+        return {"path": "fused", "reason": result["reason"], **checked}
+    if mode == "on":
+        raise RuntimeError(
+            f"peft.fused_kernel='on': the fused adapter kernels failed their self-check ({shape}): "
+            f"{result['reason']}; use peft.fused_kernel=auto (falls back to PyTorch) or off"
+        )
+    log.warning(
+        "fused adapter kernels (%s) failed their self-check, PyTorch reference from now on: %s",
+        shape,
+        result["reason"],
+    )
+    return {"path": "reference", "reason": f"self-check failed: {result['reason']}", **checked}

@@ -109,6 +109,53 @@ def _gelu_grad(z):
 
 
 @triton.jit
+def _piece_in(x, acc, p_ptr, cols, d_ok, B, stride_pd, stride_pb, B0: tl.constexpr,
+              BB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """acc += x @ P[cols, B0:B0 + BB]: one bottleneck piece of loop 1."""
+    cb = B0 + tl.arange(0, BB)
+    p = tl.load(
+        p_ptr + cols[:, None] * stride_pd + cb[None, :] * stride_pb,
+        mask=d_ok[:, None] & (cb < B)[None, :],
+        other=0.0,
+    )  # (BLOCK_D, BB)
+    return tl.dot(x, p, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _piece_mid(acc, rows, row_ok, z_ptr, dz_ptr, bias_p_ptr, B, B0: tl.constexpr,
+               BB: tl.constexpr, FORWARD: tl.constexpr, SAVE_Z: tl.constexpr):  # fmt: skip
+    """The epilogue of one piece on its fp32 accumulator (padded columns stay exactly 0):
+    forward a = gelu(z), z = acc + b_down (stored if SAVE_Z); backward dz = acc * gelu'(z)."""
+    cb = B0 + tl.arange(0, BB)
+    b_ok = cb < B
+    z_off = rows.to(tl.int64)[:, None] * B + cb[None, :]
+    z_mask = row_ok[:, None] & b_ok[None, :]
+    if FORWARD:
+        z = acc + tl.load(bias_p_ptr + cb, mask=b_ok, other=0.0).to(tl.float32)[None, :]
+        if SAVE_Z:
+            tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=z_mask)
+        mid = _gelu(z)
+    else:
+        z = tl.load(z_ptr + z_off, mask=z_mask, other=0.0).to(tl.float32)
+        mid = acc * _gelu_grad(z)
+        tl.store(dz_ptr + z_off, mid.to(dz_ptr.dtype.element_ty), mask=z_mask)
+    return mid
+
+
+@triton.jit
+def _piece_out(mid, q_ptr, cols, d_ok, B, stride_qb, stride_qd, B0: tl.constexpr,
+               BB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """mid @ Q[B0:B0 + BB, cols]: one piece's share of loop 2, (BLOCK_M, BLOCK_D) fp32."""
+    cb = B0 + tl.arange(0, BB)
+    q = tl.load(
+        q_ptr + cb[:, None] * stride_qb + cols[None, :] * stride_qd,
+        mask=(cb < B)[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (BB, BLOCK_D)
+    return tl.dot(mid, q, input_precision=PRECISION)
+
+
+@triton.jit
 def _through_kernel(
     in_ptr,  # (M, D) x (forward) | dy (backward); also the residual
     out_ptr,  # (M, D) y | dx
@@ -129,18 +176,19 @@ def _through_kernel(
     SAVE_Z: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_B: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # the bottleneck's first piece (a power of two)
+    BLOCK_B2: tl.constexpr,  # its second piece after BLOCK_B, or 0 (see _pieces)
     PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     row_off = rows.to(tl.int64) * D  # M * D may pass 2^31
-    cols_b = tl.arange(0, BLOCK_B)
-    b_ok = cols_b < B
 
-    # loop 1: acc = in @ P, the bottleneck, in fp32 registers
+    # loop 1: acc = in @ P, the bottleneck, in fp32 registers (one or two pieces)
     acc = tl.full((BLOCK_M, BLOCK_B), 0.0, tl.float32)
+    if BLOCK_B2 > 0:
+        acc2 = tl.full((BLOCK_M, BLOCK_B2), 0.0, tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         d_ok = cols < D
@@ -148,45 +196,65 @@ def _through_kernel(
             in_ptr + row_off[:, None] + cols[None, :],
             mask=row_ok[:, None] & d_ok[None, :],
             other=0.0,
-        )  # (BLOCK_M, BLOCK_D)
-        p = tl.load(
-            p_ptr + cols[:, None] * stride_pd + cols_b[None, :] * stride_pb,
-            mask=d_ok[:, None] & b_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_D, BLOCK_B)
-        acc = tl.dot(x, p, acc, input_precision=PRECISION)
+        )  # (BLOCK_M, BLOCK_D), read once for both pieces
+        acc = _piece_in(x, acc, p_ptr, cols, d_ok, B, stride_pd, stride_pb, 0, BLOCK_B, PRECISION)
+        if BLOCK_B2 > 0:
+            acc2 = _piece_in(x, acc2, p_ptr, cols, d_ok, B, stride_pd, stride_pb, BLOCK_B,
+                             BLOCK_B2, PRECISION)  # fmt: skip
 
-    # epilogue on the fp32 accumulator; padded bottleneck columns stay exactly 0
-    z_off = rows.to(tl.int64)[:, None] * B + cols_b[None, :]
-    z_mask = row_ok[:, None] & b_ok[None, :]
-    if FORWARD:
-        z = acc + tl.load(bias_p_ptr + cols_b, mask=b_ok, other=0.0).to(tl.float32)[None, :]
-        if SAVE_Z:
-            tl.store(z_ptr + z_off, z.to(z_ptr.dtype.element_ty), mask=z_mask)
-        mid = _gelu(z)  # a = gelu(z)
-    else:
-        z = tl.load(z_ptr + z_off, mask=z_mask, other=0.0).to(tl.float32)
-        mid = acc * _gelu_grad(z)  # dz = (dy @ W_up) * gelu'(z)
-        tl.store(dz_ptr + z_off, mid.to(dz_ptr.dtype.element_ty), mask=z_mask)
-    mid = mid.to(in_ptr.dtype.element_ty)  # the second GEMM's operand, as eager rounds it
+    # epilogue on the accumulators; the second GEMM's operand rounded as eager rounds it
+    mid = _piece_mid(acc, rows, row_ok, z_ptr, dz_ptr, bias_p_ptr, B, 0, BLOCK_B, FORWARD, SAVE_Z)
+    mid = mid.to(in_ptr.dtype.element_ty)
+    if BLOCK_B2 > 0:
+        mid2 = _piece_mid(acc2, rows, row_ok, z_ptr, dz_ptr, bias_p_ptr, B, BLOCK_B, BLOCK_B2,
+                          FORWARD, SAVE_Z).to(in_ptr.dtype.element_ty)  # fmt: skip
 
     # loop 2: out = in + mid @ Q (+ b_up)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         d_ok = cols < D
         mask = row_ok[:, None] & d_ok[None, :]
-        q = tl.load(
-            q_ptr + cols_b[:, None] * stride_qb + cols[None, :] * stride_qd,
-            mask=b_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )  # (BLOCK_B, BLOCK_D)
-        y = tl.dot(mid, q, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D) fp32
+        y = _piece_out(mid, q_ptr, cols, d_ok, B, stride_qb, stride_qd, 0, BLOCK_B, PRECISION)
+        if BLOCK_B2 > 0:
+            y += _piece_out(mid2, q_ptr, cols, d_ok, B, stride_qb, stride_qd, BLOCK_B, BLOCK_B2,
+                            PRECISION)  # fmt: skip
         y += tl.load(in_ptr + row_off[:, None] + cols[None, :], mask=mask, other=0.0).to(
             tl.float32
         )  # residual: reread from L2
         if FORWARD:
             y += tl.load(bias_q_ptr + cols, mask=d_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out_ptr + row_off[:, None] + cols[None, :], y.to(out_ptr.dtype.element_ty), mask)
+
+
+@triton.jit
+def _piece_grads(x, dy, ones, rows, row_ok, z_ptr, dz_ptr, B, acc_wd, acc_wu, acc_bd,
+                 B0: tl.constexpr, BB: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """One bottleneck piece's dW_down^T += x^T dz, dW_up += dy^T gelu(z), db_down += sum dz."""
+    cb = B0 + tl.arange(0, BB)
+    mask = row_ok[:, None] & (cb < B)[None, :]
+    b_off = rows.to(tl.int64)[:, None] * B + cb[None, :]
+    dz = tl.load(dz_ptr + b_off, mask=mask, other=0.0)  # (BLOCK_M, BB)
+    z = tl.load(z_ptr + b_off, mask=mask, other=0.0).to(tl.float32)
+    a = _gelu(z).to(dy.dtype)  # recomputed: masked rows give gelu(0) = 0
+    acc_wd = tl.dot(tl.trans(x), dz, acc_wd, input_precision=PRECISION)
+    acc_wu = tl.dot(tl.trans(dy), a, acc_wu, input_precision=PRECISION)
+    acc_bd = tl.dot(ones, dz, acc_bd, input_precision=PRECISION)
+    return acc_wd, acc_wu, acc_bd
+
+
+@triton.jit
+def _piece_store(acc_wd, acc_wu, acc_bd, dwd_ptr, dwu_ptr, dbd_ptr, cols, d_ok, pid_d, pid_s,
+                 D, B, B0: tl.constexpr, BB: tl.constexpr):  # fmt: skip
+    """One piece's partials: dW_down stored (B, D), dW_up (D, B), db_down by column tile 0."""
+    cb = B0 + tl.arange(0, BB)
+    b_ok = cb < B
+    tile = d_ok[:, None] & b_ok[None, :]
+    tl.store(dwd_ptr + pid_s * B * D + cb[None, :] * D + cols[:, None], acc_wd, mask=tile)
+    tl.store(dwu_ptr + pid_s * D * B + cols[:, None] * B + cb[None, :], acc_wu, mask=tile)
+    row0 = (tl.arange(0, 16) == 0)[:, None]
+    zero = tl.arange(0, 16)[:, None] * 0  # all 16 rows address row 0; only row 0 is stored
+    mask = row0 & b_ok[None, :] & (pid_d == 0)
+    tl.store(dbd_ptr + pid_s * B + zero + cb[None, :], acc_bd, mask=mask)
 
 
 @triton.jit
@@ -202,18 +270,16 @@ def _weight_grad_kernel(
     M,
     D,
     B,
-    blocks_per_split,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_B: tl.constexpr,
+    BLOCK_B2: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_d = tl.program_id(0)  # fastest: the programs sharing rows (and z, dz) run together
     pid_s = tl.program_id(1)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = cols < D
-    cols_b = tl.arange(0, BLOCK_B)
-    b_ok = cols_b < B
 
     acc_wd = tl.full((BLOCK_D, BLOCK_B), 0.0, tl.float32)  # dW_down^T tile: x^T dz
     acc_wu = tl.full((BLOCK_D, BLOCK_B), 0.0, tl.float32)  # dW_up tile: dy^T gelu(z)
@@ -222,200 +288,291 @@ def _weight_grad_kernel(
     # every iteration; and the interpreter runs it as one numpy matmul.
     acc_bu = tl.full((16, BLOCK_D), 0.0, tl.float32)
     acc_bd = tl.full((16, BLOCK_B), 0.0, tl.float32)
-    first = pid_s * blocks_per_split
-    last = tl.minimum(first + blocks_per_split, (M + BLOCK_M - 1) // BLOCK_M)
+    if BLOCK_B2 > 0:
+        acc_wd2 = tl.full((BLOCK_D, BLOCK_B2), 0.0, tl.float32)
+        acc_wu2 = tl.full((BLOCK_D, BLOCK_B2), 0.0, tl.float32)
+        acc_bd2 = tl.full((16, BLOCK_B2), 0.0, tl.float32)
+    # the S = num_programs(1) splits share the row blocks evenly; a split past the end stores
+    # zeros (BLOCK_M is autotuned, so the host cannot size S to the row blocks exactly)
+    m_blocks = (M + BLOCK_M - 1) // BLOCK_M
+    per = (m_blocks + tl.num_programs(1) - 1) // tl.num_programs(1)
+    first = pid_s * per
+    last = tl.minimum(first + per, m_blocks)
     for mb in range(first, last):
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         md = row_ok[:, None] & d_ok[None, :]
-        mb_mask = row_ok[:, None] & b_ok[None, :]
         d_off = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        b_off = rows.to(tl.int64)[:, None] * B + cols_b[None, :]
         x = tl.load(x_ptr + d_off, mask=md, other=0.0)  # (BLOCK_M, BLOCK_D)
         dy = tl.load(dy_ptr + d_off, mask=md, other=0.0)
-        dz = tl.load(dz_ptr + b_off, mask=mb_mask, other=0.0)  # (BLOCK_M, BLOCK_B)
-        z = tl.load(z_ptr + b_off, mask=mb_mask, other=0.0).to(tl.float32)
-        a = _gelu(z).to(dy.dtype)  # recomputed: masked rows give gelu(0) = 0
-        ones = tl.full((16, BLOCK_M), 1.0, dy.dtype)
-        acc_wd = tl.dot(tl.trans(x), dz, acc_wd, input_precision=PRECISION)
-        acc_wu = tl.dot(tl.trans(dy), a, acc_wu, input_precision=PRECISION)
+        # a ones tile in dy's dtype (built in fp32: the interpreter has no bf16 constants)
+        ones = tl.full((16, BLOCK_M), 1.0, tl.float32).to(dy.dtype)
         acc_bu = tl.dot(ones, dy, acc_bu, input_precision=PRECISION)  # (16, BLOCK_D)
-        acc_bd = tl.dot(ones, dz, acc_bd, input_precision=PRECISION)  # (16, BLOCK_B)
+        acc_wd, acc_wu, acc_bd = _piece_grads(x, dy, ones, rows, row_ok, z_ptr, dz_ptr, B, acc_wd,
+                                              acc_wu, acc_bd, 0, BLOCK_B, PRECISION)  # fmt: skip
+        if BLOCK_B2 > 0:
+            acc_wd2, acc_wu2, acc_bd2 = _piece_grads(
+                x, dy, ones, rows, row_ok, z_ptr, dz_ptr, B, acc_wd2, acc_wu2, acc_bd2, BLOCK_B,
+                BLOCK_B2, PRECISION,
+            )  # fmt: skip
 
-    tile = d_ok[:, None] & b_ok[None, :]
-    dwd = dwd_ptr + pid_s * B * D + cols_b[None, :] * D + cols[:, None]  # stored as (B, D)
-    tl.store(dwd, acc_wd, mask=tile)
-    dwu = dwu_ptr + pid_s * D * B + cols[:, None] * B + cols_b[None, :]
-    tl.store(dwu, acc_wu, mask=tile)
+    _piece_store(acc_wd, acc_wu, acc_bd, dwd_ptr, dwu_ptr, dbd_ptr, cols, d_ok, pid_d, pid_s,
+                 D, B, 0, BLOCK_B)  # fmt: skip
+    if BLOCK_B2 > 0:
+        _piece_store(acc_wd2, acc_wu2, acc_bd2, dwd_ptr, dwu_ptr, dbd_ptr, cols, d_ok, pid_d,
+                     pid_s, D, B, BLOCK_B, BLOCK_B2)  # fmt: skip
     row0 = (tl.arange(0, 16) == 0)[:, None]
-    zero = tl.arange(0, 16)[:, None] * 0  # all 16 rows address row 0; only row 0 is stored
+    zero = tl.arange(0, 16)[:, None] * 0
     tl.store(dbu_ptr + pid_s * D + zero + cols[None, :], acc_bu, mask=row0 & d_ok[None, :])
-    dbd_mask = row0 & b_ok[None, :] & (pid_d == 0)
-    tl.store(dbd_ptr + pid_s * B + zero + cols_b[None, :], acc_bd, mask=dbd_mask)
 
 
 # ---- launch configuration ----------------------------------------------------------------
 
+# triton decides interpreted vs compiled when a kernel is decorated (above); so does this.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+# The interpreter tiles every dtype as 16-bit (4x fewer interpreted steps for fp32 than its own
+# tiling); tests set float32 to run the GPU's fp32 tiling too.
+INTERPRETER_TILING = torch.bfloat16
+
 
 def interpreting() -> bool:
     """True when the kernels were built for the CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_through_kernel, InterpretedFunction)
+    return INTERPRETED
 
 
 def _blocks(bottleneck: int, dtype: torch.dtype) -> dict:
-    """Block sizes: heuristics, not measured on a GPU (none was available).
+    """The untuned tiling: the interpreter's, and the first of the autotuned configs on a GPU.
 
-    BLOCK_B covers the whole bottleneck (padded to a power of two, >= 16 for tl.dot), so one
-    program holds a (BLOCK_M, BLOCK_B) fp32 accumulator: 64 x 128 x 4 B = 32 KB at b = 96.
-    Compiled for sm_90 on a CPU (triton + ptxas need no GPU), 16-bit kernels with 8 warps are
-    spill-free at b = 24, 48 and 96 (4 warps spill ~1 KB per thread at b = 96). fp32 (not the
-    training path) has no 16-bit tensor-core dots and twice the bytes per tile: halved BLOCK_M
-    and BLOCK_D and 2 stages fit (the weight-gradient kernel still spills ~0.5 KB at b = 96).
+    BLOCK_B (+ BLOCK_B2) cover the whole bottleneck (_pieces), so one program holds a
+    (BLOCK_M, b) fp32 accumulator: 64 x 96 x 4 B = 24 KB at b = 96. Compiled for sm_90 on a
+    CPU (triton + ptxas need no GPU), before the bottleneck was split in pieces, 16-bit kernels
+    with 8 warps were spill-free at b = 24, 48 and 96 (4 warps spilled ~1 KB per thread at
+    b = 96). fp32 (not the training path) has no 16-bit tensor-core dots and twice the bytes per
+    tile: halved BLOCK_M and BLOCK_D and 2 stages fit.
     """
-    block_b = max(16, triton.next_power_of_2(bottleneck))
     wide = dtype == torch.float32
     return {
         "BLOCK_M": 32 if wide else 64,
         "BLOCK_D": 32 if wide else 64,
-        "BLOCK_B": block_b,
+        **_pieces(bottleneck),
         "num_warps": 8,
         "num_stages": 2 if wide else 3,
     }
 
 
-def _config(bottleneck: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The GPU tiling; in the CPU interpreter, which has no registers to spare, the 16-bit one
-    for every dtype (4x fewer interpreted steps for fp32; tests run the fp32 tiling too)."""
-    return _blocks(bottleneck, dtype if device.type == "cuda" else torch.bfloat16)
+def _pieces(bottleneck: int) -> dict:
+    """The bottleneck's register tiles: tl.dot needs power-of-two sizes >= 16, so b = 96 is one
+    64-wide piece and one 32-wide (no padding) rather than 128 (a third of it zeros, computed
+    and held in registers). Two pieces when they cover b tighter than one power of two: b = 96,
+    48, 80, 160, 192 exactly (b = 16 (2^i + 2^j)); otherwise one padded piece (b = 24 -> 32).
+    {"BLOCK_B": first piece, "BLOCK_B2": second piece or 0}."""
+    whole = max(16, triton.next_power_of_2(bottleneck))
+    first = max(16, 1 << (bottleneck.bit_length() - 1))
+    second = max(16, triton.next_power_of_2(bottleneck - first)) if bottleneck > first else 0
+    if second == 0 or first + second >= whole:
+        return {"BLOCK_B": whole, "BLOCK_B2": 0}
+    return {"BLOCK_B": first, "BLOCK_B2": second}
 
 
-def _splits(m_blocks: int, d_blocks: int, device: torch.device) -> tuple[int, int]:
-    """(S, row blocks per split) for the weight-gradient grid: one program per SM on a GPU (one
-    8-warp, ~250-register program fills an SM; more splits only grow the partial buffer); a few
-    splits in the interpreter, enough to test the partial-sum path."""
+def _grad_block_d(dtype: torch.dtype) -> int:
+    """The weight-gradient kernel's column tile: fixed, not tuned, so that the host knows the
+    column tiles and can size the split count to one wave (_splits)."""
+    return _blocks(16, dtype)["BLOCK_D"]
+
+
+# Autotuned on a GPU, keyed on (D, B) and, as triton adds them, the tensors' dtypes. Larger
+# BLOCK_M rereads the weights (from L2) for fewer rows: at BLOCK_M 64 and d 768, b 96, bf16 both
+# weight matrices are ~4.6 KB per token of L2 reads, at 128 half that, at the cost of registers.
+_THROUGH_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w, num_stages=st)
+    for m, d, w, st in [
+        (64, 64, 8, 3),  # _blocks' 16-bit choice first
+        (128, 64, 8, 3),
+        (128, 32, 8, 3),
+        (64, 128, 8, 2),
+        (128, 64, 8, 2),
+        (64, 64, 4, 3),
+        (32, 32, 8, 2),  # _blocks' fp32 choice
+        (32, 64, 4, 2),
+    ]
+]
+_GRAD_CONFIGS = [
+    triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=st)
+    for m, w, st in [(64, 8, 3), (128, 8, 3), (128, 8, 2), (64, 4, 3), (32, 8, 2), (32, 4, 2)]
+]
+
+
+def _fits(configs, named_args, **kwargs):
+    """Early prune: no (BLOCK_M x b) fp32 accumulator over 128 x 128 (registers)."""
+    block_b = kwargs["BLOCK_B"] + kwargs["BLOCK_B2"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] * block_b <= 128 * 128]
+    return kept or configs[:1]
+
+
+if INTERPRETED:  # the interpreter has nothing to time: one config, passed by the caller
+    _through, _weight_grad = _through_kernel, _weight_grad_kernel
+else:
+    _prune = {"early_config_prune": _fits}
+    _through = triton.autotune(_THROUGH_CONFIGS, key=["D", "B"], prune_configs_by=_prune)(
+        _through_kernel
+    )
+    _weight_grad = triton.autotune(_GRAD_CONFIGS, key=["D", "B"], prune_configs_by=_prune)(
+        _weight_grad_kernel
+    )
+
+
+def _launch_cfg(bottleneck: int, dtype: torch.dtype, kernel: str) -> dict:
+    """The keyword arguments of a launch: on a GPU only what is not tuned (the bottleneck's
+    pieces; the weight gradient's BLOCK_D); in the interpreter the whole untuned tiling of
+    INTERPRETER_TILING."""
+    if INTERPRETED:
+        cfg = _blocks(bottleneck, INTERPRETER_TILING)
+        if kernel == "grad":
+            cfg["BLOCK_D"] = _grad_block_d(INTERPRETER_TILING)
+        return cfg
+    cfg = _pieces(bottleneck)
+    if kernel == "grad":
+        cfg["BLOCK_D"] = _grad_block_d(dtype)
+    return cfg
+
+
+def _rows_grid(M: int, cfg: dict):
+    if "BLOCK_M" in cfg:
+        return (triton.cdiv(M, cfg["BLOCK_M"]),)
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)
+
+
+def _splits(M: int, d_blocks: int, device: torch.device) -> int:
+    """S, the weight-gradient grid's row splits: on a GPU as many as fill exactly one wave,
+    d_blocks x S <= the SM count (one 8-warp, ~250-register program fills an SM: a second wave
+    would run a handful of programs on an idle GPU); in the interpreter a few, enough to test the
+    partial sums. Never more than the row blocks at the smallest tuned BLOCK_M."""
     if device.type == "cuda":
-        target = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = sms // d_blocks
     else:
-        target = 4 * d_blocks
-    splits = max(1, min(m_blocks, triton.cdiv(target, d_blocks)))
-    per = triton.cdiv(m_blocks, splits)
-    return triton.cdiv(m_blocks, per), per  # no empty splits
+        splits = 4
+    return max(1, min(splits, triton.cdiv(M, 32)))
 
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for 16-bit inputs
 
 
-# ---- autograd -----------------------------------------------------------------------------
+def _on_device(t: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (triton launches on the current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-class FusedAdapterFunction(torch.autograd.Function):
-    """y = x + gelu_new(x W_down^T + b_down) W_up^T + b_up for x (M, d) contiguous, all in one
-    dtype. Saves x, the weights and z (M, b) for backward."""
+# ---- operators ------------------------------------------------------------------------------
+# Registered with torch.library.custom_op, so torch.compile keeps them as single nodes of one
+# graph (no graph break) and DeepSpeed / autograd see ordinary operators. custom_op rather than
+# triton_op: inductor would lower a triton_op to its own kernel calls, which on CPU tensors (the
+# interpreter, where the tests run) it cannot do; an opaque custom op runs the same everywhere.
 
-    @staticmethod
-    def forward(ctx, x, w_down, b_down, w_up, b_up, save_z: bool):
-        M, D = x.shape
-        B = w_down.shape[0]
-        cfg = _config(B, x.dtype, x.device)
-        y = _new((M, D), x.dtype, x.device)
-        z = _new((M, B), x.dtype, x.device) if save_z else y  # y: an unused placeholder
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]),)
+
+@torch.library.custom_op("vlds::adapter_forward", mutates_args=())
+def adapter_forward_op(
+    x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor, w_up: torch.Tensor,
+    b_up: torch.Tensor, save_z: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(y, z): y = x + gelu_new(x W_down^T + b_down) W_up^T + b_up for x (M, d) contiguous, all
+    in one dtype; z (M, b) the pre-activation if save_z, else an empty (0, b)."""
+    M, D = x.shape
+    B = w_down.shape[0]
+    cfg = _launch_cfg(B, x.dtype, "through")
+    y = _new((M, D), x.dtype, x.device)
+    z = _new((M if save_z else 0, B), x.dtype, x.device)
+    with _on_device(x):
         # P = W_down^T viewed (D, B); Q = W_up^T viewed (B, D)
-        _through_kernel[grid](
-            x,
-            y,
-            z,
-            z,
-            w_down,
-            w_up,
-            b_down,
-            b_up,
-            M,
-            D,
-            B,
-            w_down.stride(1),
-            w_down.stride(0),
-            w_up.stride(1),
-            w_up.stride(0),
-            FORWARD=True,
-            SAVE_Z=save_z,
-            PRECISION=_precision(x.dtype),
-            **cfg,
-        )
-        if save_z:
-            ctx.save_for_backward(x, w_down, w_up, z)
-        return y
+        _through[_rows_grid(M, cfg)](
+            x, y, z if save_z else y, z if save_z else y, w_down, w_up, b_down, b_up, M, D, B,
+            w_down.stride(1), w_down.stride(0), w_up.stride(1), w_up.stride(0),
+            FORWARD=True, SAVE_Z=save_z, PRECISION=_precision(x.dtype), **cfg,
+        )  # fmt: skip
+    return y, z
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, w_down, w_up, z = ctx.saved_tensors
-        dy = dy.contiguous()
-        M, D = x.shape
-        B = w_down.shape[0]
-        cfg = _config(B, x.dtype, x.device)
-        prec = _precision(x.dtype)
-        dx = _new((M, D), x.dtype, x.device)
-        dz = _new((M, B), x.dtype, x.device)
+
+@adapter_forward_op.register_fake
+def _(x, w_down, b_down, w_up, b_up, save_z):
+    return torch.empty_like(x), x.new_empty((x.shape[0] if save_z else 0, w_down.shape[0]))
+
+
+@torch.library.custom_op("vlds::adapter_backward", mutates_args=())
+def adapter_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor,
+    z: torch.Tensor, weight_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(dx, dW_down, db_down, dW_up, db_up); the four weight gradients are empty unless
+    weight_grads. Weight gradients are summed in fp32 and returned in the weights' dtype."""
+    dy = dy.contiguous()
+    M, D = x.shape
+    B = w_down.shape[0]
+    prec = _precision(x.dtype)
+    cfg = _launch_cfg(B, x.dtype, "through")
+    dx = _new((M, D), x.dtype, x.device)
+    dz = _new((M, B), x.dtype, x.device)
+    with _on_device(x):
         # dz = (dy @ W_up) * gelu'(z); dx = dy + dz @ W_down. P = W_up (D, B), Q = W_down (B, D)
-        _through_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-            dy,
-            dx,
-            z,
-            dz,
-            w_up,
-            w_down,
-            dz,
-            dz,
-            M,
-            D,
-            B,
-            w_up.stride(0),
-            w_up.stride(1),
-            w_down.stride(0),
-            w_down.stride(1),
-            FORWARD=False,
-            SAVE_Z=False,
-            PRECISION=prec,
-            **cfg,
-        )
-        if not any(ctx.needs_input_grad[1:5]):
-            return dx, None, None, None, None, None
-
-        d_blocks = triton.cdiv(D, cfg["BLOCK_D"])
-        splits, per = _splits(triton.cdiv(M, cfg["BLOCK_M"]), d_blocks, x.device)
+        _through[_rows_grid(M, cfg)](
+            dy, dx, z, dz, w_up, w_down, dz, dz, M, D, B,
+            w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
+            FORWARD=False, SAVE_Z=False, PRECISION=prec, **cfg,
+        )  # fmt: skip
+        if not weight_grads:
+            empty = x.new_empty(0)
+            return dx, empty, empty.clone(), empty.clone(), empty.clone()
+        gcfg = _launch_cfg(B, x.dtype, "grad")
+        d_blocks = triton.cdiv(D, gcfg["BLOCK_D"])
+        splits = _splits(M, d_blocks, x.device)
         f32 = torch.float32
         part_wd = _new((splits, B, D), f32, x.device)
         part_wu = _new((splits, D, B), f32, x.device)
         part_bd = _new((splits, B), f32, x.device)
         part_bu = _new((splits, D), f32, x.device)
-        _weight_grad_kernel[(d_blocks, splits)](
-            x,
-            dy,
-            z,
-            dz,
-            part_wd,
-            part_wu,
-            part_bd,
-            part_bu,
-            M,
-            D,
-            B,
-            per,
-            PRECISION=prec,
-            **cfg,
+        _weight_grad[(d_blocks, splits)](
+            x, dy, z, dz, part_wd, part_wu, part_bd, part_bu, M, D, B, PRECISION=prec, **gcfg
         )
-        # fp32 sums of the S partials, then the parameters' dtype
-        return (
-            dx if ctx.needs_input_grad[0] else None,
-            part_wd.sum(0).to(w_down.dtype),
-            part_bd.sum(0).to(w_down.dtype),
-            part_wu.sum(0).to(w_up.dtype),
-            part_bu.sum(0).to(w_up.dtype),
-            None,
-        )
+    # fp32 sums of the S partials, then the parameters' dtype
+    return (
+        dx,
+        part_wd.sum(0).to(w_down.dtype),
+        part_bd.sum(0).to(w_down.dtype),
+        part_wu.sum(0).to(w_up.dtype),
+        part_bu.sum(0).to(w_up.dtype),
+    )
+
+
+@adapter_backward_op.register_fake
+def _(dy, x, w_down, w_up, z, weight_grads):
+    if not weight_grads:
+        empty = x.new_empty(0)
+        return torch.empty_like(x), empty, empty.clone(), empty.clone(), empty.clone()
+    b, d = w_down.shape
+    return (
+        torch.empty_like(x),
+        w_down.new_empty((b, d)),
+        w_down.new_empty((b,)),
+        w_up.new_empty((d, b)),
+        w_up.new_empty((d,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_down, _, w_up, _, _ = inputs
+    ctx.save_for_backward(x, w_down, w_up, output[1])
+
+
+def _backward(ctx, dy, _dz):
+    x, w_down, w_up, z = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dwd, dbd, dwu, dbu = adapter_backward_op(dy, x, w_down, w_up, z, any(need[1:5]))
+    if not any(need[1:5]):
+        dwd = dbd = dwu = dbu = None
+    return (dx if need[0] else None), dwd, dbd, dwu, dbu, None
+
+
+adapter_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def fused_adapter(
@@ -448,8 +605,55 @@ def fused_adapter(
     x = h.reshape(-1, d).contiguous()  # (M, d)
     if x.shape[0] == 0:
         return h.clone()
-    save_z = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, wd, bd, wu, bu)
-    )  # inside Function.forward grad mode is off, so decide here
-    y = FusedAdapterFunction.apply(x, wd, bd, wu, bu, save_z)
+    save_z = torch.is_grad_enabled() and any(t.requires_grad for t in (x, wd, bd, wu, bu))
+    y, _ = adapter_forward_op(x, wd, bd, wu, bu, save_z)
     return y.view(h.shape)
+
+
+# ---- ahead-of-time compilation check ---------------------------------------------------------
+
+
+def compile_for_gpu(arch: int = 90, dtypes=DTYPES, bottleneck: int = 96, every_config=False):
+    """Compile every kernel variant for a CUDA target without a GPU (triton and its bundled
+    ptxas need none): [(kernel, dtype, config, shared memory bytes)]. Catches what only a GPU
+    compile would (a construct the backend rejects in some dtype, a tile too large for shared
+    memory) on a CPU machine. Needs the kernels built compiled (TRITON_INTERPRET unset)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_for_gpu: the kernels were built for the interpreter")
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    variants = [
+        ("through_fwd", _through_kernel, {"FORWARD": True, "SAVE_Z": True}, _THROUGH_CONFIGS),
+        ("through_bwd", _through_kernel, {"FORWARD": False, "SAVE_Z": False}, _THROUGH_CONFIGS),
+        ("weight_grad", _weight_grad_kernel, {}, _GRAD_CONFIGS),
+    ]
+    out = []
+    for dtype in dtypes:
+        for name, kernel, flags, configs in variants:
+            default = _blocks(bottleneck, dtype)
+            if name == "weight_grad":
+                default["BLOCK_D"] = _grad_block_d(dtype)
+            tiles = [default] if not every_config else [
+                {**default, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
+                for c in configs
+            ]  # fmt: skip
+            for tile in tiles:
+                consts = {**flags, "PRECISION": _precision(dtype)}
+                consts.update({k: v for k, v in tile.items() if k.startswith("BLOCK")})
+                sig = {}
+                for arg in kernel.arg_names:
+                    if arg in consts:
+                        sig[arg] = "constexpr"
+                    elif arg.endswith("_ptr"):
+                        fp32_part = arg.startswith(("dwd", "dwu", "dbd", "dbu"))
+                        sig[arg] = "*fp32" if fp32_part else f"*{names[dtype]}"
+                    else:
+                        sig[arg] = "i32"
+                index = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
+                src = ASTSource(fn=kernel, signature=sig, constexprs=index)
+                options = {"num_warps": tile["num_warps"], "num_stages": tile["num_stages"]}
+                compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+                out.append((name, names[dtype], tile, compiled.metadata.shared))
+    return out

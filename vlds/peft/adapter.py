@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlds.kernels import adapter_forward, check_mode, use_fused
+from vlds.kernels import adapter_forward, check_mode
 from vlds.peft.inject import sublayer_sites, transform_output
 from vlds.peft.registry import Method, register
 
@@ -28,17 +28,13 @@ def linear(d_in: int, d_out: int) -> nn.Module:
 def bottleneck_adapter(h: torch.Tensor, down: nn.Module, up: nn.Module, fused: str):
     """h + up(gelu_new(down(h))): h (B, T, d) -> (B, T, d); gelu_new is the tanh approximation.
 
-    nn.Linear projections take the fused Triton kernel when `fused` (peft.fused_kernel) allows
-    it for this tensor; that path reads their weights directly, so under ZeRO-3 these modules
-    must be leaves (`zero3_leaf_classes`). Otherwise, and for PHM layers (Compacter), the child
-    modules are called as before.
+    nn.Linear projections go through vlds.kernels.adapter_forward, which takes the fused Triton
+    kernel when `fused` (peft.fused_kernel), the tensor and its self-check allow, and the same
+    F.linear arithmetic otherwise. It reads their weights directly, so under ZeRO-3 these
+    modules must be leaves (`zero3_leaf_classes`). PHM layers (Compacter) are called as modules.
     """
-    if (
-        isinstance(down, nn.Linear)
-        and isinstance(up, nn.Linear)
-        and use_fused(h, fused, down.out_features)
-    ):
-        return adapter_forward(h, down.weight, down.bias, up.weight, up.bias, mode="on")
+    if isinstance(down, nn.Linear) and isinstance(up, nn.Linear):
+        return adapter_forward(h, down.weight, down.bias, up.weight, up.bias, mode=fused)
     return h + up(F.gelu(down(h), approximate="tanh"))
 
 

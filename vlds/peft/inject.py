@@ -136,6 +136,9 @@ def norm_types() -> tuple[type, ...]:
 
 def apply_peft(model: nn.Module, cfg: PeftConfig, tasks: list[str]):
     """Freeze `model` (a VLModel), inject the configured method, unfreeze what it trains."""
+    import vlds.kernels
+
+    vlds.kernels.configure(self_check=cfg.fused_check)  # the adapters' kernel self-check
     method = method_class(cfg.method)(cfg, tasks)
     method.check(model.d_model, model.arch)
     model.requires_grad_(False)
