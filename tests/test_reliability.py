@@ -8,6 +8,7 @@ step with VLDS_FAULTS (vlds/faults.py) or by sending real signals.
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -45,6 +46,10 @@ def args(root, out, *extra):
         "--eval.java_metrics=false",  # the JVM scorers are tested in test_eval_metrics.py
         *extra,
     ]
+
+
+# bf16 against fp32 losses, relative: bf16 rounds activations to 8 bits of mantissa (0.4 %)
+BF16_LOSS_TOLERANCE = 0.03
 
 
 def weights(out: Path) -> dict:
@@ -135,11 +140,17 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint(shapes_root, tmp_path
     assert losses(out) == losses(reference_run)
 
 
-def test_bf16_killed_and_resumed_ends_bitwise_equal(shapes_root, tmp_path):
-    """bf16 on CPU (DeepSpeed's bf16 optimizer: fp32 master weights in the checkpoint)."""
+def test_bf16_killed_and_resumed_ends_bitwise_equal(shapes_root, tmp_path, reference_run):
+    """bf16 on CPU (DeepSpeed's bf16 optimizer: fp32 master weights in the checkpoint). Its
+    losses are finite and follow the same run in fp32 (reference_run) step by step."""
     bf16 = "--train.precision=bf16"
     ref, out = tmp_path / "ref", tmp_path / "run"
     run(args(shapes_root, ref, "--train.max_steps=10", "--train.save_every=3", bf16))
+    half, full = losses(ref), losses(reference_run)
+    print("bf16 vs fp32 losses:", half, full)
+    assert half.keys() == full.keys() and len(half) == 10
+    assert all(math.isfinite(v) for v in half.values())
+    assert all(abs(half[k] - full[k]) <= BF16_LOSS_TOLERANCE * full[k] for k in full), (half, full)
     crash_then_resume(shapes_root, out, "kill@8", published="step6", extra=[bf16])
     a, b = weights(ref), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
