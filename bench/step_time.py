@@ -4,10 +4,12 @@
     python bench/step_time.py --batch 8 --steps 5 --json runs/bench/step_time.json
     python bench/step_time.py --methods single_adapter,full_finetune --text-len 20 --target-len 5
     python bench/step_time.py --plain --methods single_adapter:fused=off,single_adapter:fused=on
+    python bench/step_time.py --plain --zero-stage 0      # the engine without ZeRO
 
-One step = DeepSpeed engine forward + backward + step under ZeRO-2 (ds_configs/zero2.json), the
-engine built by vlds.engine (deepspeed_config + build_engine: torch AdamW as the client optimizer,
-the warm-up/decay schedule) exactly as vlds/train.py builds it, at the precision of
+One step = DeepSpeed engine forward + backward + step under ZeRO-2 (ds_configs/zero2.json;
+`--zero-stage` sets another stage in it), the engine built by vlds.engine (deepspeed_config +
+build_engine: torch AdamW as the client optimizer, the warm-up/decay schedule) exactly as
+vlds/train.py builds it, at the precision of
 vlds.engine.use_bf16. The run config is the "t5-base-random" preset (build_config), the
 language model vlds.model.build.build_lm's with t5-base's vocabulary (32128 embedding rows,
 pad 0, eos 1): a CLIP-T5 with random weights at t5-base sizes (d_model 768, 12 + 12 layers, 12
@@ -103,6 +105,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=FUSED_MODES,
         default="auto",
         help="peft.fused_kernel of the rows that do not name one",
+    )
+    p.add_argument(
+        "--zero-stage",
+        type=int,
+        choices=(0, 1, 2),
+        default=2,
+        help="the engine's ZeRO stage (ds_configs/zero2.json with this stage; 0: no ZeRO)",
     )
     p.add_argument("--text-len", type=int, default=20, help="text tokens per sample")
     p.add_argument("--target-len", type=int, default=5, help="target tokens per sample")
@@ -406,6 +415,7 @@ def run_worker(args, commands, replies) -> dict:
         # ZeRO-2; AdamW over the trainable parameters in two decay groups, linear warm-up
         # then decay over the steps we run: the engine vlds/train.py builds.
         ds_config = deepspeed_config(DEFAULT_DS_CONFIG, cfg, info.world_size, bf16)
+        ds_config["zero_optimization"]["stage"] = args.zero_stage
         engine = build_engine(cfg, model, ds_config, args.warmup + args.steps)
         engine.train()
         module = engine.module
@@ -678,7 +688,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     bf16 = use_bf16(build_config_for(args, specs[0].method))  # the workers' precision
     device = torch.cuda.get_device_name(0) if cuda else cpu_name()
-    print(f"device: {device}, {'bf16' if bf16 else 'fp32'}, ZeRO-2, 1 rank")
+    print(f"device: {device}, {'bf16' if bf16 else 'fp32'}, ZeRO-{args.zero_stage}, 1 rank")
     print(
         f"CLIP-T5 (random weights): d_model {args.d_model}, {args.layers}+{args.layers} layers, "
         f"{args.heads} heads, d_ff {args.d_ff}, vocab {args.vocab}; batch {args.batch} x "

@@ -15,17 +15,16 @@ from bench import gpu_check
 REPO = Path(__file__).resolve().parent.parent
 
 
+def run_check(report: Path, **env) -> subprocess.CompletedProcess:
+    """`bash bench/gpu_check.sh REPORT` with CUDA hidden and these variables."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **env}
+    cmd = ["bash", "bench/gpu_check.sh", str(report)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
 def test_gpu_check_without_cuda(tmp_path):
     report = tmp_path / "check" / "report.md"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        ["bash", "bench/gpu_check.sh", str(report)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_check(report)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = report.read_text()
     for field in ("- device: ", "- driver: ", "- CUDA: not available", "- git commit: "):
@@ -50,15 +49,7 @@ def test_gpu_check_without_cuda(tmp_path):
 def test_a_step_left_without_time_fails_the_check(tmp_path):
     """A budget spent before step 2 starts: reported as not run, exit status 1."""
     report = tmp_path / "report.md"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "GPU_CHECK_BUDGET_S": "1"}
-    proc = subprocess.run(
-        ["bash", "bench/gpu_check.sh", str(report)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_check(report, GPU_CHECK_BUDGET_S="1")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = report.read_text()
     assert "not run: the check's time budget (1 s) is spent" in text

@@ -372,3 +372,11 @@ def test_gpu_self_check_passes_in_bf16():
     adapter_forward(*args, mode="auto")
     (entry,) = vlds.kernels.report().values()
     assert entry["path"] == "fused" and entry["checked"], entry
+
+
+def test_autotune_configs_are_pruned_to_the_register_budget():
+    """b = 192 (128 + 64): no 128-row config (a 128 x 192 fp32 accumulator); b = 96 keeps all."""
+    wide = fa._fits(fa._THROUGH_CONFIGS, {}, **fa._pieces(192))
+    assert {c.kwargs["BLOCK_M"] for c in wide} == {32, 64}
+    assert fa._fits(fa._THROUGH_CONFIGS, {}, **fa._pieces(96)) == fa._THROUGH_CONFIGS
+    assert fa._THROUGH_CONFIGS[0].kwargs == {"BLOCK_M": 64, "BLOCK_D": 64}  # _blocks' first

@@ -14,7 +14,7 @@ backward, and is compared with the bound of tests/test_kernels.py (vlds/kernels/
 compile error or a mismatch, "auto" logs once and takes the reference for that shape for the
 rest of the process; "on" raises. `report()` says which path ran for each shape and why; the
 trainer writes it to metrics.json ("adapter_kernel"). Not under torch.compile (the check reads
-values): a compiled model takes the path unchecked, and the report says so.
+values): a compiled model takes its path unchecked and unrecorded.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 SELF_CHECK = True  # peft.fused_check; configure() sets it for the process
-_PATHS: dict[tuple, dict] = {}  # (d, b, dtype, device, mode) -> {"path", "reason", ...}
+# (d, b, dtype, device, mode, autocast) -> {"path", "reason", "checked", ...}
+_PATHS: dict[tuple, dict] = {}
 
 
 def check_mode(mode: str) -> None:
@@ -87,8 +88,9 @@ def report() -> dict:
     """{"d768_b96_bfloat16_cuda:0_auto": {"path": "fused" | "reference", "reason": ...,
     "checked": bool, ...}} for every shape adapter_forward has seen in this process."""
     return {
-        f"d{d}_b{b}_{str(dt).removeprefix('torch.')}_{dev}_{mode}": dict(v)
-        for (d, b, dt, dev, mode), v in _PATHS.items()
+        f"d{d}_b{b}_{str(dt).removeprefix('torch.')}_{dev}_{mode}"
+        + ("_autocast" if autocast else ""): dict(v)
+        for (d, b, dt, dev, mode, autocast), v in _PATHS.items()
     }
 
 
@@ -146,7 +148,9 @@ def adapter_forward(
 
             return fused_adapter(*args)
         return adapter_reference(*args)
-    key = (h.shape[-1], w_down.shape[0], h.dtype, str(h.device), mode)
+    # autocast is part of the key: "auto" keeps the reference under it (_auto_reason)
+    autocast = torch.is_autocast_enabled(h.device.type)
+    key = (h.shape[-1], w_down.shape[0], h.dtype, str(h.device), mode, autocast)
     state = _PATHS.get(key)
     if state is None:
         state = _PATHS[key] = _decide(args, mode)

@@ -1,8 +1,8 @@
 """Fused Triton kernels for the adapter y = h + Up(gelu_new(Down(h))), forward and backward.
 
 Shapes: x (M, d) tokens, W_down (b, d), b_down (b,), W_up (d, b), b_up (d,); b = bottleneck.
-One file of ~400 lines on purpose, as in the Triton tutorials: the kernels, their launch
-configuration and the autograd.Function that ties forward to backward read together.
+One file on purpose, as in the Triton tutorials: the kernels, their launch configuration and the
+operators (torch.library custom ops with their autograd formula) that launch them read together.
 
 The adapter is memory bound (b = d / 8), so the kernels are organised around bytes, not FLOPs.
 Per token at d = 768, b = 96, bf16 (eager writes and rereads every intermediate: ~8.4 KB fwd):
@@ -13,7 +13,8 @@ Per token at d = 768, b = 96, bf16 (eager writes and rereads every intermediate:
 
 _through_kernel (one program per BLOCK_M rows) is one template for both directions:
     loop 1 over d in BLOCK_D chunks: acc (BLOCK_M, b) += in[:, chunk] @ P[chunk, :]   (fp32)
-    epilogue on the fp32 accumulator, the bottleneck never leaves the chip:
+    epilogue on the fp32 accumulator, the bottleneck never leaves the chip (b is held as one or two
+    power-of-two pieces, 96 = 64 + 32: _pieces; each piece a _piece_* helper):
         forward:  z = acc + b_down, store z, a = gelu(z)
         backward: dz = acc * gelu'(z)  (z loaded), store dz
     loop 2 over d: out[:, chunk] = in[:, chunk] + a @ Q[:, chunk] (+ b_up)
@@ -31,7 +32,8 @@ db_down = sum dz. _weight_grad_kernel tiles them as a split-M GEMM: grid (d / BL
 (n, s) owns columns n of d and a contiguous run of row blocks, accumulates both (BLOCK_D, b)
 tiles in fp32 registers over its rows, and writes them to an fp32 partial buffer (S, ...); the S
 partials are summed in torch (S x 2bd x 4 bytes written and read: ~3 % of the backward's
-traffic at M = 65,536, d = 768, b = 96 on an H100, S = 11).
+traffic at M = 65,536, d = 768, b = 96 on an H100, S = 11). S is the largest count with
+d_blocks x S <= the SM count: one wave of programs.
 Deterministic (no atomics), unlike an atomic_add reduction, at the cost of that small buffer.
 Programs with the same s (same rows) are adjacent in launch order, so z and dz, which every
 column tile reads, are shared through L2.
@@ -40,11 +42,12 @@ GELU is the tanh form (gelu_new): 0.5 z (1 + tanh(u)) = z sigmoid(2u), u = sqrt(
 z^3); computed with exp (sigmoid), which the CPU interpreter also has.
 
 Matmuls use tensor cores in fp16/bf16 with fp32 accumulation; fp32 inputs use "ieee" dots (no
-TF32), matching PyTorch's default for fp32 matmuls. Block sizes are fixed heuristics, not tuned
-(no GPU was available when this was written): see `_blocks`.
+TF32), matching PyTorch's default for fp32 matmuls. On a GPU the block sizes, warps and stages
+are autotuned per (d, b, dtypes) over a short list (_THROUGH_CONFIGS, _GRAD_CONFIGS), the first
+being the heuristic of `_blocks`, which the interpreter uses; no GPU has timed them yet.
 
-Tested on CPU with TRITON_INTERPRET=1 (set before triton is imported): tests/test_kernels.py.
-Benchmark: python bench/adapter_kernel.py
+Tested on CPU with TRITON_INTERPRET=1 (set before triton is imported) and compiled for sm_90
+without a GPU (compile_for_gpu): tests/test_kernels.py. Benchmark: python bench/adapter_kernel.py
 """
 
 from __future__ import annotations
@@ -413,9 +416,10 @@ if INTERPRETED:  # the interpreter has nothing to time: one config, passed by th
     _through, _weight_grad = _through_kernel, _weight_grad_kernel
 else:
     _prune = {"early_config_prune": _fits}
-    _through = triton.autotune(_THROUGH_CONFIGS, key=["D", "B"], prune_configs_by=_prune)(
-        _through_kernel
-    )
+    # forward, training forward and backward are tuned apart (one kernel, three programs)
+    _through = triton.autotune(
+        _THROUGH_CONFIGS, key=["D", "B", "FORWARD", "SAVE_Z"], prune_configs_by=_prune
+    )(_through_kernel)
     _weight_grad = triton.autotune(_GRAD_CONFIGS, key=["D", "B"], prune_configs_by=_prune)(
         _weight_grad_kernel
     )
