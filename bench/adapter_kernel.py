@@ -67,15 +67,15 @@ def kernel_bytes(m: int, d: int, b: int, elem: int = 2, splits: int = 0) -> dict
     return {"fwd": fwd, "fwd+bwd": train_fwd + bwd}
 
 
-def grad_splits(d: int, dtype) -> int:
-    """The weight-gradient kernel's row splits on this GPU (vlds.kernels.fused_adapter)."""
+def grad_splits(m: int, d: int, dtype) -> int:
+    """The weight-gradient kernel's row splits for m rows on this GPU (vlds.kernels)."""
     import torch
     import triton
 
     from vlds.kernels import fused_adapter as fa
 
     d_blocks = triton.cdiv(d, fa._grad_block_d(dtype))
-    return fa._splits(2**31 - 1, d_blocks, torch.device("cuda", torch.cuda.current_device()))
+    return fa._splits(m, d_blocks, torch.device("cuda", torch.cuda.current_device()))
 
 
 def cuda_median_ms(fn, reps: int, warmup: int) -> float:
@@ -143,7 +143,7 @@ def kernel_rows(args, copy_gbs: float) -> list[dict]:
         ]  # h (M, d), W_down, b_down, W_up, b_up
         inputs = [t.requires_grad_() for t in inputs]
         dy = torch.randn(m, d, generator=g, device="cuda").to(torch.bfloat16)
-        nbytes = kernel_bytes(m, d, b, splits=grad_splits(d, torch.bfloat16))
+        nbytes = kernel_bytes(m, d, b, splits=grad_splits(m, d, torch.bfloat16))
         for name, fn in impls.items():
             for phase, ms in time_passes(fn, inputs, dy, args).items():
                 gbs = nbytes[phase] / ms / 1e6

@@ -143,18 +143,16 @@ def adapter_forward(
     """h + Up(gelu_new(Down(h))), fused when `mode`, the tensor and the self-check allow it."""
     args = (h, w_down, b_down, w_up, b_up)
     if torch.compiler.is_compiling():  # traced: no checks, no bookkeeping
-        if use_fused(h, mode, w_down.shape[0]):
-            from vlds.kernels.fused_adapter import fused_adapter
-
-            return fused_adapter(*args)
-        return adapter_reference(*args)
-    # autocast is part of the key: "auto" keeps the reference under it (_auto_reason)
-    autocast = torch.is_autocast_enabled(h.device.type)
-    key = (h.shape[-1], w_down.shape[0], h.dtype, str(h.device), mode, autocast)
-    state = _PATHS.get(key)
-    if state is None:
-        state = _PATHS[key] = _decide(args, mode)
-    if state["path"] == "fused":
+        fused = use_fused(h, mode, w_down.shape[0])
+    else:
+        # autocast is part of the key: "auto" keeps the reference under it (_auto_reason)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        key = (h.shape[-1], w_down.shape[0], h.dtype, h.device, mode, autocast)
+        state = _PATHS.get(key)
+        if state is None:
+            state = _PATHS[key] = _decide(args, mode)
+        fused = state["path"] == "fused"
+    if fused:
         from vlds.kernels.fused_adapter import fused_adapter
 
         return fused_adapter(*args)

@@ -254,10 +254,15 @@ def _piece_store(acc_wd, acc_wu, acc_bd, dwd_ptr, dwu_ptr, dbd_ptr, cols, d_ok, 
     tile = d_ok[:, None] & b_ok[None, :]
     tl.store(dwd_ptr + pid_s * B * D + cb[None, :] * D + cols[:, None], acc_wd, mask=tile)
     tl.store(dwu_ptr + pid_s * D * B + cols[:, None] * B + cb[None, :], acc_wu, mask=tile)
+    _store_row0(dbd_ptr + pid_s * B, acc_bd, cb, b_ok & (pid_d == 0))
+
+
+@triton.jit
+def _store_row0(ptr, acc, cols, mask):
+    """Row 0 of a (16, N) column-sum accumulator (its rows are equal) to ptr[cols] where mask."""
     row0 = (tl.arange(0, 16) == 0)[:, None]
     zero = tl.arange(0, 16)[:, None] * 0  # all 16 rows address row 0; only row 0 is stored
-    mask = row0 & b_ok[None, :] & (pid_d == 0)
-    tl.store(dbd_ptr + pid_s * B + zero + cb[None, :], acc_bd, mask=mask)
+    tl.store(ptr + zero + cols[None, :], acc, mask=row0 & mask[None, :])
 
 
 @triton.jit
@@ -324,9 +329,7 @@ def _weight_grad_kernel(
     if BLOCK_B2 > 0:
         _piece_store(acc_wd2, acc_wu2, acc_bd2, dwd_ptr, dwu_ptr, dbd_ptr, cols, d_ok, pid_d,
                      pid_s, D, B, BLOCK_B, BLOCK_B2)  # fmt: skip
-    row0 = (tl.arange(0, 16) == 0)[:, None]
-    zero = tl.arange(0, 16)[:, None] * 0
-    tl.store(dbu_ptr + pid_s * D + zero + cols[None, :], acc_bu, mask=row0 & d_ok[None, :])
+    _store_row0(dbu_ptr + pid_s * D, acc_bu, cols, d_ok)
 
 
 # ---- launch configuration ----------------------------------------------------------------
@@ -430,10 +433,7 @@ def _launch_cfg(bottleneck: int, dtype: torch.dtype, kernel: str) -> dict:
     pieces; the weight gradient's BLOCK_D); in the interpreter the whole untuned tiling of
     INTERPRETER_TILING."""
     if INTERPRETED:
-        cfg = _blocks(bottleneck, INTERPRETER_TILING)
-        if kernel == "grad":
-            cfg["BLOCK_D"] = _grad_block_d(INTERPRETER_TILING)
-        return cfg
+        return _blocks(bottleneck, INTERPRETER_TILING)  # its BLOCK_D is _grad_block_d's
     cfg = _pieces(bottleneck)
     if kernel == "grad":
         cfg["BLOCK_D"] = _grad_block_d(dtype)
@@ -570,8 +570,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dz):
     x, w_down, w_up, z = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dx, dwd, dbd, dwu, dbu = adapter_backward_op(dy, x, w_down, w_up, z, any(need[1:5]))
-    if not any(need[1:5]):
+    weights = any(need[1:5])
+    dx, dwd, dbd, dwu, dbu = adapter_backward_op(dy, x, w_down, w_up, z, weights)
+    if not weights:
         dwd = dbd = dwu = dbu = None
     return (dx if need[0] else None), dwd, dbd, dwu, dbu, None
 
@@ -636,9 +637,7 @@ def compile_for_gpu(arch: int = 90, dtypes=DTYPES, bottleneck: int = 96, every_c
     out = []
     for dtype in dtypes:
         for name, kernel, flags, configs in variants:
-            default = _blocks(bottleneck, dtype)
-            if name == "weight_grad":
-                default["BLOCK_D"] = _grad_block_d(dtype)
+            default = _blocks(bottleneck, dtype)  # its BLOCK_D is _grad_block_d's
             tiles = [default] if not every_config else [
                 {**default, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
                 for c in configs
