@@ -1,8 +1,10 @@
 """What a tiny training run imports, imported once by the forkserver of tests/warm.py."""
 
-import deepspeed  # noqa: F401
-import deepspeed.runtime.engine  # noqa: F401
-import matplotlib
+from vlds.distributed import import_deepspeed
+
+import_deepspeed()
+import deepspeed.runtime.engine  # noqa: E402, F401
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: E402, F401

@@ -38,8 +38,14 @@ def use_bf16(cfg: Config) -> bool:
     )
 
 
-def deepspeed_config(path: str | Path, cfg: Config, world: int, bf16: bool) -> dict:
-    """Read the JSON and fill its "auto" entries; a number that contradicts the run fails."""
+ZERO_STAGES = ("auto", "0", "1", "2", "3")
+
+
+def deepspeed_config(
+    path: str | Path, cfg: Config, world: int, bf16: bool, resumed: dict | None = None
+) -> dict:
+    """Read the JSON and fill its "auto" entries; a number that contradicts the run fails. The
+    ZeRO stage is `zero_stage`'s (`resumed`: the trainer state of the checkpoint resumed)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(
@@ -64,7 +70,44 @@ def deepspeed_config(path: str | Path, cfg: Config, world: int, bf16: bool) -> d
         ds[key] = value
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)  # T5 overflows in fp16 (reference); bf16 or fp32 only
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = zero_stage(cfg, world, zero, resumed)
     return ds
+
+
+def zero_stage(cfg: Config, world: int, zero: dict, resumed: dict | None = None) -> int:
+    """The ZeRO stage of a run. `train.zero_stage` 0-3 sets it. "auto" (default) keeps the
+    JSON's stage on several ranks; on one rank it takes stage 0 unless the JSON offloads to CPU
+    or NVMe, since one rank has nothing to partition: ZeRO-2's flat fp32 partition and
+    gradient buckets cost full fine-tuning 1.83x a plain PyTorch loop's time and 1.77x its
+    memory there, stage 0 1.19x / 1.12x (bench/RESULTS.md, "The engine's own cost"). A resumed
+    run keeps its checkpoint's stage (checkpoints older than this rule: the JSON's)."""
+    json_stage = int(zero.get("stage", 0))
+    was = None if resumed is None else int(resumed.get("zero_stage", json_stage))
+    if cfg.train.zero_stage != "auto":
+        stage = int(cfg.train.zero_stage)
+        if was is not None and was != stage:
+            raise ConfigError(
+                f"cannot resume: the checkpoint was written under ZeRO stage {was}, and "
+                f"train.zero_stage={stage}; resume with --train.zero_stage={was} (or auto)"
+            )
+        return stage
+    if was is not None:
+        return was
+    offload = any(
+        str(zero.get(k, {}).get("device", "none")).lower() != "none"
+        for k in ("offload_optimizer", "offload_param")
+    )
+    return 0 if world == 1 and not offload else json_stage
+
+
+@config_check
+def check_zero_stage(cfg: Config) -> None:
+    if str(cfg.train.zero_stage) not in ZERO_STAGES:
+        raise ConfigError(
+            f"train.zero_stage={cfg.train.zero_stage!r}; valid: auto (the DeepSpeed JSON's "
+            f"stage; 0 on one rank) or 0, 1, 2, 3"
+        )
 
 
 def lr_lambda(total: int, warmup: int):
@@ -134,20 +177,45 @@ def check_decay_exempt(cfg: Config) -> None:
         )
 
 
+def stage_of(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
 def is_zero3(ds_config: dict) -> bool:
-    return ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    return stage_of(ds_config) == 3
+
+
+class CheckedAdamW(torch.optim.AdamW):
+    """AdamW that skips a step whose gradients are not all finite and says so in `overflow`,
+    the attribute DeepSpeed's engine reads to count a skipped step, hold the LR schedule and
+    answer `was_step_applied()`. ZeRO and DeepSpeed's bf16 optimizer check the gradients
+    themselves; at stage 0 in fp32 the client optimizer is the only place to do it."""
+
+    overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        norms = torch._foreach_norm(grads) if grads else []  # one pass; inf / nan propagate
+        self.overflow = bool(norms) and not bool(torch.stack(norms).sum().isfinite())
+        return None if self.overflow else super().step(closure)
 
 
 def build_engine(cfg: Config, model, ds_config: dict, total_steps: int):
     """The DeepSpeed engine over `model`: AdamW on its trainable parameters only (client torch
     optimizer: no JIT build), the warm-up/decay schedule over the optimizer steps of
-    `total_steps` micro-steps, and under ZeRO-3 whole adapter modules gathered at once."""
-    import deepspeed
+    `total_steps` micro-steps, and under ZeRO-3 whole adapter modules gathered at once. At
+    stage 0 on one rank the engine's gradient all-reduce (a flatten, a no-op reduce and a copy
+    back of every gradient) is turned off."""
+    from vlds.distributed import import_deepspeed
 
+    deepspeed = import_deepspeed()
     t = cfg.train
     # the LR schedule counts optimizer steps, one per grad_accum micro-steps
     opt_steps = math.ceil(total_steps / ds_config["gradient_accumulation_steps"])
-    optimizer = torch.optim.AdamW(
+    stage = stage_of(ds_config)
+    checked = stage == 0 and not ds_config["bf16"]["enabled"]
+    optimizer = (CheckedAdamW if checked else torch.optim.AdamW)(
         param_groups(model, t.weight_decay, t.decay_exempt),
         lr=t.lr,
         betas=(t.adam_beta1, t.adam_beta2),
@@ -173,4 +241,6 @@ def build_engine(cfg: Config, model, ds_config: dict, total_steps: int):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if stage == 0 and engine.dp_world_size == 1:
+        engine.enable_backward_allreduce = False
     return engine

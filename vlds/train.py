@@ -22,6 +22,7 @@ Exit codes: 0 done (or preempted by SIGTERM/SIGUSR1, in any phase, after saving 
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import sys
@@ -54,6 +55,7 @@ from vlds.engine import (  # noqa: E402
     build_engine,
     deepspeed_config,
     is_zero3,
+    stage_of,
     use_bf16,
 )
 
@@ -117,9 +119,8 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
 
     info = world_info_from_env()
     bf16 = use_bf16(cfg)
-    ds_config = deepspeed_config(
-        deepspeed_config_path or DEFAULT_DS_CONFIG, cfg, info.world_size, bf16
-    )
+    ds_path = deepspeed_config_path or DEFAULT_DS_CONFIG
+    ds_config = deepspeed_config(ds_path, cfg, info.world_size, bf16)
     if cfg.data.root:
         from vlds.data.shardio import load_index
 
@@ -137,6 +138,11 @@ def run(cfg, deepspeed_config_path: str | None = None, on_eval=None) -> dict:
     from vlds.trainer import Trainer, find_resume
 
     found = find_resume(cfg, info.world_size, info.is_main)
+    if found is not None:  # a resume keeps the ZeRO stage its checkpoint was written under
+        resumed = json.loads((found[0] / found[1] / "trainer_state.json").read_text())
+        ds_config = deepspeed_config(ds_path, cfg, info.world_size, bf16, resumed)
+    if info.is_main:
+        log.info("ZeRO stage %d (train.zero_stage=%s)", stage_of(ds_config), cfg.train.zero_stage)
     init = read_adapter(cfg.train.init_from) if cfg.train.init_from else None
     out_dir = Path(cfg.train.out_dir)
     if info.is_main:

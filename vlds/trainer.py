@@ -178,6 +178,7 @@ class Trainer:
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
             "world_size": self.info.world_size,
+            "zero_stage": self.engine.zero_optimization_stage(),
             "bad_steps_total": self.guard.total,
             "eval_pending": self._eval_cut,
             "config": self.cfg_dict,
