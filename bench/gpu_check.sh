@@ -150,7 +150,8 @@ if ((CUDA)); then
     step "4. shapes world for the training runs (generated once, cached)" 60 \
         "$PYTHON" -m vlds.data.synthetic
     # t5-base sizes, random weights, the shapes world's tokenizer and tiny tower; evaluation
-    # kept to one short batch per task (the runs check training, checkpoints and resume)
+    # kept to one short batch per task (the runs check training, checkpoints and resume); the
+    # stage is forced: on one GPU train.zero_stage=auto would take stage 0
     args=(--preset t5-base-random --data.batch_size=32 --data.num_workers=4
         --train.save_every=100 --train.log_every=20 --train.report_to=none
         --eval.max_samples=32 --eval.batch_size=32 --eval.max_new_tokens=8
@@ -160,12 +161,13 @@ if ((CUDA)); then
         rm -rf "$dir" "$dir".[0-9]*
         title="4. ZeRO-$zero: $TRAIN_STEPS steps, checkpoints at 100 and $TRAIN_STEPS"
         step "$title" 90 "$PYTHON" vlds/train.py --deepspeed ds_configs/zero$zero.json \
-            "${args[@]}" --train.out_dir="$dir" --train.max_steps=$TRAIN_STEPS
+            --train.zero_stage=$zero "${args[@]}" --train.out_dir="$dir" \
+            --train.max_steps=$TRAIN_STEPS
         throughput "$title" "$dir" "$TRAIN_STEPS"
         title="4. ZeRO-$zero: resume from step $TRAIN_STEPS to $RESUME_STEPS"
         step "$title" 75 "$PYTHON" vlds/train.py --deepspeed ds_configs/zero$zero.json \
-            "${args[@]}" --train.out_dir="$dir" --train.max_steps=$RESUME_STEPS \
-            --train.resume=latest
+            --train.zero_stage=$zero "${args[@]}" --train.out_dir="$dir" \
+            --train.max_steps=$RESUME_STEPS --train.resume=latest
         throughput "$title" "$dir" "$RESUME_STEPS"
     done
 else

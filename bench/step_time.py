@@ -4,10 +4,11 @@
     python bench/step_time.py --batch 8 --steps 5 --json runs/bench/step_time.json
     python bench/step_time.py --methods single_adapter,full_finetune --text-len 20 --target-len 5
     python bench/step_time.py --plain --methods single_adapter:fused=off,single_adapter:fused=on
-    python bench/step_time.py --plain --zero-stage 0      # the engine without ZeRO
+    python bench/step_time.py --plain --zero-stage 2      # the engine under ZeRO-2
 
-One step = DeepSpeed engine forward + backward + step under ZeRO-2 (ds_configs/zero2.json;
-`--zero-stage` sets another stage in it), the engine built by vlds.engine (deepspeed_config +
+One step = DeepSpeed engine forward + backward + step under ds_configs/zero2.json at the stage
+vlds/train.py takes on one rank (train.zero_stage=auto: stage 0; `--zero-stage` sets another),
+the engine built by vlds.engine (deepspeed_config +
 build_engine: torch AdamW as the client optimizer, the warm-up/decay schedule) exactly as
 vlds/train.py builds it, at the precision of
 vlds.engine.use_bf16. The run config is the "t5-base-random" preset (build_config), the
@@ -31,17 +32,25 @@ one after the other would put that drift into the ratio. On CPU each step also r
 share of the machine's CPU time other processes took meanwhile (from /proc/stat); the script
 warns when it exceeds 5%, because such steps run several times slower.
 
-Rows: `--methods` is a comma list of `[plain:]METHOD[:fused=MODE]`. `fused=MODE` sets that
+Rows: `--methods` is a comma list of `[plain:|peft:]METHOD[:fused=MODE]`. `fused=MODE` sets that
 row's peft.fused_kernel (auto | on | off; default `--fused-kernel`), so one table can hold the
 single adapter with the Triton kernel off and on. `plain:` (or `--plain`, which adds a plain
 row for every method) runs the same model, batch and precision without DeepSpeed: torch AdamW
 over the trainable parameters (vlds.engine.param_groups, the run's lr/betas/eps) and
-`loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)`; no gradient clipping, no LR
-schedule. On CUDA its model is cast to bf16 (`model.to(torch.bfloat16)`, as DeepSpeed's bf16
-casts the module; no autocast) and AdamW updates the bf16 parameters in place (no fp32 master
+`loss.backward()`, the run's gradient clipping (`clip_grad_norm_` at train.grad_clip, as the
+engine clips), `opt.step(); opt.zero_grad(set_to_none=True)`; no LR schedule. On CUDA its
+model is cast to bf16 (`model.to(torch.bfloat16)`, as DeepSpeed's bf16 casts the module; no
+autocast) and AdamW updates the bf16 parameters in place (no fp32 master
 copy, which DeepSpeed's bf16 optimizer keeps): the plain row is the floor the engine's step is
 measured against ("engine / plain": the DeepSpeed row's median step over the plain row's of the
 same method and kernel mode). Timing rows set peft.fused_check=false.
+
+A peer: `peft:single_lora` runs that plain loop on the same model with Hugging Face PEFT's LoRA
+in place of vlds' (`build_peer_model`: peft.inject_adapter_in_model with vlds' rank, alpha,
+dropout and target projections; every other parameter vlds trains trains too, and the
+trainable counts must be equal). "engine / peer": the DeepSpeed row of that method over it.
+AdapterHub's `adapters` (the bottleneck adapter's peer) pins transformers ~=4.57 and cannot be
+installed beside vlds' transformers 5, so it has no row.
 
 Throughput: samples/s = batch / median step. Model FLOPs per sample: `model_flops_per_sample`
 (the matmuls of one training step, counted per method; formula there). On CUDA MFU = FLOPs per
@@ -97,7 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--methods",
         default=f"single_adapter,{BASELINE}",
-        help="comma list of [plain:]METHOD[:fused=auto|on|off] (plain: no DeepSpeed engine)",
+        help="comma list of [plain:|peft:]METHOD[:fused=auto|on|off] (plain: no DeepSpeed "
+        "engine; peft: Hugging Face PEFT's LoRA in the plain loop)",
     )
     p.add_argument("--plain", action="store_true", help="also a plain-PyTorch row for every method")
     p.add_argument(
@@ -108,10 +118,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--zero-stage",
-        type=int,
-        choices=(0, 1, 2),
-        default=2,
-        help="the engine's ZeRO stage (ds_configs/zero2.json with this stage; 0: no ZeRO)",
+        choices=("auto", "0", "1", "2", "3"),
+        default="auto",
+        help="train.zero_stage of the engine rows (auto: as vlds/train.py, 0 on one rank)",
     )
     p.add_argument("--text-len", type=int, default=20, help="text tokens per sample")
     p.add_argument("--target-len", type=int, default=5, help="target tokens per sample")
@@ -129,6 +138,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--worker", default="", help=hidden)  # the row's PEFT method
     p.add_argument("--worker-fused", default="", help=hidden)  # its peft.fused_kernel
     p.add_argument("--worker-plain", action="store_true", help=hidden)  # no DeepSpeed
+    p.add_argument("--worker-peer", action="store_true", help=hidden)  # HF PEFT's LoRA
     p.add_argument("--worker-label", default="", help=hidden)
     p.add_argument("--row-out", default="", help=hidden)
     p.add_argument("--reply-fd", type=int, default=-1, help=hidden)
@@ -208,24 +218,31 @@ def build_config_for(args, method: str, fused: str = ""):
 
 
 class RowSpec(NamedTuple):
-    """One row of the table: a PEFT method, its peft.fused_kernel, with or without DeepSpeed."""
+    """One row of the table: a PEFT method, its peft.fused_kernel, with or without DeepSpeed,
+    built by vlds or (`peer`) by Hugging Face PEFT."""
 
     method: str
     fused: str
     plain: bool
     label: str
+    peer: bool = False
+
+
+PEERS = ("single_lora",)  # the methods with a `peft:` row (build_peer_model)
 
 
 def parse_rows(text: str, fused_default: str, plain_too: bool = False) -> list[RowSpec]:
-    """`--methods` ("[plain:]METHOD[:fused=MODE]", comma-separated) -> rows; `plain_too` adds a
-    plain row after every DeepSpeed row that has none."""
+    """`--methods` ("[plain:|peft:]METHOD[:fused=MODE]", comma-separated) -> rows; `plain_too`
+    adds a plain row after every DeepSpeed row that has none."""
     rows = []
     for item in (x.strip() for x in text.split(",")):
         if not item:
             continue
         parts = item.split(":")
-        plain = parts[0] == "plain" and len(parts) > 1
-        method, *options = parts[1:] if plain else parts
+        loop = parts[0] if parts[0] in ("plain", "peft") and len(parts) > 1 else ""
+        method, *options = parts[1:] if loop else parts
+        if loop == "peft" and method not in PEERS:
+            raise SystemExit(f"row {item!r}: a peft: row exists for {', '.join(PEERS)}")
         fused, named = fused_default, False
         for option in options:
             key, _, value = option.partition("=")
@@ -235,9 +252,10 @@ def parse_rows(text: str, fused_default: str, plain_too: bool = False) -> list[R
                 )
             fused, named = value, True
         label = method + (f" fused={fused}" if named else "")
-        rows.append(RowSpec(method, fused, plain, label + (" (plain torch)" if plain else "")))
+        suffix = {"plain": " (plain torch)", "peft": " (HF peft, plain torch)"}.get(loop, "")
+        rows.append(RowSpec(method, fused, bool(loop), label + suffix, loop == "peft"))
     if plain_too:
-        have = {(r.method, r.fused) for r in rows if r.plain}
+        have = {(r.method, r.fused) for r in rows if r.plain and not r.peer}
         out = []
         for r in rows:
             out.append(r)
@@ -350,9 +368,48 @@ def make_batch(args, device, dtype) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def build_peer_model(cfg, vocab: int):
+    """vlds' model for a LoRA method with Hugging Face PEFT's LoRA in place of vlds' own:
+    peft.inject_adapter_in_model on the language model with vlds' rank, alpha, dropout and
+    target projections (LoraLinear layers instead of vlds' output hooks). Every other parameter
+    vlds trains (the visual projection, biases) trains too: the same work, which the equal
+    trainable counts check."""
+    import peft
+    import torch
+
+    from vlds.model.build import build_lm
+    from vlds.model.vl import VLModel
+    from vlds.peft import count_parameters
+    from vlds.peft.lora import TARGET_MODULES
+
+    ours = build_vl_model(cfg, vocab)
+    trained = {
+        n for n, p in ours.named_parameters() if p.requires_grad and n.split(".")[0] != "peft"
+    }
+    want = count_parameters(ours)["trainable"]
+    del ours
+    torch.manual_seed(cfg.train.seed)  # the same base weights as vlds' rows
+    model = VLModel(build_lm(cfg, vocab, PAD, EOS), cfg.model.arch, FEAT_DIM)
+    c = cfg.peft
+    lora = peft.LoraConfig(
+        r=c.lora_rank,
+        lora_alpha=c.lora_alpha,
+        lora_dropout=c.lora_dropout,
+        target_modules=list(TARGET_MODULES[cfg.model.arch]),
+    )
+    peft.inject_adapter_in_model(lora, model.lm)
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora_" in n or n.replace(".base_layer", "") in trained)
+    got = count_parameters(model)["trainable"]
+    if got != want:
+        raise RuntimeError(f"HF peft's LoRA trains {got:,} parameters, vlds' {want:,}")
+    return model
+
+
 def build_plain(cfg, model, device, bf16: bool):
     """The model on `device` (bf16 on CUDA, as DeepSpeed's bf16 casts it) and a step function:
-    torch AdamW over the trainable parameters, the engine's groups and hyperparameters."""
+    torch AdamW over the trainable parameters, the engine's groups and hyperparameters, the
+    run's gradient clipping."""
     import torch
 
     from vlds.engine import param_groups
@@ -361,10 +418,13 @@ def build_plain(cfg, model, device, bf16: bool):
     model.to(device, torch.bfloat16 if bf16 else torch.float32).train()
     groups = param_groups(model, t.weight_decay, t.decay_exempt)
     opt = torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    params = [p for g in groups for p in g["params"]]
 
     def step(batch):
         loss = model(batch)
         loss.backward()
+        if t.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -406,16 +466,16 @@ def run_worker(args, commands, replies) -> dict:
     # The same random base weights for every method. (Training seeds in build_tower, which
     # then draws the tower's weights; the benchmark builds no tower.)
     torch.manual_seed(cfg.train.seed)
-    model = build_vl_model(cfg, args.vocab)
+    model = (build_peer_model if args.worker_peer else build_vl_model)(cfg, args.vocab)
     rss_after_build = rss_bytes()
     counts = count_parameters(model)
     if plain:
         train_step, module = build_plain(cfg, model, device, bf16), model
     else:
-        # ZeRO-2; AdamW over the trainable parameters in two decay groups, linear warm-up
-        # then decay over the steps we run: the engine vlds/train.py builds.
+        # AdamW over the trainable parameters in two decay groups, linear warm-up then decay
+        # over the steps we run, the ZeRO stage of train.zero_stage: what vlds/train.py builds.
+        cfg.train.zero_stage = args.zero_stage
         ds_config = deepspeed_config(DEFAULT_DS_CONFIG, cfg, info.world_size, bf16)
-        ds_config["zero_optimization"]["stage"] = args.zero_stage
         engine = build_engine(cfg, model, ds_config, args.warmup + args.steps)
         engine.train()
         module = engine.module
@@ -466,7 +526,7 @@ def run_worker(args, commands, replies) -> dict:
     row = {
         "method": method,
         "row": args.worker_label or method,
-        "engine": "plain" if plain else "deepspeed",
+        "engine": "peft" if args.worker_peer else "plain" if plain else "deepspeed",
         "fused_kernel": fused,
         "device": device_name,
         "dtype": "bf16" if bf16 else "fp32",
@@ -523,6 +583,7 @@ class Worker:
             "worker": spec.method,
             "worker_fused": spec.fused,
             "worker_plain": spec.plain,
+            "worker_peer": spec.peer,
             "worker_label": spec.label,
             "row_out": str(self.row_path),
             "reply_fd": write_fd,
@@ -604,7 +665,8 @@ def memory_gb(row: dict) -> float:
 
 def add_ratios(rows: list[dict]) -> None:
     """Time and memory of every row over full fine-tuning's with the same engine (DeepSpeed
-    rows checked against the targets), and each DeepSpeed row's step over its plain twin's."""
+    rows checked against the targets), and each DeepSpeed row's step over its plain twin's and
+    its peer's (HF PEFT)."""
     for engine in ("deepspeed", "plain"):
         same = [r for r in rows if r.get("engine", "deepspeed") == engine]
         base = next((r for r in same if r["method"] == BASELINE), None)
@@ -622,6 +684,10 @@ def add_ratios(rows: list[dict]) -> None:
         twin = plain.get((r["method"], r.get("fused_kernel")))
         if r.get("engine") == "deepspeed" and twin is not None:
             r["engine_vs_plain"] = r["step_median_s"] / twin["step_median_s"]
+    peers = {r["method"]: r for r in rows if r.get("engine") == "peft"}
+    for r in rows:
+        if r.get("engine") == "deepspeed" and r["method"] in peers:
+            r["engine_vs_peer"] = r["step_median_s"] / peers[r["method"]]["step_median_s"]
 
 
 def table(rows: list[dict]) -> str:
@@ -631,6 +697,7 @@ def table(rows: list[dict]) -> str:
     head += ["samples/s", "GFLOP / sample", "MFU"]
     head += ["peak CUDA alloc (GB)"] if cuda else ["peak RSS (GB)", "peak RSS - imports (GB)"]
     head += ["checkpoint bytes", "time / full", "memory / full", "engine / plain"]
+    head += ["engine / peer"]
     body = []
     for r in rows:
         cells = [r.get("row", r["method"]), f"{r['trainable']:,}", f"{r['percent']:.2f}"]
@@ -651,7 +718,8 @@ def table(rows: list[dict]) -> str:
             else:
                 passed = "PASS" if verdict else "FAIL"
                 cells.append(f"{ratio:.2f}x (<= {TARGETS[key]}x) {passed}")
-        cells.append(f"{r['engine_vs_plain']:.2f}x" if "engine_vs_plain" in r else "-")
+        for key in ("engine_vs_plain", "engine_vs_peer"):
+            cells.append(f"{r[key]:.2f}x" if key in r else "-")
         body.append(cells)
     widths = [max(len(c) for c in col) for col in zip(head, *body, strict=True)]
 
@@ -688,7 +756,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     bf16 = use_bf16(build_config_for(args, specs[0].method))  # the workers' precision
     device = torch.cuda.get_device_name(0) if cuda else cpu_name()
-    print(f"device: {device}, {'bf16' if bf16 else 'fp32'}, ZeRO-{args.zero_stage}, 1 rank")
+    stage = args.zero_stage if args.zero_stage != "auto" else "0 (auto on one rank)"
+    print(f"device: {device}, {'bf16' if bf16 else 'fp32'}, ZeRO stage {stage}, 1 rank")
     print(
         f"CLIP-T5 (random weights): d_model {args.d_model}, {args.layers}+{args.layers} layers, "
         f"{args.heads} heads, d_ff {args.d_ff}, vocab {args.vocab}; batch {args.batch} x "

@@ -34,6 +34,44 @@ def test_rows_parse_plain_and_kernel_modes():
     assert {r.fused for r in rows} == {"off"}  # --fused-kernel where a row names none
     with pytest.raises(SystemExit, match="fused=auto"):
         step_time.parse_rows("single_adapter:fused=maybe", "auto")
+    rows = step_time.parse_rows("single_lora,peft:single_lora", "auto", True)
+    assert [(r.label, r.plain, r.peer) for r in rows] == [
+        ("single_lora", False, False),
+        ("single_lora (plain torch)", True, False),  # a peer row is not the plain twin
+        ("single_lora (HF peft, plain torch)", True, True),
+    ]
+    with pytest.raises(SystemExit, match="a peft: row exists for single_lora"):
+        step_time.parse_rows("peft:single_adapter", "auto")
+
+
+def test_the_peft_peer_computes_vlds_lora_with_hf_peft():
+    """The peer row's model: the same base weights, trainable set and, with vlds' LoRA weights
+    copied into PEFT's, the same outputs (dropout off)."""
+    import torch
+
+    from vlds.peft.lora import lora_targets
+
+    args = step_time.parse_args([*TINY, "--batch", "2"])
+    cfg = step_time.build_config_for(args, "single_lora", "off")
+    torch.manual_seed(cfg.train.seed)
+    ours = step_time.build_vl_model(cfg, args.vocab)
+    peer = step_time.build_peer_model(cfg, args.vocab)
+    trained = {n.replace(".base_layer", "") for n, p in peer.named_parameters() if p.requires_grad}
+    lora_names = {n for n in trained if "lora_" in n}
+    assert len(lora_names) == 2 * len(lora_targets(ours.lm, "t5")) > 0  # A and B per target
+    assert trained - lora_names == {
+        n for n, p in ours.named_parameters() if p.requires_grad and not n.startswith("peft.")
+    }
+    modules = dict(peer.lm.named_modules())
+    with torch.no_grad():
+        for key, path, _ in lora_targets(ours.lm, "t5"):
+            ours.peft[key].B.weight.normal_()  # B starts at 0: make the update count
+            modules[path].lora_A["default"].weight.copy_(ours.peft[key].A.weight)
+            modules[path].lora_B["default"].weight.copy_(ours.peft[key].B.weight)
+    ours.eval(), peer.eval()
+    batch = step_time.make_batch(args, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        assert peer(batch).item() == pytest.approx(ours(batch).item(), rel=1e-5)
 
 
 def test_config_carries_the_kernel_mode():
@@ -97,7 +135,7 @@ def test_step_time_tiny(tmp_path):
         "--steps",
         "2",
         "--methods",
-        "single_adapter,full_finetune,plain:full_finetune",
+        "single_lora,peft:single_lora,full_finetune,plain:full_finetune",
         "--json",
         str(out),
     ]
@@ -106,16 +144,23 @@ def test_step_time_tiny(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["row"]: r for r in json.loads(out.read_text())}
 
-    assert set(rows) == {"single_adapter", "full_finetune", "full_finetune (plain torch)"}
-    adapter, full = rows["single_adapter"], rows["full_finetune"]
-    plain = rows["full_finetune (plain torch)"]
-    assert (adapter["method"], full["method"], plain["method"]) == (
-        "single_adapter",
+    peer_label = "single_lora (HF peft, plain torch)"
+    assert set(rows) == {"single_lora", peer_label, "full_finetune", "full_finetune (plain torch)"}
+    adapter, full = rows["single_lora"], rows["full_finetune"]
+    plain, peer = rows["full_finetune (plain torch)"], rows[peer_label]
+    assert (adapter["method"], full["method"], plain["method"], peer["method"]) == (
+        "single_lora",
         "full_finetune",
         "full_finetune",
+        "single_lora",
     )
-    assert [r["engine"] for r in (adapter, full, plain)] == ["deepspeed", "deepspeed", "plain"]
-    assert full["trainable"] > adapter["trainable"] > 0
+    assert [r["engine"] for r in (adapter, full, plain, peer)] == [
+        "deepspeed",
+        "deepspeed",
+        "plain",
+        "peft",
+    ]
+    assert full["trainable"] > adapter["trainable"] == peer["trainable"] > 0
     assert plain["trainable"] == full["trainable"]  # the same model
     assert 0 < adapter["percent"] < 100
     args = step_time.parse_args([*TINY, "--batch", "2"])
@@ -129,8 +174,13 @@ def test_step_time_tiny(tmp_path):
     # the engine's overhead: the DeepSpeed row over its plain twin, and only there
     assert full["engine_vs_plain"] == pytest.approx(full["step_median_s"] / plain["step_median_s"])
     assert "engine_vs_plain" not in adapter and "engine_vs_plain" not in plain
+    assert adapter["engine_vs_peer"] == pytest.approx(
+        adapter["step_median_s"] / peer["step_median_s"]
+    )
+    assert "engine_vs_peer" not in full and "engine_vs_peer" not in peer
     # The export holds the trainable tensors only (fp32 + a small safetensors header).
     assert adapter["checkpoint_bytes"] < full["checkpoint_bytes"]
     assert 4 * adapter["trainable"] <= adapter["checkpoint_bytes"] < 4 * full["trainable"]
     assert "PASS" in proc.stdout or "FAIL" in proc.stdout  # the comparison line was printed
-    assert "engine / plain" in proc.stdout and "MFU" in proc.stdout
+    assert "engine / plain" in proc.stdout and "engine / peer" in proc.stdout
+    assert "MFU" in proc.stdout

@@ -356,6 +356,48 @@ def test_non_finite_steps_are_skipped_and_counted(shapes_root, tmp_path):
     assert logged == [1, 3, 5, 6]  # skipped steps log no loss
 
 
+def test_checked_adamw_skips_a_non_finite_step_and_otherwise_is_adamw():
+    from vlds.engine import CheckedAdamW
+
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 4)
+    grad = torch.randn(3, 4)
+    ours, ref = (torch.nn.Parameter(w0.clone()) for _ in range(2))
+    opt = CheckedAdamW([ours], lr=0.1, weight_decay=0.01)
+    ref_opt = torch.optim.AdamW([ref], lr=0.1, weight_decay=0.01)
+    for bad in (float("nan"), float("inf")):
+        ours.grad = grad.clone()
+        ours.grad[1, 2] = bad
+        opt.step()
+        assert opt.overflow and torch.equal(ours.data, w0) and not opt.state  # untouched
+    for _ in range(2):  # then two finite steps: exactly AdamW's
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+        assert not opt.overflow and torch.equal(ours.data, ref.data)
+    assert not torch.equal(ours.data, w0)
+
+
+def test_zero_stage_rule():
+    from vlds.config import Config, ConfigError, validate
+    from vlds.engine import zero_stage
+
+    cfg = Config()
+    two, offload = {"stage": 2}, {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert zero_stage(cfg, 1, two) == 0  # one rank: nothing to partition
+    assert zero_stage(cfg, 2, two) == 2 and zero_stage(cfg, 8, {"stage": 3}) == 3
+    assert zero_stage(cfg, 1, offload) == 3  # offloading is a reason for ZeRO on one rank
+    assert zero_stage(cfg, 1, two, resumed={"zero_stage": 2}) == 2  # the checkpoint's stage
+    assert zero_stage(cfg, 1, two, resumed={}) == 2  # older checkpoints: the JSON's
+    cfg.train.zero_stage = "1"
+    assert zero_stage(cfg, 1, two) == 1 and zero_stage(cfg, 4, two, {"zero_stage": 1}) == 1
+    with pytest.raises(ConfigError, match="resume with --train.zero_stage=0 "):
+        zero_stage(cfg, 1, two, resumed={"zero_stage": 0})
+    cfg.train.zero_stage = "4"
+    with pytest.raises(ConfigError, match="train.zero_stage='4'; valid: auto"):
+        validate(cfg)
+
+
 def test_too_many_non_finite_steps_stop_with_the_last_checkpoint_intact(shapes_root, tmp_path):
     out = tmp_path / "run"
     p = run(
@@ -409,6 +451,12 @@ def finished(shapes_root, tmp_path_factory):
         ),
         ("missing tensor", [], "does not hold this run's trainable tensors: missing ['"),
         ("changed tasks", ["--data.tasks=vqa,gqa"], "data.tasks was"),
+        (
+            "changed ZeRO stage",  # written at stage 0 (one rank, train.zero_stage=auto)
+            ["--train.zero_stage=2"],
+            "the checkpoint was written under ZeRO stage 0, and train.zero_stage=2; resume "
+            "with --train.zero_stage=0 (or auto)",
+        ),
         ("unsafe pickle", [], "is not a plain tensor checkpoint"),
         ("dangling latest", [], "points at step99, which is missing"),
         ("not a checkpoint", ["--train.resume=/nonexistent"], "is not a checkpoint folder"),

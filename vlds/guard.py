@@ -10,7 +10,8 @@
   rank stops together, writes a checkpoint of the last finished step if it has none and exits
   0, so a requeued job resumes with `--train.resume=latest`.
 - A non-finite loss on any rank skips the step on every rank (no backward, no optimizer step);
-  a non-finite gradient with a finite loss is caught by DeepSpeed's gradient-norm check, which
+  a non-finite gradient with a finite loss is caught by the optimizer's gradient-norm check
+  (ZeRO's, DeepSpeed's bf16 optimizer's, or at stage 0 in fp32 vlds.engine.CheckedAdamW), which
   discards the update. Both are counted; `train.max_bad_steps` in a row stop the run with an
   error, the last good checkpoint untouched.
 """
