@@ -80,7 +80,8 @@ def zero_stage(cfg: Config, world: int, zero: dict, resumed: dict | None = None)
     JSON's stage on several ranks; on one rank it takes stage 0 unless the JSON offloads to CPU
     or NVMe, since one rank has nothing to partition: ZeRO-2's flat fp32 partition and
     gradient buckets cost full fine-tuning 1.83x a plain PyTorch loop's time and 1.77x its
-    memory there, stage 0 1.19x / 1.12x (bench/RESULTS.md, "The engine's own cost"). A resumed
+    memory there, stage 0 1.09x and the same memory (bench/RESULTS.md, "The engine's own
+    cost", t5-base size on CPU). A resumed
     run keeps its checkpoint's stage (checkpoints older than this rule: the JSON's)."""
     json_stage = int(zero.get("stage", 0))
     was = None if resumed is None else int(resumed.get("zero_stage", json_stage))
