@@ -26,7 +26,8 @@ Arguments after `--` go to every grid and search. A finished grid or search (its
 with the same arguments: settings.json) is never redone, so an interrupted benchmark continues
 where it stopped and a re-run with other arguments asks for another --out. Output in --result:
 report.md, search_regret.png (the seeds' mean grid with each search's pick, and each search's
-regret against its cost), results.json.
+regret against its cost), results.json (the scores, the searches, the summary, and every grid
+run's evaluations as [step, average, loss]: a rung rule replays on them without training).
 """
 
 from __future__ import annotations
@@ -351,10 +352,17 @@ def main(argv=None) -> dict:
     write_report(args, grids, mean, searches, s, args.result, asha)
     plot(mean, searches, args.result / "search_regret.png", asha)
     cells = {label(p): {str(x): g[p]["score"] for x, g in grids.items()} for p in points}
-    (args.result / "results.json").write_text(
-        json.dumps({"grid": cells, "searches": searches, "asha": asha, "summary": s}, indent=2)
-        + "\n"
-    )
+    # every evaluation of every grid run, [step, average, loss]: a rung rule (where, on what
+    # metric) replays on these without training anything, as the search's trials equal them
+    histories = {
+        label(p): {
+            str(x): [[k, *v] for k, v in sorted(evals(g[p]["run_dir"]).items())]
+            for x, g in grids.items()
+        }
+        for p in points
+    }
+    result = {"grid": cells, "grid_histories": histories, "searches": searches, "asha": asha}
+    (args.result / "results.json").write_text(json.dumps({**result, "summary": s}, indent=2) + "\n")
     print(f"report: {args.result / 'report.md'}, plot: {args.result / 'search_regret.png'}")
     return {"grids": grids, "searches": searches, "summary": s}
 

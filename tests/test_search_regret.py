@@ -96,7 +96,13 @@ def test_regret_against_the_seeds_grid_and_the_seeds_mean(tmp_path):
     )
     png = (result / "search_regret.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert json.loads((result / "results.json").read_text())["summary"] == s
+    saved = json.loads((result / "results.json").read_text())
+    assert saved["summary"] == s
+    # every grid run's evaluations, kept for replaying rung rules: [step, average, loss]
+    assert saved["grid_histories"]["lr 0.02, r 4"]["4"] == [
+        [k, 78.0 - (6 - k) / 10, 1.0 - k / 1000] for k in (2, 4, 6)
+    ]
+    assert {len(h) for h in saved["grid_histories"].values()} == {2}  # both seeds
 
 
 def test_a_finished_experiment_with_other_arguments_is_not_reused(tmp_path):
