@@ -96,7 +96,7 @@ PEAK_BF16 = (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    from vlds.config import build_config
+    from vlds.config import ZERO_STAGES, build_config
 
     base = build_config(PRESET)  # the defaults of the model sizes
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--zero-stage",
-        choices=("auto", "0", "1", "2", "3"),
+        choices=ZERO_STAGES,
         default="auto",
         help="train.zero_stage of the engine rows (auto: as vlds/train.py, 0 on one rank)",
     )
@@ -743,7 +743,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     import torch
 
-    from vlds.engine import use_bf16
+    from vlds.engine import DEFAULT_DS_CONFIG, use_bf16, zero_stage
     from vlds.peft import METHODS
 
     cuda = torch.cuda.is_available()
@@ -754,9 +754,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(
             f"unknown method(s) {unknown or args.methods!r}; valid: {', '.join(METHODS)}"
         )
-    bf16 = use_bf16(build_config_for(args, specs[0].method))  # the workers' precision
+    cfg = build_config_for(args, specs[0].method)
+    cfg.train.zero_stage = args.zero_stage
+    bf16 = use_bf16(cfg)  # the workers' precision
     device = torch.cuda.get_device_name(0) if cuda else cpu_name()
-    stage = args.zero_stage if args.zero_stage != "auto" else "0 (auto on one rank)"
+    zero = json.loads(DEFAULT_DS_CONFIG.read_text())["zero_optimization"]
+    stage = f"{zero_stage(cfg, 1, zero)} (train.zero_stage={args.zero_stage})"
     print(f"device: {device}, {'bf16' if bf16 else 'fp32'}, ZeRO stage {stage}, 1 rank")
     print(
         f"CLIP-T5 (random weights): d_model {args.d_model}, {args.layers}+{args.layers} layers, "

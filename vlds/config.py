@@ -45,6 +45,10 @@ class ConfigError(ValueError):
 # unless it says otherwise.
 
 
+# train.zero_stage's values (the rule: vlds.engine.zero_stage)
+ZERO_STAGES = ("auto", "0", "1", "2", "3")
+
+
 def _match(default):
     return field(default=default, metadata={"role": "match"})
 
@@ -245,7 +249,7 @@ class TrainConfig:
     precision: str = _match("auto")  # "auto" = bf16 on GPU, fp32 on CPU; or "bf16" | "fp32"
     # ZeRO stage: "auto" = the DeepSpeed JSON's, but 0 on one rank (nothing to partition) unless
     # the JSON offloads; or 0 | 1 | 2 | 3. A resume keeps the checkpoint's (vlds.engine.zero_stage)
-    zero_stage: str = _resume("auto")
+    zero_stage: str = _resume("auto")  # one of ZERO_STAGES
     out_dir: str = _run("runs/{preset}")  # a fresh run moves an earlier one aside
     resume: str = _run("")  # "" | "latest" | a checkpoint folder
     init_from: str = _resume("")  # start a new run from an adapter export (fresh optimizer)

@@ -23,7 +23,7 @@ import vlds.model.vl  # noqa: F401  (registers the model.visual_input / eval.nlv
 import vlds.peft  # noqa: F401  (registers the peft.method check)
 import vlds.pretrain  # noqa: F401  (registers the train.stage check)
 import vlds.trackers  # noqa: F401  (registers the train.report_to check)
-from vlds.config import Config, ConfigError, config_check, global_batch
+from vlds.config import ZERO_STAGES, Config, ConfigError, config_check, global_batch
 
 # vlds/ds_configs/ ships inside the package (an installed copy has it too); the repository's
 # top-level ds_configs/ is a link to it, so `--deepspeed ds_configs/zero2.json` works in a checkout
@@ -36,9 +36,6 @@ def use_bf16(cfg: Config) -> bool:
     return cfg.train.precision == "bf16" or (
         cfg.train.precision == "auto" and torch.cuda.is_available()
     )
-
-
-ZERO_STAGES = ("auto", "0", "1", "2", "3")
 
 
 def deepspeed_config(
