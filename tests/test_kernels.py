@@ -30,8 +30,8 @@ import torch
 
 import vlds.kernels
 from vlds.config import ConfigError
-from vlds.kernels import adapter_forward, adapter_reference
-from vlds.kernels.check import OUTPUTS, errors, failures, forward_backward
+from vlds.kernels import adapter_forward, adapter_reference, check
+from vlds.kernels.check import CHECK_ROWS, OUTPUTS, errors, failures, forward_backward
 
 INTERPRET = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
 with pytest.MonkeyPatch.context() as env:  # see interpreter_env for why only here
@@ -290,6 +290,53 @@ def test_self_check_falls_back_from_a_compile_error(monkeypatch):
     entry = vlds.kernels.report()["d32_b16_float32_cpu_auto"]
     assert entry["path"] == "reference"
     assert entry["reason"].startswith("self-check failed: CompilationError")
+
+
+def test_probe_runs_the_check_in_a_child_process():
+    """What "auto" does first on CUDA: the check on random inputs of the shape, in a child."""
+    result = check.probe(64, 16, torch.float32, torch.device(DEVICE))
+    assert result["ok"] is True
+    assert result["reason"] == f"matches the reference on {CHECK_ROWS} rows"
+    assert set(result["max_rel_error"]) == set(OUTPUTS)
+    assert max(result["max_rel_error"].values()) < 1e-4  # fp32
+
+
+FAULT = "torch.AcceleratorError: CUDA error: an illegal memory access was encountered"
+# what the first H200 run printed: the traceback, the fault, pages of destructor warnings
+FAULT_STDERR = (
+    'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+    f"    raise RuntimeError(...)\n{FAULT}\nSearch for `cudaErrorIllegalAddress' in the docs\n"
+    + "[W] Warning: CUDA warning: an illegal memory access was encountered (function ~CUDAEvent)\n"
+    * 50
+)
+
+
+@pytest.mark.parametrize(
+    ("child", "reason"),
+    [
+        (
+            f"import os, sys; sys.stderr.write({FAULT_STDERR!r}); sys.stderr.flush(); os.abort()",
+            f"the probe process was killed by SIGABRT: {FAULT}",
+        ),
+        ("import time; time.sleep(30)", "the probe process did not finish in 2 s"),
+    ],
+    ids=["fault", "hang"],
+)
+def test_auto_survives_kernels_that_kill_or_hang_their_process(monkeypatch, child, reason):
+    """A kernel that faults poisons its process's CUDA context: "auto" learns it from a child
+    process and never launches the kernels itself; the run goes on with the reference."""
+    vlds.kernels.configure(self_check=True)
+    route_auto_to_fused(monkeypatch)
+    monkeypatch.setattr(vlds.kernels, "_isolate", lambda h: True)
+    monkeypatch.setattr(check, "probe_command", lambda *a: [sys.executable, "-c", child])
+    monkeypatch.setattr(check, "PROBE_TIMEOUT_S", 2)
+    calls = launches_of(monkeypatch)
+    _, args, _ = adapter_inputs(40, 32, 16, torch.float32, seed=7)
+    assert torch.equal(adapter_forward(*args, mode="auto"), adapter_reference(*args))
+    assert calls == []
+    entry = vlds.kernels.report()["d32_b16_float32_cpu_auto"]
+    assert entry["path"] == "reference" and entry["checked"] is True
+    assert entry["reason"] == f"self-check failed: in a child process: {reason}"
 
 
 def test_self_check_off_and_the_reference_reasons(monkeypatch):

@@ -12,9 +12,11 @@ Self-check (peft.fused_check, on by default): the first time the fused path is t
 (d, b, dtype, device), the same batch also runs through the PyTorch reference, forward and
 backward, and is compared with the bound of tests/test_kernels.py (vlds/kernels/check.py). On a
 compile error or a mismatch, "auto" logs once and takes the reference for that shape for the
-rest of the process; "on" raises. `report()` says which path ran for each shape and why; the
-trainer writes it to metrics.json ("adapter_kernel"). Not under torch.compile (the check reads
-values): a compiled model takes its path unchecked and unrecorded.
+rest of the process; "on" raises. On CUDA, "auto" first runs the check in a child process
+(`check.probe`): a kernel that faults there ends the child, not the run. `report()` says which
+path ran for each shape and why; the trainer writes it to metrics.json ("adapter_kernel"). Not
+under torch.compile (the check reads values): a compiled model takes its path unchecked and
+unrecorded.
 """
 
 from __future__ import annotations
@@ -110,6 +112,12 @@ def _auto_reason(h: torch.Tensor, bottleneck: int | None) -> str:
     return ""
 
 
+def _isolate(h: torch.Tensor) -> bool:
+    """Whether "auto" probes the kernels in a child process before running them here: on CUDA,
+    where a fault would end this process (vlds.kernels.check.probe)."""
+    return h.is_cuda
+
+
 def use_fused(h: torch.Tensor, mode: str, bottleneck: int | None = None) -> bool:
     """Whether `adapter_forward(h, ..., mode)` takes the fused path (before the self-check);
     raises when mode "on" cannot be honoured."""
@@ -169,10 +177,17 @@ def _decide(args: tuple, mode: str) -> dict:
     if not SELF_CHECK:
         return {"path": "fused", "reason": "self-check off (peft.fused_check=false)",
                 "checked": False}  # fmt: skip
-    from vlds.kernels.check import self_check
-    from vlds.kernels.fused_adapter import fused_adapter
+    from vlds.kernels.check import probe, self_check
 
-    result = self_check(fused_adapter, *args)
+    result = {"ok": True}
+    if mode == "auto" and _isolate(h):
+        result = probe(h.shape[-1], w_down.shape[0], h.dtype, h.device)
+        if not result["ok"]:
+            result["reason"] = f"in a child process: {result['reason']}"
+    if result["ok"]:
+        from vlds.kernels.fused_adapter import fused_adapter
+
+        result = self_check(fused_adapter, *args)
     checked = {"checked": True, "max_rel_error": result["max_rel_error"]}
     if result["ok"]:
         log.info("fused adapter kernels (%s): %s", shape, result["reason"])

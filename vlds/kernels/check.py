@@ -10,9 +10,24 @@ device), vlds.kernels.adapter_forward runs the fused kernels and the reference f
 backward on the first CHECK_ROWS rows of that batch, with a fixed random output gradient, and
 keeps the fused path only if every output is within the bound. A compile error, a launch error
 or a mismatch sends that shape to the reference for the rest of the process.
+
+`probe` runs the same check first in a child process (`python -m vlds.kernels.check D B DTYPE
+DEVICE`), on random inputs of the shape: a kernel that faults on a GPU (an illegal memory
+access) leaves the CUDA context unusable for the rest of its process, so no fallback inside the
+training process could survive it, and the autotuner runs every candidate config before the
+in-process check sees one. That happened on the first H200 run (bench/RESULTS.md). The child's
+exit status is the verdict; its compiled kernels stay in triton's on-disk cache for the parent.
 """
 
 from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 
 import torch
 
@@ -21,6 +36,7 @@ from vlds.kernels.reference import adapter_reference
 OUTPUTS = ("y", "dh", "dW_down", "db_down", "dW_up", "db_up")
 REL_FLOOR = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 CHECK_ROWS = 4096  # of the batch's tokens: enough rows for every tile and split to run
+PROBE_TIMEOUT_S = 300  # the child's imports, every autotune config's compile, the check
 
 
 def forward_backward(fn, args: list[torch.Tensor], dy: torch.Tensor) -> list[torch.Tensor]:
@@ -79,3 +95,60 @@ def self_check(fused, h, w_down, b_down, w_up, b_up) -> dict:
     bad = failures(errs, x.dtype)
     reason = "; ".join(bad) if bad else f"matches the reference on {x.shape[0]} rows"
     return {"ok": not bad, "reason": reason, "max_rel_error": rel}
+
+
+def probe_command(d: int, b: int, dtype: torch.dtype, device: torch.device) -> list[str]:
+    name = str(dtype).removeprefix("torch.")
+    return [sys.executable, "-m", "vlds.kernels.check", str(d), str(b), name, str(device)]
+
+
+def probe(d: int, b: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """`self_check` of the fused kernels on random (CHECK_ROWS, d) inputs with bottleneck b, run
+    in a child process; {"ok", "reason", "max_rel_error"} as self_check's. A child that crashes,
+    is killed or hangs is a failed check that names what happened."""
+    env = dict(os.environ)
+    if device.type == "cpu":  # CPU tensors run only in the interpreter
+        env["TRITON_INTERPRET"] = "1"
+    failed = {"ok": False, "max_rel_error": {}}
+    try:
+        proc = subprocess.run(
+            probe_command(d, b, dtype, device),
+            capture_output=True, text=True, env=env, timeout=PROBE_TIMEOUT_S,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {**failed, "reason": f"the probe process did not finish in {PROBE_TIMEOUT_S} s"}
+    if proc.returncode != 0:
+        rc = proc.returncode
+        how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+        # the exception's line: a CUDA fault is followed by pages of destructor warnings
+        lines = [x.strip() for x in proc.stderr.splitlines() if x.strip()]
+        raised = [x for x in lines if re.match(r"[\w.]+(Error|Exception): ", x)]
+        detail = (raised or lines or ["no output"])[-1][:300]
+        return {**failed, "reason": f"the probe process {how}: {detail}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _probe_main(argv: list[str] | None = None) -> None:
+    """The child of `probe`: prints self_check's result as one JSON line."""
+    parser = argparse.ArgumentParser(description=probe.__doc__)
+    parser.add_argument("d", type=int)
+    parser.add_argument("b", type=int)
+    parser.add_argument("dtype", choices=[str(t).removeprefix("torch.") for t in REL_FLOOR])
+    parser.add_argument("device")
+    args = parser.parse_args(argv)
+    from vlds.kernels.fused_adapter import fused_adapter
+
+    dtype, device = getattr(torch, args.dtype), torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):  # scaled as the kernel tests: z ~ N(0, 1), gelu non-linear
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(device)
+
+    d, b = args.d, args.b
+    weights = rand(b, d, scale=d**-0.5), rand(b, scale=0.5), rand(d, b, scale=b**-0.5)
+    result = self_check(fused_adapter, rand(CHECK_ROWS, d), *weights, rand(d, scale=0.5))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    _probe_main()

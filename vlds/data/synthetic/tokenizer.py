@@ -84,5 +84,7 @@ def _without_paths(model: bytes) -> bytes:
     except ImportError:  # protobuf missing: keep the model as is, only its bytes vary
         return model
     proto = sentencepiece_model_pb2.ModelProto.FromString(model)
-    proto.trainer_spec.seed_sentencepieces_file = ""
+    # older sentencepiece has no such field (the H200 image's, 0.2.2 by its package list)
+    if "seed_sentencepieces_file" in proto.trainer_spec.DESCRIPTOR.fields_by_name:
+        proto.trainer_spec.seed_sentencepieces_file = ""
     return proto.SerializeToString(deterministic=True)
