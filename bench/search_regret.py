@@ -4,6 +4,7 @@
     python bench/search_regret.py --report-only     # re-write the report from finished runs
     python bench/search_regret.py --compare-asha    # and `--scheduler asha` on the same seeds
     python bench/search_regret.py --seeds 0 -- --max-steps 480
+    python bench/search_regret.py --report-only --replay  # and other rung rules, replayed
 
 For each seed S (the trials' train.seed: initialisation and data order):
 
@@ -28,6 +29,15 @@ where it stopped and a re-run with other arguments asks for another --out. Outpu
 report.md, search_regret.png (the seeds' mean grid with each search's pick, and each search's
 regret against its cost), results.json (the scores, the searches, the summary, and every grid
 run's evaluations as [step, average, loss]: a rung rule replays on them without training).
+
+`--replay` does that for the rung rules in RULES (what a rung ranks by, over how many of a
+trial's last evaluations): the search's own scheduler (vlds.tune.scheduler.SuccessiveHalving)
+is fed each seed's grid runs' evaluations as their trials would have reported them, and the
+report gains each rule's choice, cost and regret per seed. Successive halving is synchronous
+(a rung waits for every trial), so its decisions do not depend on the order results arrive in,
+and a trial's evaluations equal its grid twin's (checked above): the replay decides as a search
+would. The replay of the search's own rule must choose what the real search chose, at its cost
+(the report says whether it did).
 """
 
 from __future__ import annotations
@@ -58,6 +68,11 @@ def parse_args(argv):
         help="also one `--scheduler asha` search per seed (the previous default), side by side",
     )
     p.add_argument("--report-only", action="store_true")
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="also replay the rung rules of RULES on each seed's grid (no training)",
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -192,6 +207,148 @@ def summary(grids: dict, mean: dict, searches: list[dict]) -> dict:
     }
 
 
+# rung rules replayed by --replay: (what a rung ranks by, evaluations averaged); the other
+# metric breaks ties, as in tune/search.py
+RULES = [("score", 3), ("score", 1), ("loss", 3), ("loss", 1)]
+
+
+class _Trial:
+    """What SuccessiveHalving reads of one of Tune's trials."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id, self.status, self.is_saving = trial_id, "RUNNING", False
+
+
+class _Controller:
+    """What SuccessiveHalving calls on Tune's controller."""
+
+    def __init__(self, trials: list[_Trial]):
+        self.trials = trials
+
+    def get_trials(self) -> list[_Trial]:
+        return self.trials
+
+    def stop_trial(self, trial: _Trial) -> None:
+        trial.status = "TERMINATED"
+
+
+def replay(histories: dict[str, list], rung_metric: str, window: int, max_steps: int,
+           grace: int, eta: int) -> dict:  # fmt: skip
+    """Successive halving over recorded evaluations {label: [[step, average, loss], ...]}
+    (every trial's to max_steps): {"chosen": the label a search would report best (the highest
+    final score among the trials that reached max_steps), "cost_full_runs": trial-steps spent /
+    max_steps}. The scheduler is tune/search.py's, configured as it configures it."""
+    from vlds.tune.scheduler import CONTINUE, PAUSE, STOP, SuccessiveHalving
+
+    tie = "score" if rung_metric == "loss" else "loss"
+    sched = SuccessiveHalving(
+        max_steps, grace, eta, n_trials=len(histories), metric="score", mode="max",
+        rung_metric=rung_metric, rung_mode="min" if rung_metric == "loss" else "max",
+        tie_metric=tie, tie_mode="max" if tie == "score" else "min", window=window,
+    )  # fmt: skip
+    trials = {name: _Trial(name) for name in histories}
+    controller = _Controller(list(trials.values()))
+    for t in trials.values():
+        sched.on_trial_add(controller, t)
+    fed = dict.fromkeys(histories, 0)  # evaluations reported so far
+    while True:
+        # a trial runs when it is not stopped, not waiting at an undecided rung and not done
+        ready = [
+            n for n, t in trials.items()
+            if t.status != "TERMINATED" and sched.waiting_at(n) is None
+            and fed[n] < len(histories[n])
+        ]  # fmt: skip
+        if not ready:
+            break
+        for name in ready:
+            t, action = trials[name], CONTINUE
+            t.status = "RUNNING"
+            while action == CONTINUE and fed[name] < len(histories[name]):
+                step, average, loss = histories[name][fed[name]]
+                fed[name] += 1
+                result = {"step": step, "score": average, "loss": loss}
+                action = sched.on_trial_result(controller, t, result)
+            if action == STOP:
+                t.status = "TERMINATED"
+            elif action == PAUSE:
+                t.status = "PAUSED"
+            else:  # trained to the end
+                t.status = "TERMINATED"
+                sched.on_trial_complete(controller, t, result)
+    spent = {n: histories[n][fed[n] - 1][0] if fed[n] else 0 for n in histories}
+    done = [n for n in histories if spent[n] >= max_steps]
+    if not done:
+        raise ValueError(f"no trial reached step {max_steps}: the histories end at {spent}")
+    return {
+        "chosen": max(done, key=lambda n: histories[n][-1][1]),
+        "cost_full_runs": round(sum(spent.values()) / max_steps, 2),
+    }
+
+
+def replays(args, grids: dict, searches: list[dict]) -> list[dict]:
+    """Each rule of RULES replayed on each seed's grid: [{"rule", "default", "seeds": {seed:
+    {"chosen", "cost_full_runs", "regret"}}, "median_regret", "max_cost"}]."""
+    from vlds.tune.search import parse_args as search_args
+
+    sa = search_args(args.extra)
+    rows = []
+    for metric, window in RULES:
+        per = {}
+        for seed, grid in grids.items():
+            histories = {label(p): evals_list(c["run_dir"]) for p, c in grid.items()}
+            got = replay(histories, metric, window, sa.max_steps, sa.grace, sa.eta)
+            top = max(c["score"] for c in grid.values())
+            chosen = next(c for p, c in grid.items() if label(p) == got["chosen"])
+            per[seed] = {**got, "regret": round(top - chosen["score"], 2)}
+        rows.append(
+            {
+                "rule": {"rung_metric": metric, "window": window},
+                "default": (metric, window) == (sa.rung_metric, sa.rung_window),
+                "seeds": per,
+                "median_regret": statistics.median(r["regret"] for r in per.values()),
+                "max_cost": max(r["cost_full_runs"] for r in per.values()),
+            }
+        )
+    own = next((r for r in rows if r["default"]), None)
+    for s in searches if own else ():
+        mine = own["seeds"][s["seed"]]
+        s["replay_agrees"] = (
+            mine["chosen"] == label(s["chosen"])
+            and abs(mine["cost_full_runs"] - s["cost_full_runs"]) < 0.01
+        )
+    return rows
+
+
+def replay_table(rows: list[dict], searches: list[dict]) -> list[str]:
+    seeds = list(rows[0]["seeds"])
+    lines = [
+        "| rung rule | " + " | ".join(f"seed {x}: choice (regret), cost" for x in seeds)
+        + " | median regret | max cost |",
+        "|---|" + "---|" * len(seeds) + "---:|---:|",
+    ]  # fmt: skip
+    for r in rows:
+        what = {"score": "validation average", "loss": "validation loss"}[r["rule"]["rung_metric"]]
+        name = f"{what}, last {r['rule']['window']}" + (" (the search's)" if r["default"] else "")
+        cells = [
+            f"{c['chosen']} ({c['regret']:.1f}), {c['cost_full_runs']:.2f}"
+            for c in r["seeds"].values()
+        ]
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {r['median_regret']:.1f} | "
+            f"{r['max_cost']:.2f} |"
+        )
+    agree = [s.get("replay_agrees") for s in searches]
+    if any(a is not None for a in agree):
+        verdict = "yes, on every seed" if all(agree) else "NO: the replay is not faithful"
+        lines += ["", f"The replay of the search's own rule chose as the real searches, at their "
+                      f"cost: {verdict}."]  # fmt: skip
+    return lines
+
+
+def evals_list(run_dir: str) -> list[list]:
+    return [[k, *v] for k, v in sorted(evals(run_dir).items())]
+
+
 def label(p) -> str:
     return f"lr {p[1]:g}, r {p[2]}" + ("" if p[0] == "single_adapter" else f", {p[0]}")
 
@@ -216,7 +373,7 @@ def search_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(args, grids, mean, searches, s, result: Path, asha=()):
+def write_report(args, grids, mean, searches, s, result: Path, asha=(), replayed=()):
     seeds = list(grids)
     lines = [
         "# Search regret: the default search against the full grid",
@@ -261,6 +418,13 @@ def write_report(args, grids, mean, searches, s, result: Path, asha=()):
             "",
             f"Median regret {statistics.median(regrets):.2f} (max {max(regrets):.2f}) at "
             f"{statistics.median(costs):.2f} full runs (max {max(costs):.2f}).",
+        ]
+    if replayed:
+        lines += [
+            "",
+            "## Rung rules replayed on the grids (`--replay`)",
+            "",
+            *replay_table(replayed, searches),
         ]
     verdict = "PASS" if s["pass"] else "FAIL"
     lines += [
@@ -349,19 +513,17 @@ def main(argv=None) -> dict:
     searches = [search_row(seed, found[seed], grids[seed], mean) for seed in args.seeds]
     asha = [search_row(x, exps["asha"][x], grids[x], mean) for x in exps.get("asha", {})]
     s = summary(grids, mean, searches)
-    write_report(args, grids, mean, searches, s, args.result, asha)
+    replayed = replays(args, grids, searches) if args.replay else []
+    write_report(args, grids, mean, searches, s, args.result, asha, replayed)
     plot(mean, searches, args.result / "search_regret.png", asha)
     cells = {label(p): {str(x): g[p]["score"] for x, g in grids.items()} for p in points}
     # every evaluation of every grid run, [step, average, loss]: a rung rule (where, on what
     # metric) replays on these without training anything, as the search's trials equal them
     histories = {
-        label(p): {
-            str(x): [[k, *v] for k, v in sorted(evals(g[p]["run_dir"]).items())]
-            for x, g in grids.items()
-        }
-        for p in points
+        label(p): {str(x): evals_list(g[p]["run_dir"]) for x, g in grids.items()} for p in points
     }
     result = {"grid": cells, "grid_histories": histories, "searches": searches, "asha": asha}
+    result["replays"] = replayed
     (args.result / "results.json").write_text(json.dumps({**result, "summary": s}, indent=2) + "\n")
     print(f"report: {args.result / 'report.md'}, plot: {args.result / 'search_regret.png'}")
     return {"grids": grids, "searches": searches, "summary": s}

@@ -113,3 +113,61 @@ def test_a_finished_experiment_with_other_arguments_is_not_reused(tmp_path):
     assert search_regret.run_search("grid-seed3", ["--seed", "3"], tmp_path) == exp
     with pytest.raises(SystemExit, match="delete that folder"):
         search_regret.run_search("grid-seed3", ["--seed", "3", "--max-steps", "9"], tmp_path)
+
+
+# [step, average, loss]: c is the best at the end and has the lowest loss from the start, but
+# the lowest averages early; a leads on the average until step 4
+HISTORIES = {
+    "a": [[2, 30, 2.0], [4, 35, 1.9], [6, 40, 1.8], [8, 50, 1.7]],
+    "b": [[2, 28, 1.9], [4, 33, 1.85], [6, 45, 1.6], [8, 55, 1.5]],
+    "c": [[2, 10, 1.2], [4, 12, 1.0], [6, 60, 0.8], [8, 90, 0.6]],
+    "d": [[2, 5, 1.5], [4, 8, 1.4], [6, 20, 1.3], [8, 30, 1.2]],
+}
+
+
+@pytest.mark.parametrize(
+    ("metric", "window", "chosen"),
+    [("score", 1, "a"), ("score", 3, "a"), ("loss", 1, "c"), ("loss", 3, "c")],
+)
+def test_replay_decides_as_the_search_scheduler(metric, window, chosen):
+    """Rungs at 2 and 4 (eta 2): 4 trials to step 2, the best 2 to 4, the best 1 to 8. By the
+    average a and b survive step 2 and a step 4; by the loss c and d, then c."""
+    from vlds.tune.scheduler import halving_cost
+
+    got = search_regret.replay(HISTORIES, metric, window, max_steps=8, grace=2, eta=2)
+    assert got["chosen"] == chosen
+    assert got["cost_full_runs"] == (4 * 2 + 2 * 2 + 1 * 4) / 8 == halving_cost(4, 2, 2, 8) / 8
+
+
+def test_replay_in_the_report_and_checked_against_the_real_searches(tmp_path):
+    out, result = tmp_path / "runs", tmp_path / "result"
+    # the search's rule on these runs: rungs at 2 and 6 (grace 2, eta 4), one of 3 goes on
+    # from step 2 (the highest average there: each grid's best), cost (3 x 2 + 4) / 6
+    picks = {3: (0.01, 8), 4: (0.02, 4)}
+    for seed, finals in FINAL.items():
+        finals = dict(zip(POINTS, finals, strict=True))
+        _experiment(out / f"grid-seed{seed}", seed, dict.fromkeys(POINTS, 6), finals)
+        steps = {p: 6 if p == picks[seed] else 2 for p in POINTS}
+        _experiment(out / f"search-seed{seed}", seed, steps, finals, picks[seed], cost=1.67)
+    args = ["--out", str(out), "--result", str(result), "--seeds", "3,4", "--report-only"]
+    search_args = ["--", "--max-steps", "6", "--eval-every", "2", "--grace", "2"]
+    search_regret.main([*args, "--replay", *search_args])
+    saved = json.loads((result / "results.json").read_text())
+    rules = [(r["rule"]["rung_metric"], r["rule"]["window"]) for r in saved["replays"]]
+    assert rules == search_regret.RULES
+    own = next(r for r in saved["replays"] if r["default"])
+    assert own["rule"] == {"rung_metric": "score", "window": 3}
+    assert own["seeds"]["3"] == {"chosen": "lr 0.01, r 8", "cost_full_runs": 1.67, "regret": 0.0}
+    # the loss depends on the step alone here: every trial ties on it, and the average (the
+    # tie metric) decides, as the search's own rule does
+    loss = next(r for r in saved["replays"] if r["rule"] == {"rung_metric": "loss", "window": 1})
+    assert loss["seeds"] == own["seeds"]
+    report = (result / "report.md").read_text()
+    assert "| validation average, last 3 (the search's) | lr 0.01, r 8 (0.0), 1.67 |" in report
+    assert "chose as the real searches, at their cost: yes, on every seed." in report
+    # a search that chose otherwise than its replay is reported
+    best = out / "search-seed4" / "best_config.json"
+    best.write_text(best.read_text().replace('"reduction_factor": 4', '"reduction_factor": 8')
+                    .replace('"lr": 0.02', '"lr": 0.01'))  # fmt: skip
+    search_regret.main([*args, "--replay", *search_args])
+    assert "NO: the replay is not faithful" in (result / "report.md").read_text()
