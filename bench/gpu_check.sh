@@ -151,7 +151,7 @@ if ((CUDA)); then
         "$PYTHON" -m vlds.data.synthetic
     # t5-base sizes, random weights, the shapes world's tokenizer and tiny tower; evaluation
     # kept to one short batch per task (the runs check training, checkpoints and resume); the
-    # stage is forced: on one GPU train.zero_stage=auto would take stage 0
+    # stage is forced: on one GPU train.zero_stage=auto would take stage 1 (bf16)
     args=(--preset t5-base-random --data.batch_size=32 --data.num_workers=4
         --train.save_every=100 --train.log_every=20 --train.report_to=none
         --eval.max_samples=32 --eval.batch_size=32 --eval.max_new_tokens=8

@@ -7,8 +7,8 @@
     python bench/step_time.py --plain --zero-stage 2      # the engine under ZeRO-2
 
 One step = DeepSpeed engine forward + backward + step under ds_configs/zero2.json at the stage
-vlds/train.py takes on one rank (train.zero_stage=auto: stage 0; `--zero-stage` sets another),
-the engine built by vlds.engine (deepspeed_config +
+vlds/train.py takes on one rank (train.zero_stage=auto: stage 0 in fp32, 1 in bf16;
+`--zero-stage` sets another), the engine built by vlds.engine (deepspeed_config +
 build_engine: torch AdamW as the client optimizer, the warm-up/decay schedule) exactly as
 vlds/train.py builds it, at the precision of
 vlds.engine.use_bf16. The run config is the "t5-base-random" preset (build_config), the
@@ -759,7 +759,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bf16 = use_bf16(cfg)  # the workers' precision
     device = torch.cuda.get_device_name(0) if cuda else cpu_name()
     zero = json.loads(DEFAULT_DS_CONFIG.read_text())["zero_optimization"]
-    stage = f"{zero_stage(cfg, 1, zero)} (train.zero_stage={args.zero_stage})"
+    stage = f"{zero_stage(cfg, 1, zero, bf16=bf16)} (train.zero_stage={args.zero_stage})"
     print(f"device: {device}, {'bf16' if bf16 else 'fp32'}, ZeRO stage {stage}, 1 rank")
     print(
         f"CLIP-T5 (random weights): d_model {args.d_model}, {args.layers}+{args.layers} layers, "

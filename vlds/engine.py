@@ -68,18 +68,30 @@ def deepspeed_config(
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     ds.pop("fp16", None)  # T5 overflows in fp16 (reference); bf16 or fp32 only
     zero = ds.setdefault("zero_optimization", {})
-    zero["stage"] = zero_stage(cfg, world, zero, resumed)
+    zero["stage"] = zero_stage(cfg, world, zero, resumed, bf16)
+    if bf16 and zero["stage"] == 1:
+        # bf16 weights, fp32 gradient accumulation: DeepSpeed's BF16_Optimizer (flat fp32
+        # master weights and gradients, one norm and overflow check per step)
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     return ds
 
 
-def zero_stage(cfg: Config, world: int, zero: dict, resumed: dict | None = None) -> int:
+def zero_stage(
+    cfg: Config, world: int, zero: dict, resumed: dict | None = None, bf16: bool = False
+) -> int:
     """The ZeRO stage of a run. `train.zero_stage` 0-3 sets it. "auto" (default) keeps the
-    JSON's stage on several ranks; on one rank it takes stage 0 unless the JSON offloads to CPU
-    or NVMe, since one rank has nothing to partition: ZeRO-2's flat fp32 partition and
-    gradient buckets cost full fine-tuning 1.83x a plain PyTorch loop's time and 1.77x its
-    memory there, stage 0 1.09x and the same memory (bench/RESULTS.md, "The engine's own
-    cost", t5-base size on CPU). A resumed
-    run keeps its checkpoint's stage (checkpoints older than this rule: the JSON's)."""
+    JSON's stage on several ranks. One rank has nothing to partition, so there, unless the JSON
+    offloads to CPU or NVMe, "auto" takes
+    - in fp32, stage 0: ZeRO-2's flat fp32 partition and gradient buckets cost full fine-tuning
+      1.83x a plain PyTorch loop's time and 1.77x its memory, stage 0 1.09x and the same memory
+      (bench/RESULTS.md, "The engine's own cost", t5-base size on CPU);
+    - in bf16, stage 1 with fp32 gradient accumulation (`deepspeed_config`), which is DeepSpeed's
+      BF16_Optimizer. Stage 0 in bf16 is DeepSpeed's unfused fp16 optimizer, which checks each
+      gradient for overflow with its own read back to the host: 2 per trainable tensor per step
+      (about 620 for the single adapter at t5-base size), each a GPU synchronisation; on an H200
+      the engine took 1.61x a plain loop's step there. BF16_Optimizer reads back 6 values
+      (bench/RESULTS.md, "First run on a GPU").
+    A resumed run keeps its checkpoint's stage (checkpoints older than this rule: the JSON's)."""
     json_stage = int(zero.get("stage", 0))
     was = None if resumed is None else int(resumed.get("zero_stage", json_stage))
     if cfg.train.zero_stage != "auto":
@@ -96,7 +108,9 @@ def zero_stage(cfg: Config, world: int, zero: dict, resumed: dict | None = None)
         str(zero.get(k, {}).get("device", "none")).lower() != "none"
         for k in ("offload_optimizer", "offload_param")
     )
-    return 0 if world == 1 and not offload else json_stage
+    if world > 1 or offload:
+        return json_stage
+    return 1 if bf16 else 0
 
 
 @config_check
@@ -104,7 +118,7 @@ def check_zero_stage(cfg: Config) -> None:
     if str(cfg.train.zero_stage) not in ZERO_STAGES:
         raise ConfigError(
             f"train.zero_stage={cfg.train.zero_stage!r}; valid: auto (the DeepSpeed JSON's "
-            f"stage; 0 on one rank) or 0, 1, 2, 3"
+            f"stage; on one rank 0 in fp32, 1 in bf16) or 0, 1, 2, 3"
         )
 
 
