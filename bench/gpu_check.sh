@@ -3,9 +3,11 @@
 #
 #   bash bench/gpu_check.sh [REPORT.md]        # default runs/gpu_check/report.md
 #
-# Steps, each under its own timeout and all within GPU_CHECK_BUDGET_S (default 460 s: under
-# 8 minutes on one H100 / H200; a step that would start with less than 10 s of it left is
+# Steps, each under its own timeout and all within GPU_CHECK_BUDGET_S (default 540 s: 9
+# minutes on one H100 / H200; a step that would start with less than 10 s of it left is
 # reported as not run, and counts as failed):
+#   0. bench/kernel_configs.py: every autotune config alone, in its own process (a config
+#      that faults takes only its process down; the first H200 run lost everything to one)  (CUDA)
 #   1. pytest tests/test_kernels.py -m gpu: the fused kernels compiled, bf16 included  (CUDA)
 #   2. bench/adapter_kernel.py: eager vs torch.compile vs fused, GB/s, the step with the kernel
 #      off and on (CUDA); without CUDA `--check`, the Triton interpreter check
@@ -24,7 +26,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
 REPORT=${1:-runs/gpu_check/report.md}
-BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-540}
 TRAIN_STEPS=200
 RESUME_STEPS=300
 
@@ -135,6 +137,7 @@ cat "$TMP/header"
 CUDA=0
 grep -q '^- CUDA: available' "$TMP/header" && CUDA=1
 
+KERNEL_CONFIGS="0. each autotune config of the fused kernels alone"
 KERNEL_TESTS="1. fused kernel tests on the GPU"
 KERNEL_BENCH="2. adapter kernel benchmark"
 STEP_TIME="3. step time, samples/s and MFU at t5-base size (bf16)"
@@ -142,6 +145,7 @@ TRAIN="4. training at t5-base size, checkpoint and resume, ZeRO-2 and ZeRO-3"
 SKIPPED=()
 
 if ((CUDA)); then
+    step "$KERNEL_CONFIGS" 100 "$PYTHON" bench/kernel_configs.py --json "$OUT/kernel_configs.json"
     step "$KERNEL_TESTS" 90 "$PYTHON" -m pytest tests/test_kernels.py -m gpu -q
     step "$KERNEL_BENCH" 150 "$PYTHON" bench/adapter_kernel.py
     step "$STEP_TIME" 150 "$PYTHON" bench/step_time.py --plain \
@@ -173,7 +177,7 @@ if ((CUDA)); then
 else
     step "$KERNEL_BENCH (no CUDA: the interpreter check)" 90 \
         "$PYTHON" bench/adapter_kernel.py --check
-    SKIPPED=("$KERNEL_TESTS" "$STEP_TIME" "$TRAIN")
+    SKIPPED=("$KERNEL_CONFIGS" "$KERNEL_TESTS" "$STEP_TIME" "$TRAIN")
 fi
 
 {

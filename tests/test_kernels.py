@@ -427,3 +427,34 @@ def test_autotune_configs_are_pruned_to_the_register_budget():
     assert {c.kwargs["BLOCK_M"] for c in wide} == {32, 64}
     assert fa._fits(fa._THROUGH_CONFIGS, {}, **fa._pieces(96)) == fa._THROUGH_CONFIGS
     assert fa._THROUGH_CONFIGS[0].kwargs == {"BLOCK_M": 64, "BLOCK_D": 64}  # _blocks' first
+
+
+# ---- bench/kernel_configs.py: each autotune config in its own process ------------------------
+
+
+def _kernel_configs(tmp_path, *argv):
+    out = tmp_path / "rows.json"
+    cmd = [sys.executable, "bench/kernel_configs.py", "--parallel", "2", "--json", str(out)]
+    proc = subprocess.run(
+        [*cmd, *argv], capture_output=True, text=True, timeout=600,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    rows = json.loads(out.read_text()) if out.is_file() else []
+    return proc, rows
+
+
+def test_kernel_configs_runs_each_config_alone_and_reports_what_failed(tmp_path):
+    """Pinned configs match the reference (in the interpreter, fp32); a dtype the interpreter
+    computes wrongly (bf16) is reported as a mismatch and fails the run; a child that does not
+    answer in time is reported as such."""
+    proc, rows = _kernel_configs(tmp_path, "--configs", "0,8", "--shapes", "70x64x24:float32")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert [r["shapes"] for r in rows] == [{"70x64x24:float32": "match"}] * 2
+    assert "BLOCK_M 128" in rows[1]["config"].split("grad")[1]  # the weight gradient's (128, 8, 3)
+    assert proc.stdout.strip().endswith("kernel_configs: 2 of 2 config pairs clean")
+    if fa.interpreting():  # compiled on a GPU, bf16 is right
+        proc, rows = _kernel_configs(tmp_path, "--configs", "0", "--shapes", "70x64x24:bfloat16")
+        assert proc.returncode == 1
+        assert rows[0]["shapes"]["70x64x24:bfloat16"].startswith("MISMATCH y: max abs error")
+    proc, rows = _kernel_configs(tmp_path, "--configs", "0", "--timeout", "1")
+    assert proc.returncode == 1 and rows[0]["died"] == "no answer in 1 s"
