@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -129,10 +128,9 @@ def run_pair(through: int, grad: int, shapes: str, timeout: float) -> dict:
     out = {"through": through, "grad": grad, "config": rows[0]["config"] if rows else "?"}
     out["shapes"] = {r["shape"]: r["result"] for r in rows[1:]}
     if proc.returncode != 0:
-        rc = proc.returncode
-        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
-        lines = [x for x in proc.stderr.splitlines() if "Error" in x and "Warning" not in x]
-        out["died"] = how + (f": {lines[-1].strip()[:200]}" if lines else "")
+        from vlds.kernels.check import exit_reason
+
+        out["died"] = exit_reason(proc)
     return out
 
 

@@ -118,14 +118,19 @@ def probe(d: int, b: int, dtype: torch.dtype, device: torch.device) -> dict:
     except subprocess.TimeoutExpired:
         return {**failed, "reason": f"the probe process did not finish in {PROBE_TIMEOUT_S} s"}
     if proc.returncode != 0:
-        rc = proc.returncode
-        how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
-        # the exception's line: a CUDA fault is followed by pages of destructor warnings
-        lines = [x.strip() for x in proc.stderr.splitlines() if x.strip()]
-        raised = [x for x in lines if re.match(r"[\w.]+(Error|Exception): ", x)]
-        detail = (raised or lines or ["no output"])[-1][:300]
-        return {**failed, "reason": f"the probe process {how}: {detail}"}
+        return {**failed, "reason": f"the probe process {exit_reason(proc)}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def exit_reason(proc: subprocess.CompletedProcess) -> str:
+    """How a child process ended, and the exception it raised: "was killed by SIGABRT: ..." or
+    "exited with status 1: ...". A CUDA fault is followed by pages of destructor warnings, so
+    the detail is the last line that names an exception."""
+    rc = proc.returncode
+    how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+    lines = [x.strip() for x in (proc.stderr or "").splitlines() if x.strip()]
+    raised = [x for x in lines if re.match(r"[\w.]+(Error|Exception): ", x)]
+    return f"{how}: {(raised or lines or ['no output'])[-1][:300]}"
 
 
 def _probe_main(argv: list[str] | None = None) -> None:

@@ -404,8 +404,9 @@ _THROUGH_CONFIGS = [
 ]
 # 8 warps only: on an H200 (triton 3.6, torch 2.11, 2026-11-30) the weight-gradient kernel at
 # BLOCK_M 64 with 4 warps returned a wrong dW_up at d 768, b 96 in bf16 (max abs error 176 vs
-# max |ref| 169), while every 8-warp config matched; and the autotuner, benchmarking all six
-# configs, hit an illegal memory access (bench/RESULTS.md, "First run on a GPU").
+# max |ref| 169), while every 8-warp config matched (BLOCK_M 32 with 4 warps did too, and went
+# with its family); and the autotuner, benchmarking all six configs, hit an illegal memory
+# access (bench/RESULTS.md, "First run on a GPU").
 _GRAD_CONFIGS = [
     triton.Config({"BLOCK_M": m}, num_warps=8, num_stages=st)
     for m, st in [(64, 3), (128, 3), (128, 2), (32, 2)]
