@@ -496,8 +496,12 @@ def plot(mean: dict, searches: list[dict], path: Path, asha=()) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     args.result.mkdir(parents=True, exist_ok=True)
-    kinds = [("grid", ["--scheduler", "grid"]), ("search", [])]
-    kinds += [("asha", ["--scheduler", "asha"])] if args.compare_asha else []
+    from vlds.tune import space
+
+    # the rung rule spelled out, so that a search cached under another default is not reused
+    rule = ["--rung-metric", space.RUNG_METRIC, "--rung-window", str(space.RUNG_WINDOW)]
+    kinds = [("grid", ["--scheduler", "grid"]), ("search", rule)]
+    kinds += [("asha", ["--scheduler", "asha", *rule])] if args.compare_asha else []
     exps: dict[str, dict[int, Path]] = {kind: {} for kind, _ in kinds}
     for seed in args.seeds:
         for kind, extra in kinds:
