@@ -156,14 +156,14 @@ def test_replay_in_the_report_and_checked_against_the_real_searches(tmp_path):
     rules = [(r["rule"]["rung_metric"], r["rule"]["window"]) for r in saved["replays"]]
     assert rules == search_regret.RULES
     own = next(r for r in saved["replays"] if r["default"])
-    assert own["rule"] == {"rung_metric": "score", "window": 3}
+    assert own["rule"] == {"rung_metric": "loss", "window": 3}
     assert own["seeds"]["3"] == {"chosen": "lr 0.01, r 8", "cost_full_runs": 1.67, "regret": 0.0}
     # the loss depends on the step alone here: every trial ties on it, and the average (the
-    # tie metric) decides, as the search's own rule does
-    loss = next(r for r in saved["replays"] if r["rule"] == {"rung_metric": "loss", "window": 1})
-    assert loss["seeds"] == own["seeds"]
+    # tie metric) decides, as ranking by the average does
+    score = next(r for r in saved["replays"] if r["rule"] == {"rung_metric": "score", "window": 1})
+    assert score["seeds"] == own["seeds"]
     report = (result / "report.md").read_text()
-    assert "| validation average, last 3 (the search's) | lr 0.01, r 8 (0.0), 1.67 |" in report
+    assert "| validation loss, last 3 (the search's) | lr 0.01, r 8 (0.0), 1.67 |" in report
     assert "chose as the real searches, at their cost: yes, on every seed." in report
     # a search that chose otherwise than its replay is reported
     best = out / "search-seed4" / "best_config.json"

@@ -228,7 +228,7 @@ def test_every_configuration_ran_once_and_the_best_at_the_rung_went_on(searched)
         (lr, rf) for lr in space.lr_grid(1e-3, 4e-2, 2) for rf in (4, 8)
     }
     state = json.loads((exp / space.HALVING_STATE).read_text())
-    at_rung = state["values"]["2"]  # [score, -loss] per trial, as each reported at the rung
+    at_rung = state["values"]["2"]  # [-loss, score] per trial, as each reported at the rung
     assert len(at_rung) == 4  # every trial reached the rung, the interrupted ones included
     for r in rows:
         step, run = int(r["step"]), Path(r["run_dir"])
@@ -240,9 +240,9 @@ def test_every_configuration_ran_once_and_the_best_at_the_rung_went_on(searched)
         assert all(t["step"] <= step for t in _rows(run, "train"))
         assert (run / "metrics.json").is_file() == (step == 6)
         assert float(r["score"]) == _rows(run, "eval")[-1]["average"]
-        score, neg_loss = at_rung[r["trial_id"]]  # what the rung ranked: an evaluation's
-        assert any((e["average"], -e["loss"]) == (score, neg_loss) for e in _rows(run, "eval"))
-    # 4 // 3 = 1 goes on: the best at the rung by score, then by loss
+        neg_loss, score = at_rung[r["trial_id"]]  # what the rung ranked: an evaluation's
+        assert any((-e["loss"], e["average"]) == (neg_loss, score) for e in _rows(run, "eval"))
+    # 4 // 3 = 1 goes on: the best at the rung by loss, then by score
     best = max(at_rung, key=lambda t: at_rung[t])
     assert [r["trial_id"] for r in rows if r["step"] == "6"] == [best] == state["decided"]["2"]
 
