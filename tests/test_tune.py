@@ -324,8 +324,9 @@ def test_bad_search_arguments_fail_before_ray_starts(shapes_root, tmp_path):
     assert p.returncode == 2 and "not a multiple of --eval-every" in p.stderr
     p = run("--grace=960")  # the default --max-steps: no rung left
     assert p.returncode == 2 and "the rungs need 0 < --grace (960) < --max-steps (960)" in p.stderr
-    p = run("--rung-metric=loss", "--eval.loss=false", f"--data.root={shapes_root}")
+    p = run("--eval.loss=false", f"--data.root={shapes_root}")  # the default ranks by it
     assert p.returncode == 2 and "eval.loss=false turns off" in p.stderr
+    assert "or pass --rung-metric score" in p.stderr
 
 
 @pytest.mark.slow

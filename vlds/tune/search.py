@@ -19,8 +19,8 @@ argument goes to every trial.
 Synchronous successive halving (vlds/tune/scheduler.py, on Tune's public scheduler interface;
 `--scheduler asha` the asynchronous variant, `--scheduler grid` no stopping) trains every
 configuration to a rung, waits for all of them, and lets the best 1/eta go on, ranked by the
-validation score (the average of the task metrics, `metrics["average"]`) averaged over each
-trial's last evaluations, ties broken by the validation loss; training steps are its time axis.
+validation loss averaged over each trial's last evaluations, ties broken by the validation score
+(the average of the task metrics, `metrics["average"]`); training steps are its time axis.
 At the end, in OUT/NAME: results.csv, heatmap.png (score over lr x reduction factor, a panel per
 method), best_config.json (`python vlds/train.py --config best_config.json` trains the winner)
 and budget.json (trial-steps spent vs. running every configuration to the end); trial t's run
@@ -228,8 +228,8 @@ def make_setup(args, exp_dir: Path) -> Setup:
             validate(cfg)
     if args.rung_metric == "loss" and not cfg.eval.loss:
         raise ConfigError(
-            "--rung-metric loss ranks by the validation loss, which eval.loss=false turns off; "
-            "drop one of the two"
+            "--rung-metric loss (the default) ranks by the validation loss, which "
+            "eval.loss=false turns off; drop eval.loss=false, or pass --rung-metric score"
         )
     for t in cfg.task_list:  # the shards exist (as vlds/train.py checks before any work)
         for split in (cfg.data.train_split, cfg.data.val_split):
