@@ -52,7 +52,7 @@ ETA = 4  # the best 1/ETA at a rung go on
 HALVING_STATE = "halving/state.json"
 # A rung ranks by the validation loss (the other, the score, breaks ties), averaged over the
 # trial's last 3 evaluations (the tiny search: 180 steps). Replayed on the full grids of seeds
-# 3-5 (bench/search_regret.py --replay), the loss chose within 0.3 / 0.0 / 1.1 points of each
+# 3-5 (bench/search_regret.py --replay), the loss chose within 0.3 / 0.0 / 1.2 points of each
 # grid's best, the validation average 6.9 / 0.0 / 7.6 points: early in training the average
 # (exact-match answers, CIDEr) is still coarse where the loss already ranks the configurations.
 RUNG_METRIC = "loss"
