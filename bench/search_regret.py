@@ -239,12 +239,11 @@ def replay(histories: dict[str, list], rung_metric: str, window: int, max_steps:
     final score among the trials that reached max_steps), "cost_full_runs": trial-steps spent /
     max_steps}. The scheduler is tune/search.py's, configured as it configures it."""
     from vlds.tune.scheduler import CONTINUE, PAUSE, STOP, SuccessiveHalving
+    from vlds.tune.search import rung_rule
 
-    tie = "score" if rung_metric == "loss" else "loss"
     sched = SuccessiveHalving(
         max_steps, grace, eta, n_trials=len(histories), metric="score", mode="max",
-        rung_metric=rung_metric, rung_mode="min" if rung_metric == "loss" else "max",
-        tie_metric=tie, tie_mode="max" if tie == "score" else "min", window=window,
+        window=window, **rung_rule(rung_metric),
     )  # fmt: skip
     trials = {name: _Trial(name) for name in histories}
     controller = _Controller(list(trials.values()))

@@ -44,6 +44,18 @@ from .space import Setup, rungs
 from .trial import run_trial, trial_overrides
 
 
+def rung_rule(rung_metric: str) -> dict:
+    """The schedulers' ranking arguments for --rung-metric: that metric (the loss lower is
+    better), the other breaking ties (SuccessiveHalving)."""
+    tie = "score" if rung_metric == "loss" else "loss"
+    return {
+        "rung_metric": rung_metric,
+        "rung_mode": "min" if rung_metric == "loss" else "max",
+        "tie_metric": tie,
+        "tie_mode": "max" if tie == "score" else "min",
+    }
+
+
 def build_tuner(args, setup: Setup, exp_dir: Path):
     """A new Tuner, or (--resume) the interrupted experiment in exp_dir restored."""
     from ray import tune
@@ -63,26 +75,26 @@ def build_tuner(args, setup: Setup, exp_dir: Path):
         return tune.Tuner.restore(
             str(exp_dir), trainable, resume_unfinished=True, resume_errored=True
         )
-    rung = {
-        "rung_metric": args.rung_metric,
-        "rung_mode": "min" if args.rung_metric == "loss" else "max",
-    }
+    rule = rung_rule(args.rung_metric)
     if args.scheduler == "grid":
         scheduler = FIFOScheduler()
     elif args.scheduler == "asha":
-        scheduler = StrictASHA(args.max_steps, args.grace, args.eta, **rung)
+        scheduler = StrictASHA(
+            args.max_steps,
+            args.grace,
+            args.eta,
+            rung_metric=rule["rung_metric"],
+            rung_mode=rule["rung_mode"],
+        )
     else:
-        tie = "score" if args.rung_metric == "loss" else "loss"
         scheduler = SuccessiveHalving(
             args.max_steps,
             args.grace,
             args.eta,
             n_trials=space.n_points(args),
-            tie_metric=tie,
-            tie_mode="max" if tie == "score" else "min",
             window=args.rung_window,
             state_file=str(exp_dir / space.HALVING_STATE),
-            **rung,
+            **rule,
         )
     return tune.Tuner(
         trainable,
