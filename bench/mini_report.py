@@ -295,11 +295,12 @@ def analysis_findings(image: dict) -> list[str]:
             continue
         gap, noise, untestable = compare(image, name, "single_adapter")
         v = untestable or rule_verdict(gap, noise, claim)
+        # trainable counts, not % updated: a tower that trains joins the % column's denominator
         out.append(
             f"- {text}: {name} − single_adapter = {gap:+.1f} points (2σ of seeds "
-            f"{noise:.1f}) for {image[name]['percent']:.2f} % vs {base['percent']:.2f} % of "
-            f"the parameters updated; rule: {claim.replace('a ', 'the analysis row ')} → "
-            f"**{v}**."
+            f"{noise:.1f}) for {image[name]['trainable']:,} vs {base['trainable']:,} trainable "
+            f"parameters and a {image[name]['step_ms'] / base['step_ms']:.1f}x training step; "
+            f"rule: {claim.replace('a ', 'the analysis row ')} → **{v}**."
         )
     if base is not None and "single_adapter+multiple_prompts" in image:
         gap, noise, _ = compare(image, "single_adapter+multiple_prompts", "single_adapter")

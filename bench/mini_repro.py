@@ -5,6 +5,8 @@
     python bench/mini_repro.py --report-only        # re-write the report from finished runs
     python bench/mini_repro.py --seeds 0 --methods single_adapter --analyses clip,pretrain \
         --no-video                                  # the paper's analyses only
+    python bench/mini_repro.py --methods single_adapter,full_finetune --out runs/mini_v2
+                                                    # v2: every analysis, 3 seeds, video too
 
 1. Data: the embedded default of `make train` (8 tasks of the shapes world).
 2. Backbone: the embedded default's own, built by the product on first use: the tiny open_clip
@@ -27,8 +29,8 @@
    NLVR2 12 / captions 31 %): the shapes world's equal task sizes would give other shares
    under the reference's rule (one sample per caption sentence, per-task batches), so it keeps
    one caption sample per image or clip and batches of 32 (16 for video). Two runs at a time,
-   one core each; a finished run (its metrics.json) is never redone, so an interrupted experiment
-   continues where it stopped.
+   one core each, the longest first; a finished run (its metrics.json) is never redone, so an
+   interrupted experiment continues where it stopped.
    The paper's analyses add single-adapter rows (--analyses, all by default): "prompts", the
    single adapter with per-task prompts (peft.method=single_adapter+multiple_prompts);
    "clip", CLIP fine-tuned and adapters inside CLIP (model.vision_train=full / adapter: these
@@ -217,6 +219,17 @@ def run_specs(args) -> list[dict]:
     return specs
 
 
+def longest_first(specs: list[dict]) -> list[dict]:
+    """The order runs start in: the longest first, so the last minutes do not leave one core
+    idle behind a long run. A tower that trains reads pixels (2-3x a feature run's step,
+    bench/RESULTS.md); video runs come next (16 epochs of the 64-frame clips)."""
+
+    def cost(spec: dict) -> int:
+        return 0 if spec["variant"].startswith("clip-") else 1 if spec["video"] else 2
+
+    return sorted(specs, key=cost)  # stable: the table's order within a cost
+
+
 def pretrain_args(feats: Path, down_root: Path, out: Path, args) -> list[str]:
     """The V&L pre-training run of the "pretrain" analysis: the whole model (the rate of full
     fine-tuning, 1e-4) on the image tasks' cached features, seed 0."""
@@ -361,7 +374,9 @@ def main(argv=None) -> None:
             pretrain_backbone(feats, down_root, out, args)
         timing = {"prepare_s": round(time.time() - t0, 1)}
         with cf.ThreadPoolExecutor(args.parallel) as pool:
-            futures = [pool.submit(run_one, s, feats, down_root, out, args) for s in specs]
+            futures = [
+                pool.submit(run_one, s, feats, down_root, out, args) for s in longest_first(specs)
+            ]
             with tqdm(total=len(futures), desc="runs", dynamic_ncols=True) as bar:
                 for fut in cf.as_completed(futures):
                     r = fut.result()
