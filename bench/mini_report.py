@@ -371,8 +371,9 @@ def write_report(results: list[dict], out: Path) -> None:
     ]
     if timing:
         lines.append(
-            f"Wall time: {timing['total_s'] / 60:.1f} min in all (data, backbone "
-            f"pretraining and feature caching {timing['prepare_s'] / 60:.1f} min)."
+            f"Wall time of the last invocation (runs finished before it are reused, not "
+            f"counted): {timing['total_s'] / 60:.1f} min (data, backbone pretraining and "
+            f"feature caching {timing['prepare_s'] / 60:.1f} min)."
         )
     lines += ["", "## Image tasks (VQA, GQA, NLVR2, captions together)", "", *table(image, False)]
     if video:

@@ -92,8 +92,10 @@ def test_findings_and_files(runs, tmp_path):
     assert "= -0.5 points" in adapter and "**reproduced**" in adapter  # 70.5 vs 71.0
     prompt = next(x for x in lines if x.startswith("- Prompt tuning"))
     assert "= -28.0 points" in prompt and "**reproduced**" in prompt  # 43.0 vs 71.0
+    (tmp_path / "timing.json").write_text('{"prepare_s": 30.0, "total_s": 150.0}')
     write_report(runs, tmp_path)
     report = (tmp_path / "report.md").read_text()
+    assert "invocation (runs finished before it are reused, not counted): 2.5 min (" in report
     assert "| single_adapter | 2 | 5.00 | 60.0 ± 1.4 | 50.0 ± 0.0 |" in report
     assert "| **70.5 ± 0.7** | 20.0 ± 0.0 |" in report  # average, then the image gap
     assert "Text prior (the most common training answer per question type" in report
