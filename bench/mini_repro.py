@@ -222,7 +222,7 @@ def run_specs(args) -> list[dict]:
 def longest_first(specs: list[dict]) -> list[dict]:
     """The order runs start in: the longest first, so the last minutes do not leave one core
     idle behind a long run. A tower that trains reads pixels (2-3x a feature run's step,
-    bench/RESULTS.md); video runs come next (16 epochs of the 64-frame clips)."""
+    bench/RESULTS.md); video runs come next (16 epochs, longer inputs)."""
 
     def cost(spec: dict) -> int:
         return 0 if spec["variant"].startswith("clip-") else 1 if spec["video"] else 2
