@@ -173,22 +173,32 @@ def extract_features(down_root: Path, out: Path) -> subprocess.Popen:
 
 
 def prepare(down_root: Path, out: Path) -> Path:
-    """Cached features, and the embedded language model of MODEL's sizes pretrained once here
-    (vlds.model.embedded_lm; cached in the features folder, the runs' data root) before the
-    parallel runs start, so no run pretrains it on one thread. The two run side by side, one
-    core each (one after the other they took 9.1 min of v2's budget)."""
+    """Cached features, and the embedded language model of MODEL's sizes (vlds.model.
+    embedded_lm) pretrained before the parallel runs start, so no run pretrains it on one
+    thread. The model is cached once per machine beside `make train`'s, in the shapes world's
+    folder (4,500 steps, ~15 min on one core: each --out pretraining its own identical copy
+    took most of v2's preparation), and linked into the features folder, the runs' data root,
+    where `--model.lm=synthetic` finds it. The features are extracted meanwhile, on the other
+    core."""
     from vlds.config import build_config
     from vlds.model.build import build_tokenizer
-    from vlds.model.embedded_lm import ensure_lm
+    from vlds.model.embedded_lm import ensure_lm, lm_dir
 
+    feats = out / "features"
     extraction = extract_features(down_root, out)
     try:
         cfg = build_config("tiny", {**MODEL, "model.tokenizer": str(down_root / "tokenizer")})
-        ensure_lm(cfg, out / "features", build_tokenizer(cfg))
+        here = lm_dir(cfg, feats)
+        if not (here / "config.json").is_file():  # else one built here, before this cache
+            shared = ensure_lm(cfg, down_root, build_tokenizer(cfg))
+            here.parent.mkdir(parents=True, exist_ok=True)
+            if here.is_symlink():  # a link to a cache since removed
+                here.unlink()
+            here.symlink_to(shared.resolve(), target_is_directory=True)
     finally:
         if extraction.wait() != 0:
             raise subprocess.CalledProcessError(extraction.returncode, extraction.args)
-    return out / "features"
+    return feats
 
 
 # ---- 4: the runs -----------------------------------------------------------------------------

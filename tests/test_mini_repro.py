@@ -203,8 +203,8 @@ def test_embedded_backbone_features_and_a_run_through_vlds_train(
     shapes_root, tmp_path, monkeypatch
 ):
     """The pipeline at toy size: features through the embedded tower, the embedded language
-    model of MODEL's sizes (pretrained 2 steps here), one method through `python
-    vlds/train.py` on them, the report."""
+    model of MODEL's sizes (pretrained 2 steps here, once per machine: a second experiment
+    links the same one), one method through `python vlds/train.py` on them, the report."""
     import vlds.model.embedded_lm as elm
     from bench import mini_repro as M
 
@@ -213,7 +213,18 @@ def test_embedded_backbone_features_and_a_run_through_vlds_train(
     index = json.loads((feats / "vqa" / "train.index.json").read_text())
     assert index["features"]["pretrained"] == "synthetic"
     lms = list((feats / "lms").iterdir())
-    assert [p.name for p in lms if p.is_dir()] == [f"t5-d96-l3-h4-ff384-v{elm.LM_VERSION}"]
+    name = f"t5-d96-l3-h4-ff384-v{elm.LM_VERSION}"
+    assert [p.name for p in lms if p.is_dir()] == [name]
+    shared = shapes_root / "lms" / name  # the machine's cache, beside `make train`'s models
+    assert (feats / "lms" / name).resolve() == shared.resolve()
+    assert (shared / "pretraining.json").is_file()
+
+    def fail(*a, **k):
+        raise AssertionError("pretrained again")
+
+    monkeypatch.setattr(elm, "pretrain", fail)
+    again = M.prepare(shapes_root, tmp_path / "again")
+    assert (again / "lms" / name).resolve() == shared.resolve()
     args = M.parse_args(["--epochs", "1", "--eval-samples", "8", "--out", str(tmp_path)])
     spec = {
         "name": "image/single_adapter/seed0",
