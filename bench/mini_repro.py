@@ -149,7 +149,7 @@ def parse_args(argv):
 # ---- 1 + 2 + 3: data, the embedded backbone, cached features -----------------------------------
 
 
-def extract_features(down_root: Path, out: Path) -> subprocess.Popen:
+def extract_features(down_root: Path, feats: Path) -> subprocess.Popen:
     """The downstream shards through the embedded pretrained tower (`--vision-pretrained
     synthetic`, vlds.model.embedded_tower), once: finished shards are skipped on a re-run.
     Started, not awaited: the caller waits for it (``Popen.wait``)."""
@@ -164,7 +164,7 @@ def extract_features(down_root: Path, out: Path) -> subprocess.Popen:
         "--splits",
         "train,val",
         "--out",
-        str(out / "features"),
+        str(feats),
         "--vision",
         "vlds-tiny-rn",
         "--vision-pretrained",
@@ -188,7 +188,7 @@ def prepare(down_root: Path, out: Path) -> Path:
     from vlds.model.embedded_lm import ensure_lm, lm_dir
 
     feats = out / "features"
-    extraction = extract_features(down_root, out)
+    extraction = extract_features(down_root, feats)
     try:
         cfg = build_config("tiny", {**MODEL, "model.tokenizer": str(down_root / "tokenizer")})
         here = lm_dir(cfg, feats)
