@@ -9,6 +9,7 @@ per outcome.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -312,6 +313,47 @@ def analysis_findings(image: dict) -> list[str]:
     return out
 
 
+# The video tasks learn (issue 18's rule): a QA task above chance beyond a guesser's spread on
+# every seed, a caption task's CIDEr clearly above 0 on every seed
+QA_CHOICES = {"tvqa": 5, "how2qa": 5}
+CAPTION_MIN = 10.0  # CIDEr points
+
+
+def chance_line(task: str, n: int) -> tuple[float, float]:
+    """(chance, chance + 2σ of a guesser's accuracy on n samples), in %: a score above the
+    line is not a lucky guesser's (1 in 44)."""
+    p = 1 / QA_CHOICES[task]
+    return 100 * p, 100 * (p + 2 * math.sqrt(p * (1 - p) / max(1, n)))
+
+
+def video_learning(results: list[dict]) -> list[str]:
+    """Per video method: did every task learn on every seed? QA above its chance line
+    (chance_line, on the run's n validation samples), captions above CAPTION_MIN CIDEr."""
+    out = []
+    video = [r for r in results if r["video"]]
+    for method in sorted({r["method"] for r in video}, key=_rank):
+        runs = sorted((r for r in video if r["method"] == method), key=lambda r: r["seed"])
+        parts, failed = [], []
+        for task, name in VIDEO_COLUMNS:
+            scores = [r["result"]["metrics"][task] for r in runs]
+            if task in QA_CHOICES:
+                chance, line = chance_line(task, min(m.get("n", 0) for m in scores))
+                rule = f"chance {chance:.0f}, a guesser's 2σ line {line:.1f}"
+            else:
+                line, rule = CAPTION_MIN, f"rule > {CAPTION_MIN:.0f}"
+            failed += [f"{name} seed {r['seed']}" for r, m in zip(runs, scores, strict=True)
+                       if m["score"] <= line]  # fmt: skip
+            seeds = " / ".join(f"{m['score']:.1f}" for m in scores)
+            parts.append(f"{name} {seeds} ({rule})")
+        verdict_text = "every task learned on every seed" if not failed else (
+            "not learned: " + ", ".join(failed))  # fmt: skip
+        out.append(
+            f"- Video tasks learn ({method}, seeds {', '.join(str(r['seed']) for r in runs)}): "
+            f"{'; '.join(parts)} → **{verdict_text}**."
+        )
+    return out
+
+
 def plot(image: dict, path: Path) -> None:
     import matplotlib
 
@@ -402,6 +444,7 @@ def write_report(results: list[dict], out: Path) -> None:
         f"adapters).",
         "",
         *findings(image, video),
+        *video_learning(results),
         "",
         "![score vs % updated](score_vs_params.png)",
         "",

@@ -26,8 +26,11 @@
    Hyperformer/LoRA/prompts 1e-3, multiple adapters 3e-4, full fine-tuning 1e-4; video 3e-4,
    full 3e-5) and the reference's training defaults (task prompts only for the single-module
    methods, the caption token-mean loss, zero boxes + object order, its init and weight-decay
-   groups; docs/differences.md), except the VQA target: the majority answer, as in `make
-   train` (the shapes world's wrong human answers are noise, not ambiguity). The image tasks
+   groups; docs/differences.md), except two targets: VQA's majority answer, as in `make
+   train` (the shapes world's wrong human answers are noise, not ambiguity), and TVQA /
+   How2QA's right choice in words, not its tag "a3", predicted by ranking the five choices
+   (data.choice_target=text, eval.choice_predict=rank, as the tiny-video preset: the miniature
+   language model never learns to point at a tag, bench/RESULTS.md). The image tasks
    mix in the reference's step shares on the real releases (IMAGE_MIX: VQA 28 / GQA 29 /
    NLVR2 12 / captions 31 %): the shapes world's equal task sizes would give other shares
    under the reference's rule (one sample per caption sentence, per-task batches), so it keeps
@@ -311,6 +314,9 @@ def train_args(spec: dict, feats: Path, down_root: Path, out: Path, args) -> lis
                 "data.batch_size": 16,
                 "data.mixing": "proportional",
                 "data.mixing_weights": "",
+                # as the tiny-video preset: QA answers with the choice's words, ranked
+                "data.choice_target": "text",
+                "eval.choice_predict": "rank",
             }
         )
     return [f"--{k}={v}" for k, v in over.items()]

@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.mini_report import findings, rule_verdict, summarise, verdict, write_report
+from bench.mini_report import (
+    chance_line,
+    findings,
+    rule_verdict,
+    summarise,
+    verdict,
+    video_learning,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,6 +110,26 @@ def test_findings_and_files(runs, tmp_path):
     assert "image 25.0" in report
     assert (tmp_path / "score_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "results.json").read_text())["image"]["single_prompt"]
+
+
+def test_video_tasks_learn_by_the_stated_rule():
+    # five choices on 100 samples: a guesser's 2σ line is 20 + 200 sqrt(0.16 / 100) = 28
+    assert chance_line("tvqa", 100) == pytest.approx((20.0, 28.0))
+    runs = []
+    for seed, scores in ((0, (35, 29, 50, 12)), (1, (30, 28.5, 60, 80))):
+        run = fake_run("single_adapter", seed, scores, 5.0, video=True)
+        for t in ("tvqa", "how2qa"):
+            run["result"]["metrics"][t]["n"] = 100
+        runs.append(run)
+    [line] = video_learning(runs)
+    assert "TVQA acc 35.0 / 30.0 (chance 20, a guesser's 2σ line 28.0)" in line
+    assert "YC2C CIDEr 12.0 / 80.0 (rule > 10)" in line
+    assert line.endswith("**every task learned on every seed**.")
+    runs[1]["result"]["metrics"]["how2qa"]["score"] = 28.0  # on the line: a guesser could
+    runs[0]["result"]["metrics"]["yc2c"]["score"] = 10.0
+    [line] = video_learning(runs)
+    assert line.endswith("**not learned: How2QA acc seed 1, YC2C CIDEr seed 0**.")
+    assert video_learning([fake_run("single_adapter", 0, (1, 1, 1, 1), 5.0)]) == []  # image
 
 
 def test_a_method_that_ignores_the_images_makes_a_finding_not_testable(runs):

@@ -6,6 +6,7 @@ import torchvision.transforms.functional as TF
 
 from tests.helpers import byte_tokenizer, image_batch, tiny
 from vlds.data.synthetic import random_scene, render_scene
+from vlds.data.tasks import get_task
 from vlds.model.build import build_lm, vocab_of
 from vlds.model.vision import (
     CLIP_MEAN,
@@ -40,6 +41,34 @@ def test_shapes_through_the_model(arch):
     assert model.score_choices(b, choices).shape == (3, 2)  # logits at the first position
     scores = model.score_choices(b, choices, "sequence")
     assert scores.shape == (3, 2) and (scores < 0).all()  # summed log-probabilities
+
+
+@pytest.mark.parametrize(("arch", "method"), [("t5", "multiple_adapters"), ("bart", "single_lora")])
+def test_ranked_choices_score_their_summed_log_probabilities(arch, method):
+    # eval.choice_predict=rank: each sample's candidates (of several lengths) scored in one
+    # decoder pass equal each candidate's teacher-forced cross-entropy summed by hand; a mixed
+    # batch of tasks routes every repeated row to its own task's adapter
+    from vlds.eval.loop import choice_labels
+
+    cfg, tok, tower, model = tiny(arch, method, **{"data.choice_target": "text"})
+    model.eval()
+    b = image_batch(tok, tower, b=3, task_ids=torch.tensor([0, 1, 0]))
+    choices = [["red", "blue circle", "a0"], ["square", "x", "two squares"], ["true", "no"]]
+    tags, _ = choice_labels(choices, tok, tiny(arch)[0], get_task("tvqa"))  # the reference's
+    assert [tok.decode(t[t >= 0], skip_special_tokens=True) for t in tags[2]] == ["a0", "a1", ""]
+    labels, valid = choice_labels(choices, tok, cfg, get_task("tvqa"))
+    assert labels.shape[:2] == valid.shape == (3, 3)
+    assert valid.tolist() == [[True] * 3, [True] * 3, [True, True, False]]
+    got = model.score_targets(b, labels)
+    for i, sample in enumerate(choices):
+        for j, text in enumerate(sample):
+            one = {k: v[i : i + 1] for k, v in b.items() if torch.is_tensor(v) and v.shape[0] == 3}
+            target = torch.tensor([tok(text).input_ids])  # its tokens and </s>
+            model._route(one)
+            embeds, mask = model.encoder_inputs(one)
+            logits = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=target).logits
+            hand = logits.float().log_softmax(-1)[0].gather(1, target[0][:, None]).sum()
+            torch.testing.assert_close(got[i, j].item(), hand.item(), rtol=1e-5, atol=1e-4)
 
 
 def test_video_frames_become_frame_tokens():

@@ -21,7 +21,7 @@ from vlds.data.decode import Collator, Preprocess, _LazyRandom
 from vlds.data.prep.extract import main as extract_main
 from vlds.data.shardio import DataError, load_index
 from vlds.data.synthetic import SyntheticSpec, write_task_split
-from vlds.data.tasks import draw_soft_answer, majority_answer, vqa_soft_scores
+from vlds.data.tasks import draw_soft_answer, majority_answer, tag_of_text, vqa_soft_scores
 from vlds.model.vision import CLIP_MEAN, CLIP_STD, normalise_pixels, pixel_scale_shift
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
@@ -204,6 +204,76 @@ def test_collator_soft_and_majority_targets():
         assert b["loss_weight"].tolist() == [1.0, 1.0]
 
 
+def qa_sample(qid: str, choices: list[str], answer_idx: int) -> dict:
+    rec = {"task": "tvqa", "id": qid, "question": "which shape moves left?", "subtitles": "",
+           "ts": [0.0, 1.0], "choices": choices, "answer_idx": answer_idx}  # fmt: skip
+    return {"task": "tvqa", "rec": rec, "id": qid, "key": qid, "visual": torch.zeros(4, 3, 4, 4)}
+
+
+def test_choice_targets_tag_and_text():
+    tok = byte_tokenizer()
+    samples = [
+        qa_sample("1", ["circle", "square", "the red cube", "star", "ring"], 2),
+        qa_sample("2", ["one", "two", "three", "four", "five"], 4),
+    ]
+
+    def targets(batch):
+        return [tok.decode([t for t in row if t != -100], skip_special_tokens=True)
+                for row in batch["labels"].tolist()]  # fmt: skip
+
+    tag = Collator(tok, ["tvqa"], 0, 0)(samples)  # the reference: the right choice's tag
+    assert targets(tag) == ["a2", "a4"]
+    text = Collator(tok, ["tvqa"], 0, 0, choice_target="text")(samples)
+    assert targets(text) == ["the red cube", "five"]
+    # validation scores the same references either way, and the batch carries the choices
+    assert text["refs"] == tag["refs"] == [["a2"], ["a4"]]
+    assert text["choices"] == [s["rec"]["choices"] for s in samples]
+    with pytest.raises(DataError, match="data.choice_target='word'; valid: tag, text"):
+        Collator(tok, ["tvqa"], 0, 0, choice_target="word")
+
+
+def test_generated_text_maps_to_the_tag_of_the_choice_it_names():
+    choices = ["the red cube", "the blue cube", "left", "The Red  Cube", "up"]
+    assert tag_of_text("the blue cube", choices) == "a1"
+    # case, runs of spaces and a final full stop do not matter; the first match wins
+    assert tag_of_text("The red cube.", choices) == "a0"
+    assert tag_of_text("  LEFT ", choices) == "a2"
+    # words that name no choice stay as generated: wrong for the metric, -1 in the file
+    assert tag_of_text("the red", choices) == "the red"
+    assert tag_of_text("", choices) == ""
+
+
+@pytest.mark.parametrize("target", ["tag", "text"])
+def test_evaluation_scores_generated_choice_words_by_their_tag(target, tmp_path):
+    from tests.test_grounding import PassThrough, ReadsItsImage, Tok
+    from vlds.eval.loop import evaluate_tasks
+    from vlds.eval.submission import write_predictions
+
+    # the model writes ANSWERS[k] ("red", "blue", "green", "yellow") for features k
+    shown = torch.tensor([0.0, 1.0, 3.0]).view(3, 1, 1).expand(3, 9, 4)
+    batch = {
+        "vis_feats": shown,
+        "vis_mask": torch.ones(3, 9, dtype=torch.long),
+        "ids": ["q0", "q1", "q2"],
+        "refs": [["a1"], ["a0"], ["a2"]],
+        "choices": [["blue", "Red", "x", "y", "z"], ["blue", "red", "x", "y", "z"]]
+        + [["red", "blue", "green", "x", "y"]],
+    }
+    cfg = build_config("tiny", {"data.choice_target": target, "eval.shuffled_images": False})
+    metrics, preds = evaluate_tasks(
+        ReadsItsImage(), PassThrough(), {"tvqa": [batch]}, Tok(), cfg, "cpu"
+    )
+    written = write_predictions("tvqa", preds["tvqa"], tmp_path).read_text().splitlines()
+    if target == "tag":  # colour words are no tags: every sample wrong, written as -1
+        assert metrics["tvqa"]["score"] == 0.0
+        assert [json.loads(x)["answer_idx"] for x in written] == [-1, -1, -1]
+        return
+    # "red" names choice 1 (any case), "blue" choice 0, "yellow" none of the third's
+    assert [p["prediction"] for p in preds["tvqa"]] == ["a1", "a0", "yellow"]
+    assert metrics["tvqa"]["score"] == pytest.approx(200 / 3)
+    assert [json.loads(x)["answer_idx"] for x in written] == [1, 0, -1]
+
+
 # ---- the loss ------------------------------------------------------------------------------
 
 
@@ -313,12 +383,14 @@ def test_defaults_are_the_reference_and_bad_values_name_the_fix():
     cfg = build_config("bart-base")  # the real presets keep every default
     d = cfg.data
     assert (d.image_resize, d.vqa_target, cfg.train.caption_loss) == ("squash", "soft", "token")
+    assert build_config("bart-base-video").data.choice_target == "tag"
     assert (d.max_text_len, d.max_target_len) == (0, 0)
     # the shapes world's wrong human answers make soft draws label noise: tiny takes the majority
     assert build_config("tiny").data.vqa_target == "majority"
     for key, bad, needle in (
         ("data.image_resize", "pad", "data.image_resize='pad'; valid: squash, crop"),
         ("data.vqa_target", "top", "data.vqa_target='top'; valid: soft, majority"),
+        ("data.choice_target", "idx", "data.choice_target='idx'; valid: tag, text"),
         ("train.caption_loss", "mean", "train.caption_loss='mean'; valid: token, sample"),
         ("data.max_text_len", "-1", "data.max_text_len=-1 must be >= 0"),
         ("data.max_target_len", "-2", "data.max_target_len=-2 must be >= 0"),

@@ -187,6 +187,10 @@ class DataConfig:
     # to its soft score min(1, 0.3 x count) and weights the sample's loss by that score (the
     # reference); "majority" = the most frequent raw answer, weight 1.
     vqa_target: str = _match("soft")
+    # TVQA / How2QA training target: "tag" = the right choice's tag "a3" (the reference);
+    # "text" = the right choice's words, generated words mapped back to the choice they name
+    # at evaluation (vlds.data.tasks.tag_of_text): the same metric and predictions files.
+    choice_target: str = _match("tag")
     # Steps per task in an epoch: "proportional" to its batch count (the reference),
     # "weights" (data.mixing_weights, e.g. "vqa=2,gqa=1,nlvr=1,caption=1": every task), or
     # "temperature" (batch counts ^ (1 / data.mixing_temperature); 1 = proportional, large =
@@ -281,6 +285,11 @@ class EvalConfig:
     # NLVR2: "first_token" = "true" vs "false" logit at the first decoding position (the
     # reference); "sequence" = the larger summed log-probability of the whole target
     nlvr_predict: str = _run("first_token")
+    # TVQA / How2QA: "generate" = greedy decoding, scored when it names the right choice (the
+    # reference); "rank" = the choice whose target (its tag, or its words with
+    # data.choice_target=text) has the largest summed log-probability, EOS included: always one
+    # of the choices, one teacher-forced decoder pass over the five per batch
+    choice_predict: str = _run("generate")
     # none = the backbone's generation config (bart-base: 3), as the reference's generate;
     # 0 = off; n = no n-gram repeats in generated text
     no_repeat_ngram_size: int | None = _run(None)
@@ -389,6 +398,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data.mixing_weights": "",
         "data.max_text_len": 96,
         "train.epochs": 8,  # 600 clips per task (the image tasks' 8,000 make 3 enough)
+        # the choice's words as target, ranked at evaluation: the embedded language model,
+        # pretrained on four image tasks, never learns to point at a tag "a3" (chance on
+        # every seed); with its words it answers from the clip (bench/RESULTS.md)
+        "data.choice_target": "text",
+        "eval.choice_predict": "rank",
     },
     # The real presets: the backbone here, the training recipe (learning rate per method, global
     # batch, per-task batches, epochs, ...) from vlds.recipe, applied for the run's method.

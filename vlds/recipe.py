@@ -115,6 +115,7 @@ RECIPES: dict[str, dict] = {
 BEHAVIOUR: dict[str, str] = {
     "data.image_resize": "the reference's, feature_extraction/coco_CLIP.py Resize((224, 224))",
     "data.vqa_target": "the reference's, src/vqa_clip_data.py (soft-score draw) + vqa_model.py",
+    "data.choice_target": "the reference's, src/video/{tvqa,how2qa}_data.py (target a{k})",
     "data.max_text_len": "the reference's per task (src/*_clip_data.py, src/video/*_data.py)",
     "data.max_target_len": "the reference's per task (src/*_clip_data.py, src/video/*_data.py)",
     "data.caption_samples": "the reference's, src/caption_clip_data.py (one per sentence)",
@@ -123,6 +124,7 @@ BEHAVIOUR: dict[str, str] = {
     "train.decay_exempt": "the reference's, src/trainer_base.py (names with bias/LayerNorm.weight)",
     "model.visual_input": "the reference's, src/modeling_{t5,bart}.py VisualEmbedding",
     "eval.nlvr_predict": "the reference's, src/nlvr_model.py (first decoding position)",
+    "eval.choice_predict": "the reference's, video_model.py (greedy generation, scored as a tag)",
     "eval.no_repeat_ngram_size": "the backbone's generation config, as the reference's generate",
     "eval.max_new_tokens": "the reference's gen_max_length per task (captions 40, others 20)",
 }

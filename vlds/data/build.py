@@ -190,6 +190,7 @@ def preprocess_and_collate(cfg, tokenizer, image_size: int) -> tuple[Preprocess,
         prompts=uses_task_prompts(cfg),
         vqa_target=d.vqa_target,
         caption_loss=cfg.train.caption_loss,
+        choice_target=d.choice_target,
     )
     return preprocess, collate
 

@@ -20,7 +20,7 @@ import torch
 
 from vlds.config import ConfigError, config_check
 from vlds.data.shardio import DataError, load_npy
-from vlds.data.tasks import get_task, labelled
+from vlds.data.tasks import CHOICE_TARGETS, CHOICE_TASKS, choice_text, get_task, labelled
 from vlds.model.vision import frame_tokens, image_tokens
 
 FEATURE_MODES = ("auto", "true", "false")
@@ -37,11 +37,13 @@ def check_feature_mode(cfg) -> None:
 
 @config_check
 def check_decoding(cfg) -> None:
-    """data.image_resize, data.vqa_target, train.caption_loss and the token limits."""
+    """data.image_resize, data.vqa_target, data.choice_target, train.caption_loss and the
+    token limits."""
     d = cfg.data
     for key, value, valid in (
         ("data.image_resize", d.image_resize, RESIZE_MODES),
         ("data.vqa_target", d.vqa_target, VQA_TARGETS),
+        ("data.choice_target", d.choice_target, CHOICE_TARGETS),
         ("train.caption_loss", cfg.train.caption_loss, CAPTION_LOSSES),
     ):
         if value not in valid:
@@ -259,9 +261,14 @@ class Collator:
         *,
         vqa_target: str = "soft",
         caption_loss: str = "token",
+        choice_target: str = "tag",
     ):
         if vqa_target not in VQA_TARGETS:
             raise DataError(f"data.vqa_target={vqa_target!r}; valid: {', '.join(VQA_TARGETS)}")
+        if choice_target not in CHOICE_TARGETS:
+            raise DataError(
+                f"data.choice_target={choice_target!r}; valid: {', '.join(CHOICE_TARGETS)}"
+            )
         if caption_loss not in CAPTION_LOSSES:
             raise DataError(
                 f"train.caption_loss={caption_loss!r}; valid: {', '.join(CAPTION_LOSSES)}"
@@ -271,6 +278,7 @@ class Collator:
         self.max_text, self.max_target = max_text_len, max_target_len
         self.max_frames = max_frames
         self.vqa_target, self.caption_loss = vqa_target, caption_loss
+        self.choice_target = choice_target
         # train.stage=pretrain: training batches of image captions take the pretraining
         # objectives (vlds.pretrain); set on the training stream's copy by DataBuilder
         self.pretrain = False
@@ -280,6 +288,8 @@ class Collator:
         rng = _LazyRandom(f"{sample['key']}-{epoch}")
         if self.vqa_target == "soft" and task.soft_target is not None:
             return task.soft_target(sample["rec"], rng)
+        if self.choice_target == "text" and task.name in CHOICE_TASKS:
+            return choice_text(sample["rec"]), 1.0
         return task.train_target(sample["rec"], rng, sample.get("sentence")), 1.0
 
     def _pretrain_pairs(self, samples, texts, drawn, epoch):
@@ -339,4 +349,7 @@ class Collator:
             "ids": [s["id"] for s in samples],
             "refs": [task.references(s["rec"]) if labelled(s["rec"]) else [] for s in samples],
             "meta": [{k: s["rec"][k] for k in META_FIELDS if k in s["rec"]} for s in samples],
+            # a multiple-choice sample's choices: data.choice_target=text maps generated words
+            # back to a tag (vlds.data.tasks.tag_of_text)
+            "choices": [s["rec"].get("choices") for s in samples],
         }

@@ -148,6 +148,31 @@ def _choice_tag(rec: dict) -> str:
     return f"a{rec['answer_idx']}"
 
 
+# The multiple-choice tasks, and what their model generates (data.choice_target): "tag" = the
+# right choice's tag "a3" (the reference's video/tvqa_data.py); "text" = the right choice's
+# words, which evaluation maps back to that choice's tag (`tag_of_text`), so the metric, the
+# predictions files and the validation references are the same in both.
+CHOICE_TASKS = ("tvqa", "how2qa")
+CHOICE_TARGETS = ("tag", "text")
+
+
+def choice_text(rec: dict) -> str:
+    """The right choice's words: a TVQA / How2QA target with data.choice_target=text."""
+    return rec["choices"][rec["answer_idx"]]
+
+
+def _plain(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(".").rstrip()
+
+
+def tag_of_text(pred: str, choices: list[str]) -> str:
+    """data.choice_target=text: the tag ("a2") of the first choice the generated text names,
+    compared lower-cased with runs of spaces as one and a final full stop dropped; the text
+    itself when it names none (scored wrong, written as answer_idx -1)."""
+    want = _plain(pred)
+    return next((f"a{i}" for i, c in enumerate(choices) if _plain(c) == want), pred)
+
+
 def _qa_source(rec: dict) -> str:
     return (
         f"[Subs] {rec['subtitles']} [Q] {rec['question']} [TS] {_ts(rec)} [Choices] {_choices(rec)}"

@@ -5,7 +5,10 @@ predictions are gathered, every sample counts exactly once, and rank 0 computes 
 Decoding follows the reference: greedy for QA, beam search for captions (cfg.eval.qa_beams /
 caption_beams), and NLVR2 by comparing the model's "true" and "false" logits at the first decoding
 position (eval.nlvr_predict="first_token", the reference's nlvr_model.py; "sequence" compares the
-summed log-probabilities of the whole targets, EOS included). The standalone
+summed log-probabilities of the whole targets, EOS included). TVQA / How2QA generate greedily
+and are scored when the text is the right choice's tag (or, with data.choice_target=text, names
+the right choice); eval.choice_predict=rank takes instead the choice whose target has the largest
+summed log-probability. The standalone
 evaluator (vlds/evaluate.py) runs the same `evaluate_tasks` on one process.
 """
 
@@ -15,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from vlds import faults
-from vlds.data.tasks import get_task
+from vlds.data.tasks import CHOICE_TASKS, get_task, tag_of_text
 from vlds.eval.grounding import blank_visual, shuffle_visual
 from vlds.eval.metrics import METRICS, task_metric
 from vlds.guard import Preempted, any_ranks, stop_criteria
@@ -25,7 +28,25 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-@torch.no_grad()
+def choice_labels(choices: list[list[str]], tokenizer, cfg, task) -> tuple:
+    """eval.choice_predict=rank: the candidate targets of a batch of multiple-choice samples,
+    as training tokenises its targets: (B, n, L) token ids, -100 past each candidate's end,
+    and (B, n) True where sample i has a candidate j (n = the most choices of any sample)."""
+    n = max(len(c) for c in choices)
+    texts = [
+        (c[j] if cfg.data.choice_target == "text" else f"a{j}") if j < len(c) else ""
+        for c in choices
+        for j in range(n)
+    ]
+    limit = cfg.data.max_target_len or task.max_target_len
+    lab = tokenizer(
+        texts, max_length=limit, truncation=limit is not None, padding=True, return_tensors="pt"
+    )
+    ids = lab.input_ids.masked_fill(lab.attention_mask == 0, -100)
+    valid = torch.tensor([[j < len(c) for j in range(n)] for c in choices])
+    return ids.view(len(choices), n, -1), valid
+
+
 @torch.no_grad()
 def predict(
     model,
@@ -82,6 +103,10 @@ def predict(
                 preds = ["true" if s[0] > s[1] else "false" for s in scores.tolist()]
             else:
                 preds = ["true" if s[0] >= s[1] else "false" for s in scores.tolist()]
+        elif task_name in CHOICE_TASKS and cfg.eval.choice_predict == "rank":
+            labels, valid = choice_labels(batch["choices"], tokenizer, cfg, task)
+            scores = model.score_targets(b, labels).masked_fill(~valid.to(device), float("-inf"))
+            preds = [f"a{k}" for k in scores.argmax(dim=1).tolist()]
         else:
             beams = cfg.eval.caption_beams if task.generative_caption else cfg.eval.qa_beams
             ids = model.generate(
@@ -92,6 +117,8 @@ def predict(
                 stopping_criteria=stop_criteria(preemption),
             )
             preds = [p.strip() for p in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            if cfg.data.choice_target == "text" and task_name in CHOICE_TASKS:
+                preds = [tag_of_text(p, c) for p, c in zip(preds, batch["choices"], strict=True)]
         if real:
             meta = batch.get("meta") or [{} for _ in preds]
             refs = batch["refs"]

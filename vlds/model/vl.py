@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutput
 
 from vlds.config import ConfigError, config_check
 
@@ -288,6 +289,25 @@ class VLModel(nn.Module):
             scores.append(logp.sum(-1))
         return torch.stack(scores, dim=1)
 
+    @torch.no_grad()
+    def score_targets(self, batch: dict, labels: torch.Tensor) -> torch.Tensor:
+        """(B, n) summed log-probabilities, EOS included, of each sample's n candidate targets:
+        `labels` (B, n, L) token ids, -100 after a candidate's end (eval.choice_predict=rank).
+        The encoder runs once per sample; the decoder sees each sample's encoding n times (the
+        router repeats task ids as for beam search)."""
+        b, n, length = labels.shape
+        self._route(batch)
+        embeds, mask = self.encoder_inputs(batch)
+        enc = self.lm.get_encoder()(inputs_embeds=embeds, attention_mask=mask)
+        hidden = BaseModelOutput(last_hidden_state=enc.last_hidden_state.repeat_interleave(n, 0))
+        flat = labels.reshape(b * n, length).to(embeds.device)
+        mask = mask.repeat_interleave(n, 0)
+        logits = self.lm(encoder_outputs=hidden, attention_mask=mask, labels=flat).logits
+        tok = F.cross_entropy(
+            logits.float().transpose(1, 2), flat, ignore_index=-100, reduction="none"
+        )
+        return -tok.sum(dim=1).view(b, n)
+
 
 def first_difference(choices: list[torch.Tensor]) -> int:
     """The first index at which the candidate token sequences differ; their tokens there must
@@ -302,12 +322,13 @@ def first_difference(choices: list[torch.Tensor]) -> int:
 
 
 NLVR_RULES = ("first_token", "sequence")
+CHOICE_RULES = ("generate", "rank")
 
 
 @config_check
 def check_model_inputs(cfg) -> None:
-    """model.visual_input, eval.nlvr_predict and eval.no_repeat_ngram_size (read here and by
-    vlds.model.build / vlds.eval.loop)."""
+    """model.visual_input, eval.nlvr_predict, eval.choice_predict and
+    eval.no_repeat_ngram_size (read here and by vlds.model.build / vlds.eval.loop)."""
     if cfg.model.visual_input not in VISUAL_INPUTS:
         raise ConfigError(
             f"model.visual_input={cfg.model.visual_input!r}; valid: reference (zero boxes, "
@@ -318,6 +339,11 @@ def check_model_inputs(cfg) -> None:
         raise ConfigError(
             f"eval.nlvr_predict={cfg.eval.nlvr_predict!r}; valid: first_token (the reference: "
             f"true vs false logit at the first decoding position) or sequence (summed log-probs)"
+        )
+    if cfg.eval.choice_predict not in CHOICE_RULES:
+        raise ConfigError(
+            f"eval.choice_predict={cfg.eval.choice_predict!r}; valid: generate (the reference: "
+            f"greedy decoding) or rank (the choice with the largest summed log-probability)"
         )
     n = cfg.eval.no_repeat_ngram_size
     if n is not None and n < 0:
