@@ -328,7 +328,8 @@ def chance_line(task: str, n: int) -> tuple[float, float]:
 
 def video_learning(results: list[dict]) -> list[str]:
     """Per video method: did every task learn on every seed? QA above its chance line
-    (chance_line, on the run's n validation samples), captions above CAPTION_MIN CIDEr."""
+    (chance_line, on the run's n validation samples), captions above CAPTION_MIN CIDEr; each
+    seed's score with shuffled clips beside it (the share the text alone gives)."""
     out = []
     video = [r for r in results if r["video"]]
     for method in sorted({r["method"] for r in video}, key=_rank):
@@ -344,6 +345,9 @@ def video_learning(results: list[dict]) -> list[str]:
             failed += [f"{name} seed {r['seed']}" for r, m in zip(runs, scores, strict=True)
                        if m["score"] <= line]  # fmt: skip
             seeds = " / ".join(f"{m['score']:.1f}" for m in scores)
+            if all("shuffled_score" in m for m in scores):  # what the text alone gives
+                shuffled = " / ".join(f"{m['shuffled_score']:.1f}" for m in scores)
+                rule += f"; shuffled clips {shuffled}"
             parts.append(f"{name} {seeds} ({rule})")
         verdict_text = "every task learned on every seed" if not failed else (
             "not learned: " + ", ".join(failed))  # fmt: skip
@@ -412,11 +416,24 @@ def write_report(results: list[dict], out: Path) -> None:
         f"Machine: {machine()}; written {time.strftime('%Y-%m-%d %H:%M %Z')}.",
     ]
     if timing:
-        lines.append(
+        head = (
             f"Wall time of the last invocation (runs finished before it are reused, not "
-            f"counted): {timing['total_s'] / 60:.1f} min (data, backbone pretraining and "
-            f"feature caching {timing['prepare_s'] / 60:.1f} min)."
+            f"counted): {timing['total_s'] / 60:.1f} min"
         )
+        if "features_s" in timing:  # the features and the pre-training beside the first runs
+            ready = [f"the features at {timing['features_s'] / 60:.1f} min"]
+            if "pretrain_s" in timing:
+                at = timing["pretrain_s"] / 60
+                ready.append(f"the V&L pre-trained backbone at {at:.1f} min")
+            lines.append(
+                f"{head}: the data and the language model {timing['prepare_s'] / 60:.1f} min, "
+                f"then the runs; ready beside the first of them: {', '.join(ready)}."
+            )
+        else:
+            lines.append(
+                f"{head} (data, backbone pretraining and feature caching "
+                f"{timing['prepare_s'] / 60:.1f} min)."
+            )
     lines += ["", "## Image tasks (VQA, GQA, NLVR2, captions together)", "", *table(image, False)]
     if video:
         lines += ["", "## Video tasks (TVQA, How2QA, TVC, YC2C together)", "", *table(video, True)]

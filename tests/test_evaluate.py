@@ -68,6 +68,16 @@ def test_training_metrics_and_evaluator_agree(shapes_root, tmp_path):
             assert score_file(ev / FILE_NAMES[t], t, shapes_root, max_samples=16) == scored
     assert evaluated["average"] == trained["average"]
     assert "per_answer_type" in trained["vqa"] and "consistency" in trained["nlvr"]
+
+    # --eval.KEY=VALUE decodes the same checkpoint another way: here without the shuffled pass
+    ev_plain = tmp_path / "eval-plain"
+    argv = ("--max-samples", "16", "--out", str(ev_plain), "--eval.shuffled_images=false")
+    evaluate_cli(out, shapes_root, *argv)
+    plain = json.loads((ev_plain / "metrics.json").read_text())
+    assert plain["eval_overrides"] == {"eval.shuffled_images": "false"}
+    assert "shuffled_average" not in plain["metrics"]
+    assert all("shuffled_score" not in plain["metrics"][t] for t in tasks)
+    assert plain["metrics"]["average"] == trained["average"]
     assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(trained["caption"])
 
     # An unlabelled test split (as the shard writer marks GQA test, VQA test-dev, ...): the
@@ -210,6 +220,31 @@ def test_scoring_a_file_matches_the_metric(shapes_root, tmp_path, task):
 def _write_vqa(path: Path, ids) -> Path:
     path.write_text(json.dumps([{"question_id": i, "answer": "yes"} for i in ids]))
     return path
+
+
+def test_evaluation_overrides_take_eval_keys_only(tmp_path, capsys):
+    from vlds.config import ConfigError
+    from vlds.evaluate import main, parse_args
+
+    base = ["--checkpoint", "run", "--shards", "data"]
+    args = parse_args([*base, "--eval.choice_predict", "rank", "--eval.caption_beams=2"])
+    assert args.eval_overrides == {"eval.choice_predict": "rank", "eval.caption_beams": "2"}
+    with pytest.raises(SystemExit):  # the model and data are the checkpoint's
+        parse_args([*base, "--model.d_model=8", "--data.tasks=vqa"])
+    assert "--model.d_model, --data.tasks: only eval.* keys can change" in capsys.readouterr().err
+    # a bad value fails with the valid ones before any model or data is read
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    from dataclasses import asdict
+
+    from vlds.checkpoint import ADAPTER_CONFIG
+    from vlds.config import build_config
+
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps({"config": asdict(build_config("tiny"))}))
+    with pytest.raises(ConfigError, match="eval.choice_predict='vote'; valid: generate"):
+        main(
+            ["--checkpoint", str(adapter), "--shards", str(tmp_path), "--eval.choice_predict=vote"]
+        )
 
 
 def test_bad_prediction_files_name_the_ids(shapes_root, tmp_path):

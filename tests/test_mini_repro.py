@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,15 @@ def test_findings_and_files(runs, tmp_path):
     write_report(runs, tmp_path)
     report = (tmp_path / "report.md").read_text()
     assert "invocation (runs finished before it are reused, not counted): 2.5 min (" in report
+    # since the features and the pre-training run beside the first runs
+    timing = {"prepare_s": 12.0, "features_s": 150.0, "pretrain_s": 270.0, "total_s": 3000.0}
+    (tmp_path / "timing.json").write_text(json.dumps(timing))
+    write_report(runs, tmp_path)
+    assert (
+        "counted): 50.0 min: the data and the language model 0.2 min, then the runs; ready "
+        "beside the first of them: the features at 2.5 min, the V&L pre-trained backbone at "
+        "4.5 min."
+    ) in (tmp_path / "report.md").read_text()
     assert "| single_adapter | 2 | 5.00 | 60.0 ± 1.4 | 50.0 ± 0.0 |" in report
     assert "| **70.5 ± 0.7** | 20.0 ± 0.0 |" in report  # average, then the image gap
     assert "Text prior (the most common training answer per question type" in report
@@ -119,10 +129,13 @@ def test_video_tasks_learn_by_the_stated_rule():
     for seed, scores in ((0, (35, 29, 50, 12)), (1, (30, 28.5, 60, 80))):
         run = fake_run("single_adapter", seed, scores, 5.0, video=True)
         for t in ("tvqa", "how2qa"):
-            run["result"]["metrics"][t]["n"] = 100
+            run["result"]["metrics"][t] |= {"n": 100, "shuffled_score": 21.0 + seed}
         runs.append(run)
     [line] = video_learning(runs)
-    assert "TVQA acc 35.0 / 30.0 (chance 20, a guesser's 2σ line 28.0)" in line
+    assert (
+        "TVQA acc 35.0 / 30.0 (chance 20, a guesser's 2σ line 28.0; shuffled clips 21.0 / 22.0)"
+        in line
+    )
     assert "YC2C CIDEr 12.0 / 80.0 (rule > 10)" in line
     assert line.endswith("**every task learned on every seed**.")
     runs[1]["result"]["metrics"]["how2qa"]["score"] = 28.0  # on the line: a guesser could
@@ -227,6 +240,52 @@ def test_unknown_method_is_refused():
     assert p.returncode == 2 and "unknown method(s) ['adapterz']" in p.stderr
 
 
+class Extraction:
+    """A feature extraction that finishes when `done` is set, with exit status `rc`."""
+
+    def __init__(self, order: list, done: threading.Event, rc: int = 0):
+        self.order, self.done, self.returncode, self.args = order, done, rc, ["extract"]
+
+    def wait(self) -> int:
+        assert self.done.wait(60)
+        self.order.append("features")
+        return self.returncode
+
+
+@pytest.mark.parametrize("rc", [0, 1])
+def test_runs_on_pixels_start_before_the_features_exist(monkeypatch, tmp_path, rc):
+    from bench import mini_repro as M
+
+    order, done = [], threading.Event()
+
+    def run_one(spec, *a):
+        order.append(spec["name"])
+        if spec["variant"].startswith("clip-"):  # runs while the extraction has not finished
+            done.set()
+        return {**spec, "result": {}}
+
+    monkeypatch.setattr(M, "run_one", run_one)
+    monkeypatch.setattr(M, "pretrain_backbone", lambda *a: order.append("pretrain"))
+    argv = ["--seeds", "0", "--methods", "single_adapter", "--no-video", "--out", str(tmp_path)]
+    args = M.parse_args(argv)
+    specs = M.run_specs(args)
+    pixels = {s["name"] for s in specs if s["variant"].startswith("clip-")}
+    assert len(pixels) == 2 and len(specs) == 5  # the adapter and its four analysis rows
+    if rc:  # a failed extraction: no run on features starts, the error reaches the caller
+        with pytest.raises((subprocess.CalledProcessError, RuntimeError)):
+            M.run_all(specs, tmp_path, Extraction(order, done, rc), tmp_path, tmp_path, args, 0)
+        assert set(order) <= pixels | {"features"}
+        return
+    timing = M.run_all(specs, tmp_path, Extraction(order, done), tmp_path, tmp_path, args, 0)
+    assert order[0] in pixels  # the first run started while the extraction ran
+    for s in specs:
+        if s["name"] not in pixels:
+            assert order.index(s["name"]) > order.index("features"), s["name"]
+        if s["variant"] == "vl-pretrained":
+            assert order.index(s["name"]) > order.index("pretrain")
+    assert len(order) == len(specs) + 2 and set(timing) == {"prepare_s", "features_s", "pretrain_s"}
+
+
 def test_embedded_backbone_features_and_a_run_through_vlds_train(
     shapes_root, tmp_path, monkeypatch
 ):
@@ -237,7 +296,8 @@ def test_embedded_backbone_features_and_a_run_through_vlds_train(
     from bench import mini_repro as M
 
     monkeypatch.setattr(elm, "STEPS", 2)
-    feats = M.prepare(shapes_root, tmp_path)
+    feats, extraction = M.prepare(shapes_root, tmp_path)
+    M.wait_features(extraction)
     index = json.loads((feats / "vqa" / "train.index.json").read_text())
     assert index["features"]["pretrained"] == "synthetic"
     lms = list((feats / "lms").iterdir())
@@ -251,7 +311,8 @@ def test_embedded_backbone_features_and_a_run_through_vlds_train(
         raise AssertionError("pretrained again")
 
     monkeypatch.setattr(elm, "pretrain", fail)
-    again = M.prepare(shapes_root, tmp_path / "again")
+    again, extraction = M.prepare(shapes_root, tmp_path / "again")
+    M.wait_features(extraction)
     assert (again / "lms" / name).resolve() == shared.resolve()
     args = M.parse_args(["--epochs", "1", "--eval-samples", "8", "--out", str(tmp_path)])
     spec = {

@@ -5,6 +5,9 @@
     # some tasks, another split, first 500 samples, the reference's older VQA scorer
     python -m vlds.evaluate --checkpoint runs/tiny --task vqa,caption --shards /data/vl-shards \
         --split test --max-samples 500 --legacy-vqa --out runs/tiny/eval-test
+    # another decoding rule than the run's: any eval.* key (here: rank TVQA's choices)
+    python -m vlds.evaluate --checkpoint runs/tiny-video --shards ~/.cache/vlds/shapes-<hash> \
+        --eval.choice_predict=rank
     # score a submission file without a model
     python -m vlds.evaluate --predictions runs/tiny/eval-val/predictions_vqa.json --task vqa \
         --shards /data/vl-shards
@@ -12,13 +15,13 @@
 The model is rebuilt from the config stored in the checkpoint's adapter_config.json the way
 vlds/train.py builds it (seeded with train.seed, so frozen random backbones come back bit for
 bit), the adapter is loaded, and each task is decoded with the same code and settings as the
-in-loop evaluation (vlds.eval.loop.evaluate_tasks, loaders from vlds.data.build; beams and
-batch size from the config's eval section), on one process (GPU when there is one, in the
-run's precision). Written to --out (default {checkpoint}/../eval-{split}): one official-format
-prediction file per task (see vlds/eval/submission.py) and metrics.json. A split written
-without labels (GQA test, VQA test-dev / test-std, TVQA test: `python -m vlds.data.prep.shards`
-marks it) is predicted, not scored: its file is the leaderboard submission, every id once.
-Exit status 2 on bad input, with the reason.
+in-loop evaluation (vlds.eval.loop.evaluate_tasks, loaders from vlds.data.build; beams and batch
+size from the config's eval section, which --eval.KEY=VALUE overrides), on one process (GPU when
+there is one, in the run's precision). Written to --out (default {checkpoint}/../eval-{split}):
+one official-format prediction file per task (see vlds/eval/submission.py) and metrics.json. A
+split written without labels (GQA test, VQA test-dev / test-std, TVQA test:
+`python -m vlds.data.prep.shards` marks it) is predicted, not scored: its file is the
+leaderboard submission, every id once. Exit status 2 on bad input, with the reason.
 """
 
 from __future__ import annotations
@@ -85,13 +88,21 @@ def _adapter_dir(checkpoint: Path) -> Path:
 
 
 def evaluate_checkpoint(
-    checkpoint, shards, tasks=None, split="val", max_samples=0, batch_size=0, legacy_vqa=False
+    checkpoint,
+    shards,
+    tasks=None,
+    split="val",
+    max_samples=0,
+    batch_size=0,
+    legacy_vqa=False,
+    eval_overrides=None,
 ):
-    """(metrics {task: ..., "average"}, predictions {task: rows}) of an adapter checkpoint."""
+    """(metrics {task: ..., "average"}, predictions {task: rows}) of an adapter checkpoint;
+    `eval_overrides` {"eval.KEY": value} change how it is decoded (eval.* keys only)."""
     import torch
 
     from vlds.checkpoint import ADAPTER_CONFIG, load_adapter
-    from vlds.config import ConfigError, config_from_dict
+    from vlds.config import ConfigError, apply_overrides, config_from_dict, validate
     from vlds.data.build import DataBuilder, local_side
     from vlds.distributed import WorldInfo
     from vlds.engine import use_bf16
@@ -112,6 +123,9 @@ def evaluate_checkpoint(
     cfg.eval.max_samples = max_samples
     cfg.eval.batch_size = batch_size or cfg.eval.batch_size
     cfg.eval.java_metrics = True  # the official caption scorers, whatever the run itself used
+    if eval_overrides:  # the caller's eval.* keys win over all of the above
+        cfg = apply_overrides(cfg, eval_overrides)
+        validate(cfg)  # a bad value fails here, before any model is built
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shards = remote.location(shards)
@@ -155,7 +169,22 @@ def parse_args(argv):
     p.add_argument("--max-samples", type=int, default=0, help="first N per task (0 = all)")
     p.add_argument("--batch-size", type=int, default=0, help="default: the run's eval.batch_size")
     p.add_argument("--legacy-vqa", action="store_true", help="the reference's older VQA scorer")
-    return p.parse_args(argv)
+    p.epilog = (
+        "--eval.KEY=VALUE (any key of the eval section) changes how the checkpoint is decoded, "
+        "e.g. --eval.choice_predict=rank or --eval.caption_beams=3"
+    )
+    from vlds.config import take_overrides
+
+    overrides, rest = take_overrides(list(argv))
+    bad = [k for k in overrides if not k.startswith("eval.")]
+    if bad:
+        p.error(
+            f"{', '.join('--' + k for k in bad)}: only eval.* keys can change at evaluation; "
+            f"the model and data are the checkpoint's"
+        )
+    args = p.parse_args(rest)
+    args.eval_overrides = overrides
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -191,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.max_samples,
         args.batch_size,
         args.legacy_vqa,
+        args.eval_overrides,
     )
     out = (
         Path(args.out)
@@ -205,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         "split": args.split,
         "max_samples": args.max_samples,
         "legacy_vqa": args.legacy_vqa,
+        "eval_overrides": args.eval_overrides,
         "metrics": metrics,
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -8,8 +8,8 @@ position (eval.nlvr_predict="first_token", the reference's nlvr_model.py; "seque
 summed log-probabilities of the whole targets, EOS included). TVQA / How2QA generate greedily
 and are scored when the text is the right choice's tag (or, with data.choice_target=text, names
 the right choice); eval.choice_predict=rank takes instead the choice whose target has the largest
-summed log-probability. The standalone
-evaluator (vlds/evaluate.py) runs the same `evaluate_tasks` on one process.
+summed log-probability. The standalone evaluator (vlds/evaluate.py) runs the same
+`evaluate_tasks` on one process.
 """
 
 from __future__ import annotations
