@@ -7,9 +7,9 @@
         --no-video                                  # the paper's analyses only
     python bench/mini_repro.py --methods single_adapter,full_finetune --out runs/mini_v2
                                                     # v2: every analysis, 3 seeds, video too
-    python bench/mini_repro.py --methods single_adapter,full_finetune --epochs 2 \
+    python bench/mini_repro.py --methods single_adapter,full_finetune,single_prompt --epochs 2 \
         --video-epochs 10 --eval-samples 200 --out runs/mini_v2_budget
-                                                    # v2 in ~60 min once the backbone is cached
+                                                    # v2 in 55 min once the backbone is cached
 
 1. Data: the embedded default of `make train` (8 tasks of the shapes world).
 2. Backbone: the embedded default's own, built by the product on first use: the tiny open_clip

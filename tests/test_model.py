@@ -71,6 +71,25 @@ def test_ranked_choices_score_their_summed_log_probabilities(arch, method):
             torch.testing.assert_close(got[i, j].item(), hand.item(), rtol=1e-5, atol=1e-4)
 
 
+def test_the_evaluation_loop_predicts_the_best_ranked_choice():
+    from tests.test_grounding import PassThrough
+    from vlds.eval.loop import choice_labels, evaluate_tasks
+
+    over = {"data.choice_target": "text", "eval.choice_predict": "rank"}
+    cfg, tok, tower, model = tiny("t5", **over, **{"eval.shuffled_images": "false"})
+    b = image_batch(tok, tower, b=3)
+    choices = [["red", "blue circle", "a0"], ["square", "x", "two squares"], ["true", "no"]]
+    labels, valid = choice_labels(choices, tok, cfg, get_task("tvqa"))
+    scores = model.eval().score_targets(b, labels)
+    best = scores.masked_fill(~valid, float("-inf")).argmax(dim=1).tolist()  # the last: of 2
+    refs = [["a0"], ["a1"], ["a1"]]
+    batch = {**b, "ids": ["0", "1", "2"], "refs": refs, "choices": choices}
+    metrics, preds = evaluate_tasks(model, PassThrough(), {"tvqa": [batch]}, tok, cfg, "cpu")
+    assert [p["prediction"] for p in preds["tvqa"]] == [f"a{k}" for k in best]
+    hits = sum(f"a{k}" == r[0] for k, r in zip(best, refs, strict=True))
+    assert metrics["tvqa"]["score"] == pytest.approx(100 * hits / 3)
+
+
 def test_video_frames_become_frame_tokens():
     cfg, tok, tower, model = tiny("t5")
     frames = torch.randn(2, 5, 3, tower.image_size, tower.image_size)
